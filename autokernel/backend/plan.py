@@ -1,0 +1,172 @@
+"""Deciding, for one Dynamo graph, which pattern instances our kernels serve, and rewriting them.
+
+``plan_graph`` does everything that can fail (analysis view, matching, cache lookups, mapping each
+instance back to Dynamo nodes) without touching the graph; ``apply_plan`` then rewrites a copy of
+the graph, so a failure anywhere leaves the user's graph as Dynamo made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from autokernel.backend.analysis import AnalysisView, build_analysis_view, source_line
+from autokernel.backend.options import Options
+from autokernel.cache import KernelCache, fingerprint, kernels_can_run_on, row_bucket, runtime
+from autokernel.lowering import PatternFamily, families
+from autokernel.lowering.pattern import Instance, node_val, size_hint
+
+logger = logging.getLogger("autokernel")
+
+
+@dataclass
+class Rewrite:
+    family: PatternFamily
+    instance: Instance
+    root: Node  # the Dynamo node whose value the replacement provides
+    nodes: set[Node]  # the Dynamo nodes the replacement makes dead
+    inputs: dict[str, Node | None]  # the op's tensor inputs, as Dynamo nodes
+    train: bool
+
+
+@dataclass
+class GraphPlan:
+    instances: list[Instance] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
+
+
+def _dynamo_region(view: AnalysisView, inst: Instance) -> tuple[Node, set[Node], dict[str, Node | None]] | str:
+    """The Dynamo nodes behind an aten match, or why the match cannot be cut out of the Dynamo graph."""
+    nodes = view.dynamo_nodes_of(inst.nodes)
+    matched = set(inst.nodes)
+    for d in nodes:
+        extra = [a for a in view.created.get(d, []) if a not in matched and isinstance(node_val(a), torch.Tensor)]
+        if extra:
+            return f"{d.name} computes more than the pattern ({extra[0].name})"
+    roots = [d for d in nodes if view.output_of.get(d) is inst.root]
+    if len(roots) != 1:
+        return "the pattern's output is not the value of one Dynamo node"
+    root = roots[0]
+    for d in nodes:
+        if d is root:
+            continue
+        outside = [u for u in d.users if u not in nodes]
+        if outside:
+            return f"intermediate {d.name} is also used by {outside[0].name}"
+    inputs: dict[str, Node | None] = {}
+    for name, a in inst.inputs.items():
+        if a is None:
+            inputs[name] = None
+            continue
+        d = view.producer.get(a)
+        if d is None or d in nodes:
+            return f"input {name} is not the value of a Dynamo node outside the pattern"
+        inputs[name] = d
+    return root, nodes, inputs
+
+
+def _shape_numbers(shape: tuple[Any, ...]) -> tuple[int, int, list[int]]:
+    hints = [size_hint(s) for s in shape]
+    hidden = hints[-1] if hints else 1
+    rows = 1
+    for h in hints[:-1]:
+        rows *= h
+    return hidden, rows, hints
+
+
+def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
+    plan = GraphPlan()
+    view = build_analysis_view(gm)
+    runtime.invalidate(opts.cache_dir)  # ak-tune may have written since the last compile
+    caches: dict[str, KernelCache] = {}
+    claimed: set[Node] = set()
+    for family in families().values():
+        for inst in family.find_instances(view.aten.graph):
+            if claimed.intersection(inst.nodes):
+                continue
+            origin = view.origin.get(inst.root)
+            inst.source = source_line(origin) if origin is not None else ""
+            plan.instances.append(inst)
+            if inst.status == "declined":
+                continue
+            x = node_val(inst.inputs.get("x")) if inst.inputs.get("x") is not None else node_val(inst.root)
+            device = x.device
+            if not kernels_can_run_on(device):
+                inst.status, inst.reason = "declined", f"tensors on {device.type} (kernels run on CUDA)"
+                continue
+            region = _dynamo_region(view, inst)
+            if isinstance(region, str):
+                inst.status, inst.reason = "declined", region
+                continue
+            root, nodes, inputs = region
+            example = root.meta.get("example_value")
+            train = bool(getattr(example, "requires_grad", False))
+            inst.requires_grad = train
+            key = family.pattern_key(inst)
+            hidden, rows, hints = _shape_numbers(inst.shape)
+            entry = runtime.lookup(opts.cache_dir, device, key, hidden, rows)
+            passname = "train" if train else "fwd"
+            if entry is None:
+                inst.status = "miss"
+                inst.reason = f"no tuned kernel for {key} H={hidden} rows~{row_bucket(rows)} on {fingerprint(device)}"
+                if record:
+                    fp = fingerprint(device)
+                    cache = caches.setdefault(fp, KernelCache(opts.cache_dir, fingerprint_=fp))
+                    try:
+                        cache.record_wanted(family.name, key, inst.flags, inst.dtype, hints, hidden, rows)
+                    except Exception as exc:
+                        logger.warning("autokernel: could not record a miss in %s: %s", cache.path, exc)
+                continue
+            if entry["winner"][passname] != "autokernel":
+                inst.status = "declined"
+                inst.reason = f"tuned: Inductor is faster for {passname} at this shape"
+                continue
+            inst.status = "hit"
+            raced = "" if entry.get("raced", True) else " (interpreter entry, not raced against Inductor)"
+            inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}"
+            plan.rewrites.append(Rewrite(family, inst, root, nodes, inputs, train))
+            claimed.update(inst.nodes)
+    for cache in caches.values():
+        cache.close()
+    return plan
+
+
+def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
+    """Rewrite ``gm`` in place. Every step that can fail (building the replacements, running their fake
+    kernels) happens before the first mutation, so a failure leaves the graph as Dynamo made it."""
+    staged = []
+    for rw in plan.rewrites:
+        rep = rw.family.replacement(rw.instance, rw.inputs, opts.cache_dir, rw.train)
+        example_args = [a.meta["example_value"] if isinstance(a, Node) else a for a in rep.args]
+        # The example values' own mode: TracingContext's fake mode is another one during compile.
+        fake_mode = next(a.fake_mode for a in example_args if isinstance(a, torch.Tensor))
+        with fake_mode:
+            result = rep.op(*example_args)
+        staged.append((rw, rep, result))
+    graph = gm.graph
+    for rw, rep, result in staged:
+        with graph.inserting_before(rw.root):
+            call = graph.call_function(rep.op, rep.args)
+            value = call
+            if rep.output_index is not None:
+                value = graph.call_function(operator.getitem, (call, rep.output_index))
+        call.meta["example_value"] = result
+        if rep.output_index is not None:
+            value.meta["example_value"] = result[rep.output_index]
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in rw.root.meta:
+                call.meta[key] = value.meta[key] = rw.root.meta[key]
+        rw.root.replace_all_uses_with(value)
+        for d in sorted(rw.nodes, key=_position(graph), reverse=True):
+            graph.erase_node(d)
+    graph.lint()
+
+
+def _position(graph: Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: order[n]

@@ -1,0 +1,41 @@
+"""Pattern families: one subpackage each, holding its matcher, its ops, its kernels and its tuning problem.
+
+A family is registered here as data; the backend walks :data:`FAMILIES` in order and the first family
+whose matcher claims a node gets it (later families see the node as taken).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch.fx import Graph, Node
+
+from autokernel.lowering.pattern import Instance
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """What stands in the Dynamo graph instead of a pattern instance."""
+
+    op: Any  # an OpOverload of torch.ops.autokernel
+    args: tuple[Any, ...]
+    output_index: int | None  # the op returns a tuple and the pattern's value is this element
+
+
+@dataclass(frozen=True)
+class PatternFamily:
+    name: str
+    find_instances: Callable[[Graph], list[Instance]]
+    pattern_key: Callable[[Instance], str]
+    # (instance, its tensor inputs as Dynamo nodes, cache dir, training?) -> the replacement op call
+    replacement: Callable[[Instance, dict[str, Node | None], str, bool], Replacement]
+    # the tuning problem for ak-tune (imported lazily: the tuner knows nothing of FX)
+    problem: Callable[..., Any]
+
+
+def families() -> dict[str, PatternFamily]:
+    from autokernel.lowering import rms_norm
+
+    return {f.name: f for f in (rms_norm.FAMILY,)}

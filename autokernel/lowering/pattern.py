@@ -1,0 +1,209 @@
+"""Patterns as data over the aten analysis graph, and the instances they find.
+
+A pattern is a tree of :class:`Op`, :class:`Alt`, :class:`Var` and :class:`Const` nodes rooted at the
+pattern's output, in the spirit of ``torch/_inductor/pattern_matcher.py``: a family writes *what* the
+math looks like (every spelling is one more alternative), and :func:`match` does the walking. A
+family's checker then looks at the bindings and either accepts the match or declines it with a reason
+(a mean over the wrong dim, a sum where a mean belongs, ...), as lightning-thunder's executors claim
+an op through a checker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+
+class Pattern:
+    """Base of the pattern tree."""
+
+
+@dataclass(frozen=True)
+class Var(Pattern):
+    """Binds whatever stands here (a node or a Python value); the same name must bind the same thing."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Const(Pattern):
+    """Binds a Python number (not a node): eps, a power, a weight offset."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Op(Pattern):
+    """A call of one of ``targets`` (OpOverloadPackets) whose leading args match ``args``.
+
+    Trailing args and kwargs are not matched; the checker reads them off the bound node. With
+    ``commutative`` the two args may come in either order. ``name`` binds the node itself.
+    """
+
+    targets: tuple[Any, ...]
+    args: tuple[Pattern, ...]
+    name: str | None = None
+    commutative: bool = False
+
+
+@dataclass(frozen=True)
+class Alt(Pattern):
+    """The first alternative that matches, then the next on backtracking."""
+
+    options: tuple[Pattern, ...]
+
+
+def maybe(wrapper: Any, inner: Pattern) -> Alt:
+    """``wrapper(inner)`` or ``inner`` alone: an optional cast, an optional offset."""
+    return Alt((wrapper(inner), inner))
+
+
+@dataclass
+class Bindings:
+    values: dict[str, Any] = field(default_factory=dict)
+    nodes: tuple[Node, ...] = ()
+
+    def bind(self, name: str, value: Any) -> Bindings | None:
+        if name in self.values:
+            return self if _same(self.values[name], value) else None
+        return Bindings({**self.values, name: value}, self.nodes)
+
+    def add_node(self, node: Node) -> Bindings:
+        return self if node in self.nodes else Bindings(self.values, self.nodes + (node,))
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Node) or isinstance(b, Node):
+        return a is b
+    return a == b
+
+
+def _packet(node: Node) -> Any:
+    target = node.target
+    return getattr(target, "overloadpacket", target)
+
+
+def match(pattern: Pattern, value: Any, bindings: Bindings | None = None) -> Iterator[Bindings]:
+    """Yield every way ``value`` (a node or an argument) matches ``pattern``."""
+    b = bindings if bindings is not None else Bindings()
+    if isinstance(pattern, Var):
+        nb = b.bind(pattern.name, value)
+        if nb is not None:
+            yield nb
+    elif isinstance(pattern, Const):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            nb = b.bind(pattern.name, value)
+            if nb is not None:
+                yield nb
+    elif isinstance(pattern, Alt):
+        for option in pattern.options:
+            yield from match(option, value, b)
+    elif isinstance(pattern, Op):
+        if not (isinstance(value, Node) and value.op == "call_function"):
+            return
+        if _packet(value) not in pattern.targets or len(value.args) < len(pattern.args):
+            return
+        if pattern.name is not None:
+            b = b.bind(pattern.name, value)
+            if b is None:
+                return
+        b = b.add_node(value)
+        orders = [value.args[: len(pattern.args)]]
+        if pattern.commutative and len(pattern.args) == 2:
+            orders.append((value.args[1], value.args[0]))
+        for args in orders:
+            yield from _match_args(pattern.args, args, b)
+    else:
+        raise TypeError(f"not a pattern: {pattern!r}")
+
+
+def _match_args(patterns: tuple[Pattern, ...], args: tuple[Any, ...], b: Bindings) -> Iterator[Bindings]:
+    if not patterns:
+        yield b
+        return
+    for nb in match(patterns[0], args[0], b):
+        yield from _match_args(patterns[1:], args[1:], nb)
+
+
+# ---- helpers the families share -------------------------------------------------------------
+
+def cast(inner: Pattern, name: str | None = None) -> Op:
+    """A dtype conversion as the analysis view spells it (``.to``, ``.float()``, ``type_as``)."""
+    return Op((aten._to_copy,), (inner,), name=name)
+
+
+def node_val(node: Any) -> Any:
+    """The fake value the analysis view recorded for ``node`` (None for non-nodes)."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def cast_dtype(node: Node) -> torch.dtype | None:
+    """The target dtype of a ``_to_copy`` node, or None when it changes more than the dtype."""
+    kwargs = dict(node.kwargs)
+    if set(kwargs) - {"dtype", "memory_format", "layout", "device"}:
+        return None
+    if kwargs.get("layout") not in (None, torch.strided):
+        return None
+    src = node_val(node.args[0])
+    if kwargs.get("device") is not None and (src is None or torch.device(kwargs["device"]) != src.device):
+        return None
+    return kwargs.get("dtype")
+
+
+def concrete(size: Any) -> int | None:
+    """An int for a static size, None for a symbolic one (never guards)."""
+    return size if isinstance(size, int) else None
+
+
+def size_hint(size: Any) -> int:
+    """A size's example value, without installing a guard."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(size.node, "hint", None)
+    if hint is None:
+        shape_env = size.node.shape_env
+        hint = shape_env.size_hint(size.node.expr, allow_none=True)
+    return int(hint) if hint is not None else 1
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}.get(
+        dtype, str(dtype).replace("torch.", "")
+    )
+
+
+@dataclass
+class Instance:
+    """One place in a graph where a family's pattern stands.
+
+    ``nodes`` are the aten analysis nodes of the match, ``inputs`` maps the op's tensor inputs to
+    aten nodes (or None), ``params`` are the op's non-tensor arguments; ``flags`` are the variant
+    flags that enter the cache key; ``status``/``reason`` are filled in by the checker and the
+    cache lookup.
+    """
+
+    pattern: str
+    root: Node
+    nodes: tuple[Node, ...]
+    inputs: dict[str, Node | None]
+    params: dict[str, Any]
+    flags: dict[str, Any]
+    dtype: str
+    shape: tuple[Any, ...]
+    requires_grad: bool
+    status: str = "miss"
+    reason: str = ""
+    source: str = ""

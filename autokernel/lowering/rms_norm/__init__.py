@@ -1,0 +1,34 @@
+"""RMSNorm: matcher (``match``), custom ops (``ops``), Triton kernels (``kernels``), tuning problem (``problem``)."""
+
+from __future__ import annotations
+
+import torch
+
+from autokernel.lowering import PatternFamily, Replacement
+from autokernel.lowering.pattern import Instance, node_val
+from autokernel.lowering.rms_norm import ops
+from autokernel.lowering.rms_norm.match import find_instances
+
+
+def _pattern_key(inst: Instance) -> str:
+    p = inst.params
+    w = inst.inputs["weight"]
+    return ops.pattern_key(p["mode"], p["offset"], node_val(inst.inputs["x"]).dtype,
+                           node_val(w).dtype if w is not None else None, p["out_dtype"])
+
+
+def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replacement:
+    p = inst.params
+    args = (inputs["x"], inputs["weight"], p["eps"], p["offset"], p["mode"], p["out_dtype"], cache_dir)
+    if train:
+        return Replacement(torch.ops.autokernel.rms_norm_train.default, args, 0)
+    return Replacement(torch.ops.autokernel.rms_norm.default, args, None)
+
+
+def _problem(*args, **kwargs):
+    from autokernel.lowering.rms_norm.problem import RmsNormProblem
+
+    return RmsNormProblem(*args, **kwargs)
+
+
+FAMILY = PatternFamily(ops.PATTERN, find_instances, _pattern_key, _replacement, _problem)

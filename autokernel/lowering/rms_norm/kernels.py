@@ -1,0 +1,570 @@
+"""Triton RMSNorm forward and backward, with a fused, deterministic weight gradient.
+
+Notation, for one row ``x`` of width ``H`` (everything is computed in float32 inside the kernels)::
+
+    r     = rsqrt(mean(x^2) + eps)                      saved as ``rstd`` (float32, one per row)
+    n     = x * r
+    w_eff = float32(w) + offset                         (w_eff = 1 when there is no weight)
+    llama: y = float32(round_to_x_dtype(n)) * w_eff     (HF Llama: ``weight * h.to(input_dtype)``)
+    gemma: y = n * w_eff                                (Gemma: ``(h * (1 + w.float())).type_as(x)``)
+
+Backward, given ``dy``::
+
+    g  = dy * w_eff
+    dx = r * (g - n * mean(g * n))
+    dw = sum over rows of dy * n                        (llama: n rounded to x's dtype, as eager autograd)
+
+The derivation of ``dx``: ``dn/dx = r * (I - n n^T / H)`` is symmetric, so ``dx = r * (g - n * (n . g) / H)``.
+
+The backward computes ``dw`` in the same pass as ``dx``: a persistent grid of ``P`` programs each walks
+rows ``pid, pid + P, ...``, keeps its share of ``dw`` in float32 and writes it to row ``pid`` of a
+``[P, H]`` float32 buffer, which the wrapper sums over ``P``. The summation order is fixed, so the result
+is bitwise reproducible (no atomics).
+
+Two kernel shapes: *single pass* holds the whole row in registers (``BLOCK_N = next_power_of_2(H)``);
+*chunked* walks the row in chunks of ``block_n`` columns, reading it twice from memory (once for the
+reduction, once for the output). The chunked backward keeps its partial ``dw`` in the ``[P, H]`` buffer
+itself, read-modify-written chunk by chunk by the one program that owns that buffer row.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger("autokernel")
+
+MODES = ("llama", "gemma")
+MAX_SINGLE_PASS_BLOCK = 32768
+_VALID_WARPS = (1, 2, 4, 8, 16, 32)
+# Chunk width the heuristic and ``effective_config`` fall back to for rows too wide for one block.
+_DEFAULT_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_fwd_single_kernel(
+    X,
+    W,
+    Y,
+    RSTD,
+    stride_x,
+    stride_y,
+    n_rows,
+    n_cols,
+    eps,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    LLAMA: tl.constexpr,
+    SAVE_RSTD: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program normalizes ``ROWS_PER_PROGRAM`` consecutive rows, each held whole in registers."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    # Scalars arrive as Python floats; pin them to fp32 so the arithmetic below never widens.
+    eps = tl.cast(eps, tl.float32)
+    if HAS_WEIGHT:
+        # The weight is shared by every row of this program: load it once.
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
+    for i in range(ROWS_PER_PROGRAM):
+        row = pid * ROWS_PER_PROGRAM + i
+        row_ok = row < n_rows
+        # A row past the end (the last program's tail) gets an empty column range: all accesses masked.
+        mask = cols < tl.where(row_ok, n_cols, 0)
+        # 64-bit row offsets: rows * stride can pass 2**31 for large activations.
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        # Masked lanes hold 0, so they add nothing to the sum; divide by the true width.
+        r = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        n = x * r
+        if LLAMA:
+            # HF Llama casts the normalized row back to the input dtype before the weight multiply.
+            n = n.to(X.dtype.element_ty).to(tl.float32)
+        if HAS_WEIGHT:
+            y = n * w
+        else:
+            y = n
+        tl.store(Y + row64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        if SAVE_RSTD:
+            tl.store(RSTD + row, r, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_fwd_chunked_kernel(
+    X,
+    W,
+    Y,
+    RSTD,
+    stride_x,
+    stride_y,
+    n_rows,
+    n_cols,
+    eps,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    LLAMA: tl.constexpr,
+    SAVE_RSTD: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Like the single-pass kernel, but the row is read in ``BLOCK_N``-wide chunks, twice."""
+    pid = tl.program_id(0)
+    cols0 = tl.arange(0, BLOCK_N)
+    eps = tl.cast(eps, tl.float32)
+    offset = tl.cast(offset, tl.float32)
+    for i in range(ROWS_PER_PROGRAM):
+        row = pid * ROWS_PER_PROGRAM + i
+        row_ok = row < n_rows
+        # A row past the end (the last program's tail) gets an empty column range: both loops skip it.
+        width = tl.where(row_ok, n_cols, 0)
+        row64 = tl.cast(row, tl.int64)
+        x_row = X + row64 * stride_x
+        y_row = Y + row64 * stride_y
+        # Pass 1: sum of squares. Accumulate elementwise and reduce once at the end, which is both
+        # cheaper and more accurate than a scalar running sum.
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, width, BLOCK_N):
+            cols = start + cols0
+            mask = cols < width
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += x * x
+        r = tl.math.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        # Pass 2: normalize and scale.
+        for start in range(0, width, BLOCK_N):
+            cols = start + cols0
+            mask = cols < width
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            n = x * r
+            if LLAMA:
+                n = n.to(X.dtype.element_ty).to(tl.float32)
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+                y = n * w
+            else:
+                y = n
+            tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+        if SAVE_RSTD:
+            tl.store(RSTD + row, r, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_single_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    LLAMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Persistent backward: program ``pid`` takes rows ``pid, pid + P, ...``, writes one partial dW row."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
+    # This program's share of dW stays in registers for the whole loop.
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(pid, n_rows, num_programs):
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(X + row64 * stride_x + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=col_mask, other=0.0).to(tl.float32)
+        r = tl.load(RSTD + row)
+        n = x * r
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
+        # Masked lanes have n == 0 and g == 0, so they drop out of the dot product.
+        c = tl.sum(g * n, axis=0) / n_cols
+        dx = r * (g - n * c)
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
+        if HAS_WEIGHT:
+            if LLAMA:
+                # Eager autograd multiplies dy by the rounded activation the forward actually used.
+                n = n.to(X.dtype.element_ty).to(tl.float32)
+            dw_acc += dy * n
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw_acc, mask=col_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_chunked_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    LLAMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Persistent, chunked backward. ``DW_PARTIAL`` must be zero-filled: each program read-modify-writes
+    its own row of it, chunk by chunk, so no other program ever touches that memory."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols0 = tl.arange(0, BLOCK_N)
+    offset = tl.cast(offset, tl.float32)
+    dw_row = DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols
+    for row in range(pid, n_rows, num_programs):
+        row64 = tl.cast(row, tl.int64)
+        x_row = X + row64 * stride_x
+        dy_row = DY + row64 * stride_dy
+        dx_row = DX + row64 * stride_dx
+        r = tl.load(RSTD + row)
+        # Pass 1: the row's dot product g . n.
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + cols0
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+                dy = dy * w
+            acc += dy * (x * r)
+        c = tl.sum(acc, axis=0) / n_cols
+        # Pass 2: dx, and this row's contribution to the program's partial dW.
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + cols0
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            n = x * r
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+                g = dy * w
+            else:
+                g = dy
+            dx = r * (g - n * c)
+            tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_WEIGHT:
+                if LLAMA:
+                    n = n.to(X.dtype.element_ty).to(tl.float32)
+                # Same pointers, same block shape and layout as the store below, so each element is
+                # reloaded by the thread that stored it on the previous row.
+                part = tl.load(dw_row + cols, mask=mask, other=0.0)
+                tl.store(dw_row + cols, part + dy * n, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_power_of_two(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+@dataclass(frozen=True)
+class RmsNormConfig:
+    """Launch parameters of the forward and backward kernels.
+
+    ``block_n == 0`` selects the single-pass kernels (the whole row in one block); a power of two selects
+    the chunked kernels with that chunk width. ``num_stages`` is the software-pipelining depth handed to
+    the compiler (it only matters for the chunked kernels' loops).
+    """
+
+    fwd_num_warps: int = 8
+    fwd_rows_per_program: int = 1
+    bwd_num_warps: int = 8
+    bwd_programs_per_sm: int = 4
+    block_n: int = 0
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            # bool is an int subclass; True as a warp count is a bug, not a 1.
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"RmsNormConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
+        for name in ("fwd_num_warps", "bwd_num_warps"):
+            if getattr(self, name) not in _VALID_WARPS:
+                raise ValueError(
+                    f"RmsNormConfig.{name} must be one of {_VALID_WARPS}, got {getattr(self, name)}"
+                )
+        for name in ("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RmsNormConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.block_n != 0 and not _is_power_of_two(self.block_n):
+            raise ValueError(f"RmsNormConfig.block_n must be 0 or a power of two, got {self.block_n}")
+        if self.block_n > MAX_SINGLE_PASS_BLOCK:
+            raise ValueError(f"RmsNormConfig.block_n must be <= {MAX_SINGLE_PASS_BLOCK}, got {self.block_n}")
+
+    @property
+    def chunked(self) -> bool:
+        return self.block_n != 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RmsNormConfig:
+        """Build a config from :meth:`to_dict`'s output; missing keys take their defaults.
+
+        Raises ``ValueError`` naming the offending key or value.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"RmsNormConfig.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"RmsNormConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
+    """A heuristic starting point: about 8-16 elements per thread, chunked when the row is too wide.
+
+    ``dtype`` is accepted so that a tuned table can key on it; the heuristic itself does not need it.
+    """
+    del dtype
+    block = triton.next_power_of_2(max(int(hidden), 1))
+    if block > MAX_SINGLE_PASS_BLOCK:
+        # Rows this wide spill registers in one block; stream them in chunks instead.
+        return RmsNormConfig(
+            fwd_num_warps=8,
+            fwd_rows_per_program=1,
+            bwd_num_warps=8,
+            bwd_programs_per_sm=2,
+            block_n=_DEFAULT_CHUNK,
+        )
+    warps = min(16, max(1, block // 512))
+    # The backward holds x, dy, w and the dW accumulator per row: give it more threads than the forward
+    # so that the per-thread register footprint stays similar.
+    bwd_warps = min(16, max(1, block // 256))
+    # Narrow rows leave each program with little work: batch rows in the forward so the launch is not
+    # dominated by per-program overhead, but only when there are plenty of rows to go around.
+    rows_per_program = 4 if block <= 1024 and rows >= 4096 else 1
+    # Persistent backward: enough programs per SM to hide latency, within a 64-warp SM.
+    programs_per_sm = max(1, min(16, 32 // bwd_warps))
+    return RmsNormConfig(
+        fwd_num_warps=warps,
+        fwd_rows_per_program=rows_per_program,
+        bwd_num_warps=bwd_warps,
+        bwd_programs_per_sm=programs_per_sm,
+        block_n=0,
+    )
+
+
+def effective_config(config: RmsNormConfig, hidden: int) -> RmsNormConfig:
+    """Return a config that is valid for rows of width ``hidden``, so a cached config runs on any shape.
+
+    * single pass on a row wider than ``MAX_SINGLE_PASS_BLOCK`` -> chunked with a default chunk width;
+    * chunked with one chunk covering the whole row -> single pass (same block, one read instead of two).
+    """
+    block = triton.next_power_of_2(max(int(hidden), 1))
+    if not config.chunked and block > MAX_SINGLE_PASS_BLOCK:
+        logger.debug(
+            "rms_norm: hidden %d too wide for a single pass; using chunks of %d", hidden, _DEFAULT_CHUNK
+        )
+        return RmsNormConfig(**{**config.to_dict(), "block_n": _DEFAULT_CHUNK})
+    if config.chunked and config.block_n >= block:
+        return RmsNormConfig(**{**config.to_dict(), "block_n": 0})
+    return config
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # CPU (the Triton interpreter): a small fixed count so the persistent loop is still exercised.
+    return 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launch wrappers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor | None, mode: str) -> int:
+    if mode not in MODES:
+        raise ValueError(f"rms_norm: mode must be one of {MODES}, got {mode!r}")
+    if x.dim() < 1:
+        raise ValueError("rms_norm: x must have at least one dimension")
+    hidden = x.shape[-1]
+    if weight is not None and tuple(weight.shape) != (hidden,):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({hidden},)")
+    return hidden
+
+
+def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """View ``t`` as ``[rows, hidden]`` with unit column stride (row stride free)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, hidden)
+
+
+def rms_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    offset: float,
+    mode: str,
+    out_dtype: torch.dtype,
+    config: RmsNormConfig,
+    save_rstd: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim of ``x``. Returns ``y`` (x's shape, contiguous, ``out_dtype``) and
+    ``rstd`` (float32, ``x.shape[:-1]``) or ``None`` when ``save_rstd`` is false."""
+    hidden = _check(x, weight, mode)
+    x2 = _as_rows(x, hidden)
+    rows = x2.shape[0]
+    y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
+    rstd = torch.empty((rows,), dtype=torch.float32, device=x.device) if save_rstd else None
+    if rows == 0 or hidden == 0:
+        if rstd is not None:
+            # Mean over an empty row is NaN, as in eager.
+            rstd.fill_(float("nan"))
+        return y.view(x.shape), (rstd.view(x.shape[:-1]) if rstd is not None else None)
+    cfg = effective_config(config, hidden)
+    w = weight.contiguous() if weight is not None else None
+    rpp = cfg.fwd_rows_per_program
+    if cfg.chunked:
+        kernel, block = _rms_norm_fwd_chunked_kernel, cfg.block_n
+    else:
+        kernel, block = _rms_norm_fwd_single_kernel, triton.next_power_of_2(hidden)
+    kernel[(triton.cdiv(rows, rpp),)](
+        x2,
+        w if w is not None else x2,  # dummy pointer, never read when HAS_WEIGHT is false
+        y,
+        rstd if rstd is not None else y,  # dummy pointer, never written when SAVE_RSTD is false
+        x2.stride(0),
+        y.stride(0),
+        rows,
+        hidden,
+        float(eps),
+        float(offset),
+        HAS_WEIGHT=w is not None,
+        LLAMA=mode == "llama",
+        SAVE_RSTD=rstd is not None,
+        ROWS_PER_PROGRAM=rpp,
+        BLOCK_N=block,
+        num_warps=cfg.fwd_num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y.view(x.shape), (rstd.view(x.shape[:-1]) if rstd is not None else None)
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    offset: float,
+    mode: str,
+    config: RmsNormConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`rms_norm_fwd`. Returns ``dx`` (x's shape and dtype, contiguous) and ``dw``
+    (weight's dtype) or ``None`` without a weight. ``dw`` is reduced in a fixed order: deterministic."""
+    hidden = _check(x, weight, mode)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"rms_norm_bwd: dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
+    x2 = _as_rows(x, hidden)
+    dy2 = _as_rows(dy, hidden)
+    rows = x2.shape[0]
+    rstd1 = rstd.reshape(-1)
+    if rstd1.numel() != rows:
+        raise ValueError(f"rms_norm_bwd: rstd has {rstd1.numel()} elements, expected {rows}")
+    rstd1 = rstd1.to(torch.float32).contiguous()
+    dx = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+    if rows == 0 or hidden == 0:
+        dw = torch.zeros_like(weight) if weight is not None else None
+        return dx.view(x.shape), dw
+    cfg = effective_config(config, hidden)
+    w = weight.contiguous() if weight is not None else None
+    programs = min(rows, _sm_count(x.device) * cfg.bwd_programs_per_sm)
+    if w is not None:
+        # The chunked kernel accumulates into the buffer, so it starts from zero; the single-pass kernel
+        # overwrites its row whole.
+        alloc = torch.zeros if cfg.chunked else torch.empty
+        partial = alloc((programs, hidden), dtype=torch.float32, device=x.device)
+    else:
+        partial = dx  # dummy pointer, never touched when HAS_WEIGHT is false
+    if cfg.chunked:
+        kernel, block = _rms_norm_bwd_chunked_kernel, cfg.block_n
+    else:
+        kernel, block = _rms_norm_bwd_single_kernel, triton.next_power_of_2(hidden)
+    kernel[(programs,)](
+        dy2,
+        x2,
+        w if w is not None else x2,
+        rstd1,
+        dx,
+        partial,
+        dy2.stride(0),
+        x2.stride(0),
+        dx.stride(0),
+        rows,
+        hidden,
+        float(offset),
+        HAS_WEIGHT=w is not None,
+        LLAMA=mode == "llama",
+        BLOCK_N=block,
+        num_warps=cfg.bwd_num_warps,
+        num_stages=cfg.num_stages,
+    )
+    dw = partial.sum(0).to(weight.dtype) if weight is not None else None
+    return dx.view(x.shape), dw
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------
+
+
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    offset: float,
+    mode: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Float64 RMSNorm with the kernels' semantics; differentiable (autograd gives the reference grads).
+
+    ``mode == "llama"`` rounds ``n`` to x's dtype before the weight multiply, as eager HF Llama does. The
+    rounding is applied straight-through: its value enters the forward (and so ``dw``), but the gradient
+    flows to ``x`` in float64, as the kernel's does, rather than being rounded to x's dtype on the way.
+    The result stays float64 (it is not rounded to ``out_dtype``, which is accepted for symmetry with
+    :func:`rms_norm_fwd` and checked to be a floating dtype).
+    """
+    _check(x, weight, mode)
+    if not out_dtype.is_floating_point:
+        raise ValueError(f"rms_norm_reference: out_dtype must be floating point, got {out_dtype}")
+    x64 = x.double()
+    r = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    n = x64 * r
+    if mode == "llama":
+        n = n + (n.to(x.dtype).double() - n).detach()
+    if weight is None:
+        return n
+    return n * (weight.double() + offset)

@@ -1,0 +1,211 @@
+"""Finding RMSNorm in the aten analysis graph, however the model spells it.
+
+The spellings below all reach the same few aten ops; each is one alternative of the pattern:
+
+- HF Llama/Mistral/Qwen2: ``h = x.to(float32); h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps);
+  weight * h.to(dtype)``                                                   -> mode ``llama``
+- Gemma: ``(h * (1.0 + weight.float())).type_as(x)``                       -> mode ``gemma``, offset 1
+- gpt-fast: ``x * x`` for the square, ``.type_as(x)``, weight last           -> mode ``llama``
+- ``F.rms_norm`` / ``nn.RMSNorm`` (decomposed: weight multiplied in float32) -> mode ``gemma``;
+  on CUDA the single op ``aten._fused_rms_norm``
+- no weight; operands commuted; ``h / sqrt(v + eps)``; eps a literal or a module attribute.
+
+The checker declines (never rewrites) what differs in math: a mean over another dim, a sum where a
+mean belongs, a power other than 2, a weight that is not one value per channel, intermediates that
+other code reads.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, Node
+
+from autokernel.lowering.pattern import (
+    Alt,
+    Const,
+    Instance,
+    Op,
+    Var,
+    aten,
+    cast,
+    cast_dtype,
+    dtype_name,
+    match,
+    node_val,
+)
+from autokernel.lowering.rms_norm.ops import PATTERN
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+X = Var("x")
+H = Alt((cast(X, name="upcast"), X))
+SQUARE = Alt((Op((aten.pow,), (H, Const("power"))), Op((aten.mul,), (H, H))))
+MEAN = Op((aten.mean, aten.sum), (SQUARE,), name="mean")
+VAR_EPS = Op((aten.add, aten.add_), (MEAN, Const("eps")), commutative=True)
+RSTD = Alt((
+    Op((aten.rsqrt,), (VAR_EPS,)),
+    Op((aten.reciprocal,), (Op((aten.sqrt,), (VAR_EPS,)),)),
+))
+NORM = Alt((
+    Op((aten.mul,), (H, RSTD), name="norm", commutative=True),
+    Op((aten.div,), (H, Op((aten.sqrt,), (VAR_EPS,))), name="norm"),
+))
+W_PLAIN = Alt((cast(Var("w"), name="wcast"), Var("w")))
+WEIGHT = Alt((
+    Op((aten.add,), (W_PLAIN, Const("offset")), name="offset_add", commutative=True),
+    W_PLAIN,
+))
+RMS_NORM = Alt((
+    # weight * n.to(dtype) (Llama), n.type_as(x) * weight (gpt-fast), weight * n (float32 models)
+    Op((aten.mul,), (WEIGHT, Alt((cast(NORM, name="midcast"), NORM))), name="wmul", commutative=True),
+    # (n * (1 + weight.float())).type_as(x) (Gemma), F.rms_norm's decomposition
+    cast(Op((aten.mul,), (NORM, WEIGHT), name="wmul", commutative=True), name="outcast"),
+    cast(NORM, name="outcast"),
+    NORM,
+))
+FUSED = Op((operator.getitem,), (Op((aten._fused_rms_norm,), (X, Var("normalized_shape"), Var("w")),
+                                    name="fused"), Const("index")))
+
+
+def _decline(inst: Instance, reason: str) -> Instance:
+    inst.status, inst.reason = "declined", reason
+    return inst
+
+
+def _last_dim(dims, rank: int) -> bool:
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    return len(dims) == 1 and isinstance(dims[0], int) and dims[0] % max(rank, 1) == rank - 1
+
+
+def _instance(root: Node, b, x: Node, w: Node | None, eps, offset: float, mode: str) -> Instance:
+    xv, outv = node_val(x), node_val(root)
+    return Instance(
+        pattern=PATTERN, root=root, nodes=b.nodes, inputs={"x": x, "weight": w},
+        params={"eps": float(eps), "offset": float(offset), "mode": mode, "out_dtype": outv.dtype},
+        flags={"mode": mode, "offset": float(offset),
+               "weight": dtype_name(node_val(w).dtype) if w is not None else "none",
+               "out": dtype_name(outv.dtype)},
+        dtype=dtype_name(xv.dtype), shape=tuple(xv.shape), requires_grad=False,
+    )
+
+
+def _check_common(inst: Instance, x: Node, w: Node | None) -> Instance:
+    xv = node_val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() < 1:
+        return _decline(inst, "input is not a tensor of rank >= 1")
+    if xv.dtype not in FLOATS:
+        return _decline(inst, f"input dtype {xv.dtype} (supported: fp32, fp16, bf16)")
+    if inst.params["out_dtype"] not in FLOATS:
+        return _decline(inst, f"output dtype {inst.params['out_dtype']} (supported: fp32, fp16, bf16)")
+    if w is not None:
+        wv = node_val(w)
+        if not isinstance(wv, torch.Tensor) or wv.dim() != 1:
+            return _decline(inst, "multiplier is not a 1-D per-channel weight")
+        if wv.dtype not in FLOATS:
+            return _decline(inst, f"weight dtype {wv.dtype}")
+        if wv.shape[0] is not xv.shape[-1] and wv.shape[0] != xv.shape[-1]:
+            return _decline(inst, f"weight of size {wv.shape[0]} for rows of {xv.shape[-1]}")
+    inst.status = "miss"
+    return inst
+
+
+def _check(root: Node, b) -> Instance:
+    x = b["x"]
+    w = b.get("w")
+    mean = b["mean"]
+    offset_add = b.get("offset_add")
+    offset = b.get("offset", 0.0) if offset_add is not None else 0.0
+    mode = "llama" if b.get("midcast") is not None else "gemma"
+    inst = _instance(root, b, x, w, b["eps"], offset, mode)
+    sq = mean.args[0]
+    rank = node_val(sq).dim()
+    if mean.target.overloadpacket is aten.sum:
+        return _decline(inst, "sums the squares instead of averaging them")
+    if len(mean.args) < 2 or not _last_dim(mean.args[1], rank):
+        dims = mean.args[1] if len(mean.args) > 1 else "all"
+        return _decline(inst, f"mean over dim {dims}, not the last dim")
+    if not (len(mean.args) > 2 and mean.args[2]) and not mean.kwargs.get("keepdim"):
+        return _decline(inst, "mean without keepdim")
+    if mean.kwargs.get("dtype") is not None:
+        return _decline(inst, "mean with an explicit dtype")
+    if "power" in b.values and b["power"] != 2:
+        return _decline(inst, f"power {b['power']}, not 2")
+    if b["eps"] < 0:
+        return _decline(inst, f"negative eps {b['eps']}")
+    xv = node_val(x)
+    upcast = b.get("upcast")
+    if upcast is not None and cast_dtype(upcast) not in (torch.float32, xv.dtype):
+        return _decline(inst, f"computes in {cast_dtype(upcast)}, not float32")
+    midcast = b.get("midcast")
+    if midcast is not None and cast_dtype(midcast) != xv.dtype:
+        return _decline(inst, f"casts the normalized value to {cast_dtype(midcast)}, not the input dtype")
+    if b.get("outcast") is not None and cast_dtype(b["outcast"]) is None:
+        return _decline(inst, "output conversion changes more than the dtype")
+    if b.get("wcast") is not None and cast_dtype(b["wcast"]) not in FLOATS:
+        return _decline(inst, "weight conversion changes more than the dtype")
+    return _check_common(inst, x, w)
+
+
+def _check_fused(root: Node, b) -> Instance:
+    fused = b["fused"]
+    eps = fused.args[3] if len(fused.args) > 3 else fused.kwargs.get("eps")
+    x, w = b["x"], b["w"]
+    xv = node_val(x)
+    if eps is None and isinstance(xv, torch.Tensor):
+        eps = torch.finfo(xv.dtype).eps
+    inst = _instance(root, b, x, w, eps if eps is not None else 0.0, 0.0, "gemma")
+    if b["index"] != 0:
+        return _decline(inst, "uses rstd of the fused op")
+    if len(b["normalized_shape"]) != 1:
+        return _decline(inst, "normalizes over several trailing dims")
+    return _check_common(inst, x, w)
+
+
+def _internal_users_ok(inst: Instance) -> str | None:
+    inside = set(inst.nodes)
+    for node in inst.nodes:
+        if node is inst.root:
+            continue
+        for user in node.users:
+            if user not in inside:
+                return f"intermediate {node.name} is also used by {user.name}"
+    return None
+
+
+def find_instances(graph: Graph) -> list[Instance]:
+    """Every RMSNorm in ``graph`` (outermost spelling first), accepted or declined with a reason."""
+    accepted: list[Instance] = []
+    declined: list[Instance] = []
+    claimed: set[Node] = set()
+    for root in reversed(list(graph.nodes)):
+        if root.op != "call_function" or root in claimed:
+            continue
+        first_decline = None
+        for pattern, check in ((RMS_NORM, _check), (FUSED, _check_fused)):
+            for b in match(pattern, root):
+                if claimed.intersection(b.nodes):
+                    continue
+                inst = check(root, b)
+                if inst.status != "declined":
+                    problem = _internal_users_ok(inst)
+                    if problem:
+                        _decline(inst, problem)
+                if inst.status == "declined":
+                    first_decline = first_decline or inst
+                    continue
+                accepted.append(inst)
+                claimed.update(inst.nodes)
+                break
+            else:
+                continue
+            break
+        else:
+            if first_decline is not None:
+                declined.append(first_decline)
+    # A near-miss whose core was taken by an accepted (smaller or larger) match is not news.
+    declined = [d for d in declined if not claimed.intersection(d.nodes)]
+    out = accepted + declined
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(out, key=lambda i: order[i.root])

@@ -1,0 +1,139 @@
+"""RMSNorm as ``torch.ops.autokernel`` custom ops: the forward-only op, the training op and its backward.
+
+The ops are functional (no input mutation, outputs never alias inputs) and pick their kernel
+configuration at run time from the actual shape, through the in-memory table of the disk cache:
+the backend never branches on symbolic sizes, so it adds no guards, and a recompile for a new shape
+needs no new decision.
+
+Math (``n = x * rsqrt(mean(x^2) + eps)`` in float32, ``w_eff = w + offset``):
+
+- mode ``llama``: ``y = w_eff * n.to(x.dtype)``; mode ``gemma``: ``y = (n * w_eff).to(out_dtype)``;
+- backward: ``g = dy * w_eff``, ``dx = rstd * (g - n * mean(g * n))``, ``dw = sum_rows(dy * n)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from autokernel.cache import runtime
+from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.rms_norm.kernels import (
+    RmsNormConfig,
+    default_config,
+    rms_norm_bwd,
+    rms_norm_fwd,
+)
+
+logger = logging.getLogger("autokernel")
+
+PATTERN = "rms_norm"
+MODES = ("llama", "gemma")
+
+
+def pattern_key(mode: str, offset: float, x_dtype: torch.dtype, w_dtype: torch.dtype | None,
+                out_dtype: torch.dtype) -> str:
+    """The variant part of the cache key: everything but the shape that changes the kernel."""
+    w = dtype_name(w_dtype) if w_dtype is not None else "none"
+    return f"{PATTERN}/mode={mode},offset={float(offset):g},x={dtype_name(x_dtype)},w={w},out={dtype_name(out_dtype)}"
+
+
+_warned: set[str] = set()
+
+
+def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, mode: str,
+                  out_dtype: torch.dtype, cache_dir: str) -> RmsNormConfig:
+    """The tuned configuration for this call's shape, else the built-in heuristic."""
+    hidden = x.shape[-1] if x.dim() else 1
+    rows = x.numel() // max(hidden, 1)
+    key = pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype)
+    entry = runtime.lookup(cache_dir, x.device, key, hidden, rows) if cache_dir else None
+    if entry is not None:
+        kernel = entry["kernel"]
+        if kernel["kind"] == "family":
+            try:
+                return RmsNormConfig.from_dict(kernel["config"])
+            except ValueError as exc:
+                problem = f"cache entry for {key} H={hidden} has a bad config: {exc}"
+        else:
+            problem = f"cache entry for {key} H={hidden} holds a kernel source; this version serves family configs only"
+        if problem not in _warned:
+            _warned.add(problem)
+            logger.warning("%s; using the default configuration", problem)
+    return default_config(hidden, rows, x.dtype)
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor | None, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"autokernel.rms_norm: mode must be one of {MODES}, got {mode!r}")
+    if x.dim() < 1:
+        raise ValueError("autokernel.rms_norm: x must have at least one dimension")
+    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"autokernel.rms_norm: weight must have shape ({x.shape[-1]},) to match x's last dim, "
+            f"got {tuple(weight.shape)}"
+        )
+
+
+@torch.library.custom_op("autokernel::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
+             out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
+    """Forward-only RMSNorm (nothing saved for backward): inference, no_grad, frozen inputs."""
+    _check_args(x, weight, mode)
+    config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    y, _ = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=False)
+    return y
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, offset, mode, out_dtype, cache_dir):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("autokernel::rms_norm_train", mutates_args=())
+def rms_norm_train(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
+                   out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm that also returns ``rstd`` (float32, x.shape[:-1]) for the backward."""
+    _check_args(x, weight, mode)
+    config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    y, rstd = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=True)
+    return y, rstd
+
+
+@rms_norm_train.register_fake
+def _(x, weight, eps, offset, mode, out_dtype, cache_dir):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("autokernel::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+                      offset: float, mode: str, out_dtype: torch.dtype,
+                      cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """dX and dW in one pass over the rows; dW is an empty tensor when there is no weight."""
+    config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    dx, dw = rms_norm_bwd(dy, x, weight, rstd, offset, mode, config)
+    return dx, dw if dw is not None else x.new_empty((0,))
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir):
+    dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), dw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _eps, offset, mode, out_dtype, cache_dir = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir = offset, mode, out_dtype, cache_dir
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.autokernel.rms_norm_backward(
+        dy, x, weight, rstd, ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir
+    )
+    return dx, (dw if weight is not None else None), None, None, None, None, None
+
+
+rms_norm_train.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,604 @@
+"""Benchmark one fused pattern at a time: eager, Inductor, Inductor max-autotune, Liger, autokernel, floor.
+
+Usage (device machine)::
+
+    python benchmarks/bench_patterns.py --patterns rms_norm [--shapes 8192x8192,2048x1024]
+        [--impls eager,inductor,inductor-max-autotune,liger,autokernel] [--passes fwd,fwd+bwd]
+        [--tune [--tune-budget MIN]] [--cache-dir DIR] [--out benchmarks/results] [--smoke]
+
+Writes ``<out>/<pattern>.json`` in the format of ``BENCH_FORMAT.md`` and ``<out>/<pattern>.md`` (a table,
+one line per case and pass), then prints the table. ``--smoke`` runs tiny shapes on the CPU, timed with
+``time.perf_counter`` (medians of a few runs), writing to a temporary folder unless ``--out`` is given:
+it tests the plumbing, not the speed. ``autokernel`` is imported only when the autokernel impl (or
+``--tune``) is asked for, so the peers can be timed without it.
+
+Floor = bytes that must cross DRAM / measured copy bandwidth (device-to-device copy of 1 GiB, read+write).
+The autokernel rows say ``"cache": "hit"`` only when ``autokernel.explain`` reports every instance hit;
+on a miss they time Inductor's fallback, and the table marks them ``(miss)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_IMPLS = ("eager", "inductor", "inductor-max-autotune", "liger", "autokernel")
+PEERS = ("eager", "inductor", "inductor-max-autotune", "liger")
+SMOKE_SKIP = ("liger", "inductor-max-autotune")
+PASSES = ("fwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# max |out - ref| / max |ref| an impl may show against eager, per dtype
+CHECK_TOL = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-4}
+ROTATE_BYTES = 100e6  # rotate input sets until they cover this many bytes (H100 L2 is 50 MB)
+MAX_SETS = 64
+
+
+# ------------------------------------------------------------------------------------------ patterns
+RMS_EPS = 1e-6
+
+
+def rms_norm_hf(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """RMSNorm as HF transformers' LlamaRMSNorm writes it (eps 1e-6)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    v = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(v + RMS_EPS)
+    return w * h.to(dtype)
+
+
+def rms_norm_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    m, n = shape
+    x = torch.randn(m, n, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    w = torch.randn(n, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return [x, w]
+
+
+def rms_norm_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return (m * n + m * n + n) * itemsize  # read x, write y, read w
+
+
+def rms_norm_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    bwd = (m * n + m * n + m * n + n + n) * itemsize  # read x, read dy, write dx, read w, write dw
+    return rms_norm_bytes_fwd(shape, itemsize) + bwd
+
+
+def rms_norm_liger() -> Callable[..., Any]:
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    # (X, W, eps, offset, casting_mode, in_place): in_place=False keeps dy intact across steps
+    return lambda x, w: liger_rms_norm(x, w, RMS_EPS, 0.0, "llama", False)
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    eager: Callable[..., Any]
+    make_inputs: Callable[[tuple[int, ...], torch.dtype, torch.device, torch.Generator], list[torch.Tensor]]
+    grad_inputs: tuple[int, ...]  # indices of the inputs that get gradients in fwd+bwd
+    bytes_fwd: Callable[[tuple[int, ...], int], int]
+    bytes_fwd_bwd: Callable[[tuple[int, ...], int], int]
+    liger: Callable[[], Callable[..., Any]] | None  # factory; imports lazily
+    shapes: tuple[str, ...]
+    smoke_shapes: tuple[str, ...]
+    dtype: str = "bf16"
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+PATTERNS: dict[str, PatternSpec] = {
+    "rms_norm": PatternSpec(
+        eager=rms_norm_hf,
+        make_inputs=rms_norm_inputs,
+        grad_inputs=(0, 1),
+        bytes_fwd=rms_norm_bytes_fwd,
+        bytes_fwd_bwd=rms_norm_bytes_fwd_bwd,
+        liger=rms_norm_liger,
+        shapes=("8192x8192", "8192x4096", "2048x1024", "2048x4096", "2048x8192", "2048x16384", "2048x32768"),
+        smoke_shapes=("4x32",),
+        notes={
+            "eager": "HF LlamaRMSNorm, eps 1e-6",
+            "liger": "liger_rms_norm(x, w, eps, 0.0, 'llama', False)",
+        },
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@dataclass
+class Ctx:
+    device: torch.device
+    smoke: bool
+    cache_dir: str | None
+    tune: bool
+    tune_budget: float | None
+
+
+def parse_shape(case: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in case.lower().split("x"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], ctx: Ctx) -> float:
+    """Median milliseconds of ``fn``: do_bench on CUDA, perf_counter medians otherwise."""
+    if ctx.device.type == "cuda" and not ctx.smoke:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(2):
+        fn()
+    sync(ctx.device)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        fn()
+        sync(ctx.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps(ctx: Ctx) -> float:
+    """Copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    nbytes = 2**30 if (ctx.device.type == "cuda" and not ctx.smoke) else 2**24
+    a = torch.randn(nbytes // 4, device=ctx.device, dtype=torch.float32)
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), ctx)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (inf on NaN or shape mismatch)."""
+    if a.shape != b.shape:
+        return math.inf
+    a32, b32 = a.detach().float(), b.detach().float()
+    if not torch.isfinite(a32).all():
+        return math.inf
+    scale = b32.abs().max().item()
+    return (a32 - b32).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def short_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+
+
+def reset_dynamo() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def import_autokernel() -> Any:
+    import autokernel
+
+    return autokernel
+
+
+def build_impl(impl: str, spec: PatternSpec) -> Callable[..., Any]:
+    fn = spec.eager
+    if impl == "eager":
+        return fn
+    if impl == "inductor":
+        return torch.compile(fn)
+    if impl == "inductor-max-autotune":
+        return torch.compile(fn, mode="max-autotune-no-cudagraphs")
+    if impl == "liger":
+        if spec.liger is None:
+            raise NotImplementedError("no liger callable for this pattern")
+        return spec.liger()
+    if impl == "autokernel":
+        ak = import_autokernel()
+        # autokernel.backend may be the callable or the subpackage holding it (entry point
+        # "autokernel.backend:backend"); fall back to the registered name.
+        backend: Any = getattr(ak, "backend", None)
+        if backend is not None and not callable(backend):
+            backend = getattr(backend, "backend", None)
+        return torch.compile(fn, backend=backend if callable(backend) else "autokernel")
+    raise ValueError(f"unknown impl {impl}")
+
+
+def explain_cache(spec: PatternSpec, inputs: Sequence[torch.Tensor]) -> tuple[str, str | None]:
+    """("hit", None) when every instance autokernel finds is a hit, else ("miss", reason)."""
+    ak = import_autokernel()
+    reset_dynamo()
+    try:
+        report = ak.explain(spec.eager, *inputs)
+    finally:
+        reset_dynamo()
+    instances = list(getattr(report, "instances", []) or [])
+    if not instances:
+        return "miss", "explain found no instance of the pattern"
+    if all(getattr(i, "status", None) == "hit" for i in instances):
+        return "hit", None
+    reasons = [
+        f"{getattr(i, 'pattern', '?')} {getattr(i, 'status', '?')}: {getattr(i, 'reason', '')}"
+        for i in instances
+        if getattr(i, "status", None) != "hit"
+    ]
+    return "miss", "; ".join(reasons)[:300]
+
+
+def run_tune(pattern: str, case: str, dtype: str, ctx: Ctx) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "autokernel.playbook.cli", "--pattern", pattern, "--shape", case]
+    cmd += ["--dtype", dtype]
+    if ctx.tune_budget is not None:
+        cmd += ["--budget", f"{ctx.tune_budget:g}"]
+    env = dict(os.environ)
+    if ctx.cache_dir:
+        env["AUTOKERNEL_CACHE_DIR"] = ctx.cache_dir
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    print(f"[tune] {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    except OSError as e:
+        return {"tune_s": round(time.perf_counter() - t0, 2), "tune_error": short_error(e)}
+    res: dict[str, Any] = {"tune_s": round(time.perf_counter() - t0, 2)}
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+    print("\n".join(f"[tune]   {line}" for line in tail), flush=True)
+    if proc.returncode != 0:
+        res["tune_error"] = f"ak-tune exit {proc.returncode}: " + " | ".join(tail)[-300:]
+    return res
+
+
+# ------------------------------------------------------------------------------------------ one row
+def make_sets(
+    spec: PatternSpec, shape: tuple[int, ...], dtype: torch.dtype, pass_: str, case_bytes: int, ctx: Ctx
+) -> tuple[list[list[torch.Tensor]], list[tuple[torch.Tensor, ...]]]:
+    """Input sets (and fixed upstream grads for fwd+bwd) to rotate among so L2 holds none of them."""
+    # --smoke: 3 sets, to exercise the rotation
+    k = 3 if ctx.smoke else max(1, min(MAX_SETS, math.ceil(ROTATE_BYTES / max(case_bytes, 1))))
+    gen = torch.Generator().manual_seed(0)
+    sets, grads = [], []
+    for _ in range(k):
+        ins = spec.make_inputs(shape, dtype, ctx.device, gen)
+        if pass_ == "fwd+bwd":
+            ins = [t.requires_grad_(True) if i in spec.grad_inputs else t for i, t in enumerate(ins)]
+            with torch.no_grad():
+                outs = as_tuple(spec.eager(*ins))
+            g = tuple(
+                torch.randn(o.shape, generator=gen, dtype=torch.float32).to(device=ctx.device, dtype=o.dtype)
+                for o in outs
+            )
+            grads.append(g)
+        sets.append(ins)
+    return sets, grads
+
+
+def run_once(
+    f: Callable[..., Any], ins: list[torch.Tensor], grads: tuple[torch.Tensor, ...] | None, spec: PatternSpec
+) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+    """One step that keeps its results: outputs and (for fwd+bwd) the input grads."""
+    if grads is None:
+        with torch.no_grad():
+            return tuple(o.detach() for o in as_tuple(f(*ins))), []
+    outs = as_tuple(f(*ins))
+    torch.autograd.backward(outs, grads)
+    gs = [ins[i].grad for i in spec.grad_inputs]
+    for i in spec.grad_inputs:
+        ins[i].grad = None
+    return tuple(o.detach() for o in outs), gs
+
+
+def measure(
+    impl: str,
+    spec: PatternSpec,
+    sets: list[list[torch.Tensor]],
+    grads: list[tuple[torch.Tensor, ...]],
+    ref: tuple[tuple[torch.Tensor, ...], list[torch.Tensor | None]],
+    tol: float,
+    ctx: Ctx,
+) -> dict[str, Any]:
+    """Build ``impl``, check it against eager, then time it; returns the row's measured keys."""
+    train = bool(grads)
+    if impl != "eager":
+        reset_dynamo()
+    f = build_impl(impl, spec)
+    row: dict[str, Any] = {}
+
+    # first call (compiles), then check against eager on set 0
+    t0 = time.perf_counter()
+    outs, gs = run_once(f, sets[0], grads[0] if train else None, spec)
+    sync(ctx.device)
+    row["first_s"] = round(time.perf_counter() - t0, 3)
+    ref_outs, ref_gs = ref
+    errs = [rel_err(a, b) for a, b in zip(outs, ref_outs, strict=True)]
+    errs += [math.inf if a is None or b is None else rel_err(a, b) for a, b in zip(gs, ref_gs, strict=True)]
+    worst = max(errs) if errs else 0.0
+    row["ok"] = bool(worst <= tol)
+    row["max_rel_err"] = worst if math.isfinite(worst) else None
+    del outs, gs
+
+    state = {"i": 0}
+    leaves = [[s[i] for i in spec.grad_inputs] for s in sets] if train else []
+
+    def step() -> None:
+        i = state["i"]
+        state["i"] = (i + 1) % len(sets)
+        out = f(*sets[i])
+        if train:
+            torch.autograd.backward(as_tuple(out), grads[i])
+            for t in leaves[i]:
+                t.grad = None
+
+    # peak memory above the inputs, measured apart from do_bench (its L2-flush buffer would count)
+    peak = None
+    with torch.no_grad() if not train else torch.enable_grad():
+        if ctx.device.type == "cuda":
+            sync(ctx.device)
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+            base = torch.cuda.memory_allocated(ctx.device)
+            for _ in range(2):
+                step()
+            sync(ctx.device)
+            peak = round((torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20, 1)
+        row["ms"] = time_ms(step, ctx)
+    row["peak_mib"] = peak
+    return row
+
+
+# ------------------------------------------------------------------------------------------ driver
+def bench_pattern(
+    name: str, spec: PatternSpec, args: argparse.Namespace, ctx: Ctx, gbps: float
+) -> list[dict]:
+    rows: list[dict[str, Any]] = []
+    dtype_name = spec.dtype
+    dtype = DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cases = args.shapes.split(",") if args.shapes else list(spec.smoke_shapes if ctx.smoke else spec.shapes)
+    for case in cases:
+        shape = parse_shape(case)
+        tune_info: dict[str, Any] = {}
+        if ctx.tune and "autokernel" in args.impl_list:
+            tune_info = run_tune(name, case, dtype_name, ctx)
+        for pass_ in args.pass_list:
+            nbytes = (spec.bytes_fwd if pass_ == "fwd" else spec.bytes_fwd_bwd)(shape, itemsize)
+            floor_ms = nbytes / (gbps * 1e9) * 1e3
+            base = {"pattern": name, "case": case, "dtype": dtype_name, "pass": pass_}
+            rows.append({**base, "impl": "floor", "ms": floor_ms, "peak_mib": None, "bytes": nbytes})
+            try:
+                sets, grads = make_sets(spec, shape, dtype, pass_, nbytes, ctx)
+                ref = run_once(spec.eager, sets[0], grads[0] if grads else None, spec)
+            except Exception as e:  # report it and go on with the next case
+                print(f"[{name} {case} {pass_}] inputs/reference failed: {short_error(e)}", flush=True)
+                for impl in args.impl_list:
+                    rows.append({**base, "impl": impl, "ms": None, "peak_mib": None, "error": short_error(e)})
+                continue
+            for impl in args.impl_list:
+                row: dict[str, Any] = {**base, "impl": impl}
+                if impl == "autokernel":
+                    row.update(tune_info)
+                    try:
+                        row["cache"], reason = explain_cache(spec, sets[0])
+                        if reason:
+                            row["reason"] = reason
+                    except Exception as e:
+                        row["cache"], row["reason"] = "miss", f"explain failed: {short_error(e)}"
+                try:
+                    row.update(measure(impl, spec, sets, grads, ref, CHECK_TOL[dtype_name], ctx))
+                    row["floor_pct"] = round(100 * floor_ms / row["ms"], 2) if row["ms"] else None
+                except Exception as e:  # a failing peer gets an error row, never a crash
+                    row.setdefault("ms", None)
+                    row.setdefault("peak_mib", None)
+                    row["error"] = short_error(e)
+                    if args.verbose:
+                        traceback.print_exc()
+                finally:
+                    if impl != "eager":
+                        reset_dynamo()
+                rows.append(row)
+                print(f"[{name} {case} {pass_}] {impl}: {fmt_cell(row)}", flush=True)
+            del sets, grads, ref
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def fmt_cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "—"
+    if row.get("ms") is None:
+        return "error"
+    ms = row["ms"]
+    s = f"{ms:.3f}" if ms >= 1 else f"{ms:.4f}" if ms >= 0.01 else f"{ms:.3g}"
+    if row.get("peak_mib") is not None and row["impl"] != "floor":
+        s += f" / {row['peak_mib']:.0f} MiB"
+    if row.get("ok") is False:
+        s += " (WRONG)"
+    if row["impl"] == "autokernel" and row.get("cache") != "hit":
+        s += " (miss)"
+    return s
+
+
+def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    cols = [
+        ("eager", "eager"),
+        ("inductor", "inductor"),
+        ("inductor-max-autotune", "inductor MA"),
+        ("liger", "liger"),
+        ("autokernel", "autokernel"),
+        ("floor", "floor"),
+    ]
+    lines = [
+        f"# {rows[0]['pattern'] if rows else ''} benchmark",
+        "",
+        f"- device: {meta['device']}",
+        f"- torch {meta['torch']}, triton {meta['triton']}, date {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- copy bandwidth (read+write): {meta['copy_gbps']:.1f} GB/s",
+        "",
+        "ms (median) / peak MiB above the inputs. `(miss)`: autokernel had no cached kernel, so the time is"
+        " Inductor's fallback. `(WRONG)`: output differs from eager. vs best peer: best correct peer's ms /"
+        " autokernel's ms (>1 = autokernel faster).",
+        "",
+        "| case | pass | "
+        + " | ".join(c[1] for c in cols)
+        + " | autokernel % of floor | autokernel vs best peer |",
+        "|---|---|" + "---|" * (len(cols) + 2),
+    ]
+    keys: list[tuple[str, str]] = []
+    for r in rows:
+        if (r["case"], r["pass"]) not in keys:
+            keys.append((r["case"], r["pass"]))
+    notes: list[str] = []
+    for case, pass_ in keys:
+        by = {r["impl"]: r for r in rows if r["case"] == case and r["pass"] == pass_}
+        ak = by.get("autokernel")
+        pct = vs = "—"
+        if ak and ak.get("ms"):
+            pct = f"{ak['floor_pct']:.0f}%" if ak.get("floor_pct") is not None else "—"
+            peers = [(by[p]["ms"], p) for p in PEERS if p in by and by[p].get("ms") and by[p].get("ok")]
+            if peers:
+                best_ms, best = min(peers)
+                vs = f"{best_ms / ak['ms']:.2f}x ({best})"
+        cells = [fmt_cell(by.get(c[0])) for c in cols]
+        lines.append(f"| {case} | {pass_} | " + " | ".join(cells) + f" | {pct} | {vs} |")
+        for impl, r in by.items():
+            if r.get("error"):
+                notes.append(f"- {case} {pass_} {impl}: error: {r['error']}")
+            if impl == "autokernel" and r.get("cache") != "hit":
+                notes.append(f"- {case} {pass_} autokernel cache miss: {r.get('reason', '')}")
+            if r.get("tune_error") and pass_ == keys[0][1]:
+                notes.append(f"- {case} ak-tune: {r['tune_error']}")
+    if notes:
+        lines += ["", "Notes:", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--patterns", default="rms_norm", help=f"comma list of {sorted(PATTERNS)}")
+    p.add_argument("--shapes", default=None, help="comma list like 8192x8192,2048x1024 (default per pattern)")
+    p.add_argument("--impls", default=None, help=f"comma list of {ALL_IMPLS} (floor is always added)")
+    p.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
+    p.add_argument("--tune", action="store_true", help="run ak-tune for each case before timing autokernel")
+    p.add_argument("--tune-budget", type=float, default=None, help="minutes passed to ak-tune --budget")
+    p.add_argument("--cache-dir", default=None, help="sets AUTOKERNEL_CACHE_DIR (default: the environment's)")
+    p.add_argument(
+        "--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)"
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: tests the plumbing only")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda, or cpu with --smoke)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing impls")
+    args = p.parse_args(argv)
+    for name in args.patterns.split(","):
+        if name not in PATTERNS:
+            p.error(f"unknown pattern {name!r}; known: {sorted(PATTERNS)}")
+    impls = args.impls.split(",") if args.impls else list(ALL_IMPLS)
+    for impl in impls:
+        if impl not in ALL_IMPLS:
+            p.error(f"unknown impl {impl!r}; known: {ALL_IMPLS}")
+    if args.smoke:
+        dropped = [i for i in impls if i in SMOKE_SKIP]
+        if dropped:
+            print(f"--smoke: skipping {dropped}", flush=True)
+        impls = [i for i in impls if i not in SMOKE_SKIP]
+    args.impl_list = impls
+    args.pass_list = args.passes.split(",")
+    for ps in args.pass_list:
+        if ps not in PASSES:
+            p.error(f"unknown pass {ps!r}; known: {PASSES}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available: run on the device machine, or pass --smoke", file=sys.stderr)
+        return 2
+    if args.smoke and device.type != "cuda":
+        # only here: Triton kernels (autokernel's) run in the interpreter on CPU tensors.
+        # Set before anything imports triton (torch._dynamo, autokernel).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.cache_dir:
+        os.environ["AUTOKERNEL_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    ctx = Ctx(
+        device=device,
+        smoke=args.smoke,
+        cache_dir=os.environ.get("AUTOKERNEL_CACHE_DIR"),
+        tune=args.tune,
+        tune_budget=args.tune_budget,
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else (
+            Path(tempfile.mkdtemp(prefix="bench_smoke_")) if args.smoke else REPO / "benchmarks" / "results"
+        )
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(device)
+    else:
+        dev_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    gbps = copy_gbps(ctx)
+    script = os.path.relpath(Path(__file__).resolve(), REPO)
+    meta = {
+        "device": dev_name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.date.today().isoformat(),
+        "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+        "copy_gbps": round(gbps, 1),
+    }
+    print(
+        f"# {dev_name} torch {torch.__version__} triton {triton_version} copy {gbps:.1f} GB/s -> {out}",
+        flush=True,
+    )
+
+    tables = []
+    for name in args.patterns.split(","):
+        spec = PATTERNS[name]
+        rows = bench_pattern(name, spec, args, ctx, gbps)
+        result = {**meta, "rows": rows}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        md = render_md(meta, rows)
+        (out / f"{name}.md").write_text(md)
+        tables.append(md)
+        print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}", flush=True)
+
+    print()
+    for md in tables:  # the device tool shows the tail: the tables go last
+        print("\n".join(line for line in md.splitlines() if line.startswith("|") or line.startswith("- ")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

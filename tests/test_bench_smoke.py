@@ -1,0 +1,51 @@
+"""The benchmark script's plumbing, end to end on the CPU: ``bench_patterns.py --smoke``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "bench_patterns.py"
+REQUIRED_TOP = ("device", "torch", "triton", "date", "command", "copy_gbps", "rows")
+REQUIRED_ROW = ("pattern", "case", "dtype", "pass", "impl", "ms", "peak_mib")
+
+
+def test_bench_smoke_rms_norm(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env["AUTOKERNEL_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--patterns", "rms_norm"]
+    cmd += ["--impls", "eager,autokernel", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    data = json.loads((out / "rms_norm.json").read_text())
+    assert (out / "rms_norm.md").is_file()
+    for key in REQUIRED_TOP:
+        assert key in data, key
+    assert data["copy_gbps"] > 0
+    rows = data["rows"]
+    for row in rows:
+        for key in REQUIRED_ROW:
+            assert key in row, (key, row)
+        assert row["pattern"] == "rms_norm" and row["dtype"] == "bf16"
+
+    for pass_ in ("fwd", "fwd+bwd"):
+        by_impl = {r["impl"]: r for r in rows if r["pass"] == pass_}
+        assert set(by_impl) == {"eager", "autokernel", "floor"}, (pass_, sorted(by_impl))
+        assert by_impl["floor"]["ms"] > 0
+        for impl in ("eager", "autokernel"):
+            row = by_impl[impl]
+            assert "error" not in row, (pass_, impl, row.get("error"))
+            assert row["ms"] is not None and row["ms"] > 0, (pass_, impl)
+            assert row["ok"] is True, (pass_, impl, row.get("max_rel_err"))
+            assert row["floor_pct"] is not None
+        assert by_impl["autokernel"]["cache"] in ("hit", "miss")
+        if by_impl["autokernel"]["cache"] == "miss":
+            assert by_impl["autokernel"].get("reason")
