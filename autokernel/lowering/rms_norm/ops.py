@@ -64,23 +64,10 @@ def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, m
     return default_config(hidden, rows, x.dtype)
 
 
-def _check_args(x: torch.Tensor, weight: torch.Tensor | None, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"autokernel.rms_norm: mode must be one of {MODES}, got {mode!r}")
-    if x.dim() < 1:
-        raise ValueError("autokernel.rms_norm: x must have at least one dimension")
-    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(
-            f"autokernel.rms_norm: weight must have shape ({x.shape[-1]},) to match x's last dim, "
-            f"got {tuple(weight.shape)}"
-        )
-
-
 @torch.library.custom_op("autokernel::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
              out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
     """Forward-only RMSNorm (nothing saved for backward): inference, no_grad, frozen inputs."""
-    _check_args(x, weight, mode)
     config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
     y, _ = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=False)
     return y
@@ -95,7 +82,6 @@ def _(x, weight, eps, offset, mode, out_dtype, cache_dir):
 def rms_norm_train(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
                    out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm that also returns ``rstd`` (float32, x.shape[:-1]) for the backward."""
-    _check_args(x, weight, mode)
     config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
     y, rstd = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=True)
     return y, rstd

@@ -1,0 +1,214 @@
+"""RMSNorm as a tuning problem for ``ak-tune``: inputs, reference, candidate runs, peers, bytes.
+
+The tuner (``autokernel.playbook``) drives any problem through the same protocol and knows nothing
+of RMSNorm's math; this module knows nothing of the tuner's search or of FX.
+
+The kernel space (the playbook's RMSNorm chapter): the forward is one read of ``x`` and one write
+of ``y``; what moves its time is warps per row (enough loads in flight per SM) and rows per program
+(amortizing the weight load and launch overhead on narrow rows). The backward reads ``x`` and ``dy``
+and writes ``dx``; its knobs are warps per row and programs per SM of the persistent grid (more
+programs hide latency; fewer shrink the ``[P, H]`` partial-dW buffer and its final reduction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.rms_norm.kernels import (
+    RmsNormConfig,
+    default_config,
+    rms_norm_bwd,
+    rms_norm_fwd,
+    rms_norm_reference,
+)
+from autokernel.lowering.rms_norm.ops import PATTERN, pattern_key
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EPS = 1e-6
+
+
+@dataclass
+class Case:
+    x: torch.Tensor
+    weight: torch.Tensor | None
+    dy: torch.Tensor
+
+
+def _dtype(name: str, what: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"rms_norm problem: {what} must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class RmsNormProblem:
+    """One (variant, shape) to tune. ``shape`` is the example input shape; rows are all but the last dim."""
+
+    pattern = PATTERN
+
+    def __init__(self, flags: dict[str, Any], dtype: str, shape: list[int], device: torch.device | str):
+        self.device = torch.device(device)
+        self.mode = flags.get("mode", "llama")
+        if self.mode not in ("llama", "gemma"):
+            raise ValueError(f"rms_norm problem: flag mode must be 'llama' or 'gemma', got {self.mode!r}")
+        self.offset = float(flags.get("offset", 0.0))
+        self.dtype = _dtype(dtype, "dtype")
+        wname = flags.get("weight", dtype)
+        self.w_dtype = None if wname == "none" else _dtype(wname, "flag weight")
+        self.out_dtype = _dtype(flags.get("out", dtype), "flag out")
+        if len(shape) < 1 or any(int(s) < 1 for s in shape):
+            raise ValueError(f"rms_norm problem: shape must be positive sizes, got {shape}")
+        self.hidden = int(shape[-1])
+        self.rows = 1
+        for s in shape[:-1]:
+            self.rows *= int(s)
+        self.flags = {"mode": self.mode, "offset": self.offset,
+                      "weight": dtype_name(self.w_dtype) if self.w_dtype else "none",
+                      "out": dtype_name(self.out_dtype)}
+        self.key = pattern_key(self.mode, self.offset, self.dtype, self.w_dtype, self.out_dtype)
+        self._cases: dict[tuple, Case] = {}
+        self._refs: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def describe(self) -> str:
+        return f"rms_norm {self.rows}x{self.hidden} {dtype_name(self.dtype)} mode={self.mode} offset={self.offset:g}"
+
+    # ---- candidates --------------------------------------------------------------------------
+    def default_candidate(self) -> dict[str, Any]:
+        return default_config(self.hidden, self.rows, self.dtype).to_dict()
+
+    def candidates(self) -> list[tuple[str, dict[str, Any]]]:
+        """(phase, config) pairs: the forward knobs first (backward at default), then the backward's.
+
+        The tuner fills in the backward phase's forward knobs with the forward phase's winner."""
+        base = self.default_candidate()
+        out: list[tuple[str, dict[str, Any]]] = [("fwd", base)]
+        for warps in (1, 2, 4, 8, 16, 32):
+            for rpp in (1, 2, 4):
+                cand = {**base, "fwd_num_warps": warps, "fwd_rows_per_program": rpp}
+                if cand != base and self._plausible(warps):
+                    out.append(("fwd", cand))
+        for warps in (1, 2, 4, 8, 16, 32):
+            for pps in (1, 2, 4, 8, 16):
+                cand = {**base, "bwd_num_warps": warps, "bwd_programs_per_sm": pps}
+                if self._plausible(warps) and warps * pps <= 64:
+                    out.append(("bwd", cand))
+        return out
+
+    def _plausible(self, warps: int) -> bool:
+        # Fewer than ~2 or more than ~64 elements per thread wastes lanes or spills registers.
+        block = 1 << max(self.hidden - 1, 0).bit_length()
+        per_thread = block / (warps * 32)
+        return 1 <= per_thread <= 64 or (warps == 1 and per_thread < 1)
+
+    # ---- inputs and references ---------------------------------------------------------------
+    def target_shape(self, max_rows: int | None = None) -> tuple[int, int]:
+        return (min(self.rows, max_rows) if max_rows else self.rows, self.hidden)
+
+    def sweep_shapes(self, max_rows: int | None = None) -> list[tuple[int, int]]:
+        """1 row, a few awkward row counts, a non-power-of-two width, and the target (large) rows."""
+        rows, hidden = self.target_shape(max_rows)
+        widths = [hidden] + ([hidden - 1] if hidden > 2 else [])
+        counts = sorted({1, 3, min(rows, 130), rows})
+        return [(r, h) for h in widths for r in counts]
+
+    def case(self, rows: int, hidden: int, *, scale: float = 1.0, zero_row: bool = False,
+             noncontiguous: bool = False, seed: int = 0) -> Case:
+        key = (rows, hidden, scale, zero_row, noncontiguous, seed)
+        if key not in self._cases:
+            g = torch.Generator(device="cpu").manual_seed(1000 + seed)
+            pad = 7 if noncontiguous else 0
+            x = torch.randn(rows, hidden + pad, generator=g) * scale
+            if zero_row and rows:
+                x[0] = 0
+            x = x.to(self.dtype).to(self.device)[:, :hidden]
+            w = None
+            if self.w_dtype is not None:
+                w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(self.w_dtype).to(self.device)
+            dy = torch.randn(rows, hidden + pad, generator=g).to(self.out_dtype).to(self.device)[:, :hidden]
+            if not noncontiguous:
+                x, dy = x.contiguous(), dy.contiguous()
+            self._cases[key] = Case(x, w, dy)
+        return self._cases[key]
+
+    def reference(self, case: Case) -> dict[str, torch.Tensor]:
+        key = id(case)
+        if key not in self._refs:
+            x = case.x.detach().clone().requires_grad_(True)
+            w = case.weight.detach().clone().requires_grad_(True) if case.weight is not None else None
+            y = rms_norm_reference(x, w, EPS, self.offset, self.mode, self.out_dtype)
+            y.backward(case.dy.double())
+            ref = {"y": y.detach(), "dx": x.grad}
+            if w is not None:
+                ref["dw"] = w.grad
+            self._refs[key] = ref
+        return self._refs[key]
+
+    def run(self, config: dict[str, Any], case: Case) -> dict[str, torch.Tensor]:
+        cfg = RmsNormConfig.from_dict(config)
+        y, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True)
+        dx, dw = rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg)
+        out = {"y": y, "dx": dx}
+        if dw is not None:
+            out["dw"] = dw
+        return out
+
+    def tolerance_dtype(self, output: str) -> torch.dtype:
+        """The tolerance row for an output: the coarsest dtype that output passed through."""
+        order = [torch.float32, torch.float16, torch.bfloat16]
+        dts = [self.dtype, self.out_dtype] + ([self.w_dtype] if output == "dw" and self.w_dtype else [])
+        return max(dts, key=order.index)
+
+    # ---- timing ----------------------------------------------------------------------------
+    def timed(self, config: dict[str, Any], case: Case) -> dict[str, Any]:
+        """Callables for the passes the tuner times: forward alone, and forward + backward."""
+        cfg = RmsNormConfig.from_dict(config)
+
+        def fwd():
+            return rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, False)
+
+        def train():
+            _, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True)
+            return rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg)
+
+        return {"fwd": fwd, "train": train}
+
+    def eager(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """This variant as a model writes it; what Inductor compiles in the race."""
+        h = x.to(torch.float32)
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+        if weight is None:
+            return n.to(self.out_dtype)
+        w = weight.float() + self.offset if self.offset else weight
+        if self.mode == "llama":
+            return (w * n.to(x.dtype)).to(self.out_dtype)
+        return (n * w.float()).to(self.out_dtype)
+
+    def peer_passes(self, compiled, case: Case) -> dict[str, Any]:
+        """Forward and forward+backward callables of a compiled :meth:`eager` (Inductor's race entry)."""
+        x = case.x.detach().clone().requires_grad_(True)
+        w = case.weight.detach().clone().requires_grad_(True) if case.weight is not None else None
+
+        def fwd():
+            with torch.no_grad():
+                return compiled(case.x, case.weight)
+
+        def train():
+            y = compiled(x, w)
+            y.backward(case.dy)
+            x.grad = None
+            if w is not None:
+                w.grad = None
+
+        return {"fwd": fwd, "train": train}
+
+    def bytes_moved(self) -> dict[str, int]:
+        """Fewest bytes that must cross DRAM: fwd reads x, writes y; bwd reads x and dy, writes dx."""
+        n = self.rows * self.hidden
+        xb, ob = self.dtype.itemsize, self.out_dtype.itemsize
+        wb = self.hidden * self.w_dtype.itemsize if self.w_dtype else 0
+        fwd = n * (xb + ob) + wb
+        bwd = n * (xb + ob + xb) + 2 * wb
+        return {"fwd": fwd, "train": fwd + bwd}

@@ -1,0 +1,82 @@
+"""The checks every candidate passes, in order, before it is timed.
+
+1. smoke: it runs on the target shape and writes finite outputs;
+2. shape sweep: 1 row, awkward row counts, a non-power-of-two width, the target rows;
+3. numerical stability: large and small magnitudes, a row of exact zeros;
+4. determinism: two runs on the target shape are bitwise equal;
+5. edge cases: non-contiguous inputs, a zero-size batch.
+
+Forward and backward outputs alike are compared with a float64 reference through the one tolerance
+table (:mod:`autokernel.playbook.tolerances`). The problem supplies cases, references and runs; this
+module knows nothing of any pattern's math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from autokernel.playbook.tolerances import assert_close
+
+STAGES = ("smoke", "shape sweep", "stability", "determinism", "edge cases")
+
+
+class CheckFailed(Exception):
+    def __init__(self, stage: str, detail: str):
+        super().__init__(f"{stage}: {detail}")
+        self.stage = stage
+        self.detail = detail
+
+
+def _compare(problem: Any, outputs: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], stage: str,
+             label: str) -> None:
+    if set(outputs) != set(ref):
+        raise CheckFailed(stage, f"{label}: outputs {sorted(outputs)} != reference's {sorted(ref)}")
+    for name, expected in ref.items():
+        try:
+            assert_close(outputs[name], expected, problem.tolerance_dtype(name), f"{label} {name}")
+        except AssertionError as exc:
+            raise CheckFailed(stage, str(exc)) from None
+
+
+def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None) -> list[str]:
+    """Run the stages in order; raise :class:`CheckFailed` at the first failure, else return their names."""
+    rows, hidden = problem.target_shape(max_rows)
+    target = problem.case(rows, hidden)
+    try:
+        out = problem.run(config, target)
+    except Exception as exc:
+        raise CheckFailed("smoke", f"{type(exc).__name__}: {exc}") from None
+    for name, t in out.items():
+        if not torch.isfinite(t).all():
+            raise CheckFailed("smoke", f"{name} has non-finite values on {rows}x{hidden}")
+
+    for r, h in problem.sweep_shapes(max_rows):
+        case = problem.case(r, h, seed=1)
+        _compare(problem, problem.run(config, case), problem.reference(case), "shape sweep", f"{r}x{h}")
+
+    small = min(rows, 257)
+    for scale in (1e4, 1e-3):
+        case = problem.case(small, hidden, scale=scale, seed=2)
+        _compare(problem, problem.run(config, case), problem.reference(case), "stability", f"scale {scale:g}")
+    case = problem.case(small, hidden, zero_row=True, seed=3)
+    _compare(problem, problem.run(config, case), problem.reference(case), "stability", "zero row")
+
+    again = problem.run(config, target)
+    first = problem.run(config, target)
+    for name in first:
+        if not torch.equal(first[name], again[name]):
+            raise CheckFailed("determinism", f"{name} differs between two runs on {rows}x{hidden}")
+
+    case = problem.case(min(rows, 64), hidden, noncontiguous=True, seed=4)
+    _compare(problem, problem.run(config, case), problem.reference(case), "edge cases", "non-contiguous")
+    empty = problem.case(0, hidden, seed=5)
+    try:
+        out = problem.run(config, empty)
+    except Exception as exc:
+        raise CheckFailed("edge cases", f"zero-size batch: {type(exc).__name__}: {exc}") from None
+    for name, t in out.items():
+        if name != "dw" and t.numel() != 0:
+            raise CheckFailed("edge cases", f"zero-size batch gave {name} of shape {tuple(t.shape)}")
+    return list(STAGES)

@@ -1,0 +1,144 @@
+"""``ak-tune``: fill the cache for this GPU.
+
+    ak-tune                                   # every miss in the wanted table, most-seen first
+    ak-tune --pattern rms_norm --shape 8192x4096 --dtype bf16 [--flags mode=gemma,offset=1]
+    ak-tune --list                            # show the wanted table and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from autokernel.playbook.tuner import TuneRequest, TuneResult, set_interpreter_if_no_gpu, tune
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must look like 8192x4096, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"--shape sizes must be positive, got {text!r}")
+    return dims
+
+
+def _flags(text: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"--flags items look like key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = float(v) if k.strip() == "offset" else v.strip()
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--flags {k}= must be a number, got {v!r}") from None
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ak-tune", description="Tune kernels for the cache misses of this GPU.")
+    p.add_argument("--pattern", help="tune one pattern instance instead of the wanted table (e.g. rms_norm)")
+    p.add_argument("--shape", type=_shape, help="input shape, e.g. 8192x4096 (rows x hidden)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--flags", type=_flags, default={}, help="variant flags, e.g. mode=gemma,offset=1")
+    p.add_argument("--budget", type=float, default=30.0, help="minutes for the whole run (default 30)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds before a candidate counts as hung")
+    p.add_argument("--cache-dir", help="cache root (default $AUTOKERNEL_CACHE_DIR or ~/.cache/autokernel)")
+    p.add_argument("--list", action="store_true", help="print the wanted table and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    return p
+
+
+class _Progress:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, prefix: str, msg: str) -> None:
+        if self.quiet:
+            return
+        line = f"[ak-tune] {prefix}: {msg}"
+        sys.stderr.write(("\r\033[K" + line) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+
+
+def _summary(results: list[TuneResult]) -> str:
+    head = ["pattern", "shape", "dtype", "status", "fwd ms", "train ms", "Inductor fwd", "Inductor train",
+            "floor train", "% of floor", "cands", "s"]
+    rows = []
+    for r in results:
+        t = r.times
+        pct = (f"{100 * t['floor_train_ms'] / t['train_ms']:.0f}%"
+               if t.get("floor_train_ms") and t.get("train_ms") else "")
+
+        def f(key: str, t=t) -> str:
+            return f"{t[key]:.4f}" if t.get(key) is not None else "-"
+
+        rows.append([r.request.pattern, "x".join(map(str, r.request.shape)), r.request.dtype, r.status,
+                     f("fwd_ms"), f("train_ms"), f("inductor_fwd_ms"), f("inductor_train_ms"),
+                     f("floor_train_ms"), pct, str(r.candidates), f"{r.seconds:.0f}"])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s %(levelname)s] %(message)s")
+    if args.pattern and not args.shape:
+        _parser().error("--pattern needs --shape")
+    device = set_interpreter_if_no_gpu()
+    from autokernel.cache import KernelCache
+
+    cache = KernelCache(args.cache_dir, device=device)
+    if args.pattern:
+        from autokernel.lowering import families
+
+        if args.pattern not in families():
+            _parser().error(f"--pattern must be one of {sorted(families())}, got {args.pattern!r}")
+        work = [(None, TuneRequest(args.pattern, args.flags, args.dtype, args.shape))]
+    else:
+        work = [(key, TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"])) for key, w in cache.wanted()]
+    if args.list:
+        print(f"wanted in {cache.path}:")
+        for key, req in work:
+            print(f"  {req.label()}")
+        return 0
+    if not work:
+        print(f"nothing to tune: the wanted table of {cache.path} is empty "
+              "(compile a model with backend='autokernel' first, or pass --pattern/--shape)")
+        return 0
+    progress = _Progress(args.quiet)
+    deadline = time.time() + args.budget * 60
+    results = []
+    for i, (key, req) in enumerate(work):
+        left = deadline - time.time()
+        if left <= 0:
+            print(f"budget spent: {len(work) - i} request(s) left in the wanted table")
+            break
+        share = left / (len(work) - i)
+        prefix = f"{i + 1}/{len(work)} {req.label()}"
+        result = tune(req, cache, device, budget_s=share, timeout_s=args.timeout,
+                      progress=lambda msg, prefix=prefix: progress(prefix, msg))
+        progress.done()
+        results.append(result)
+        if key is not None and result.status in ("written", "inductor wins"):
+            cache.remove_wanted(key)
+        if result.detail:
+            print(f"{req.label()}: {result.status}: {result.detail}")
+    print(_summary(results))
+    print(f"cache: {cache.path}")
+    cache.close()
+    return 0 if all(r.status in ("written", "inductor wins") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

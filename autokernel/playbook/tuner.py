@@ -1,0 +1,272 @@
+"""The offline search: for one wanted (pattern, variant, shape), check and time the playbook's
+candidates in a child process, race the best against Inductor, and write the cache entry.
+
+The loop is edit -> check -> benchmark -> keep or revert, over the family's kernel space in phases
+(forward knobs, then backward knobs with the forward's winner). A phase stops on the budget, on a
+plateau (no candidate 1% better for a while), or within 3% of the DRAM floor. Every candidate is
+written to ``results.tsv`` under the cache's ``runs/`` folder.
+
+Under the Triton interpreter (CPU) timings mean nothing: there a few candidates run on tiny shapes,
+the best correct one is kept without the race against Inductor, and the entry says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autokernel import __version__
+from autokernel.cache import KernelCache, row_bucket
+from autokernel.cache.fingerprint import interpreter_enabled
+
+logger = logging.getLogger("autokernel")
+
+PLATEAU = 8  # candidates without a 1% gain before a phase ends
+NEAR_FLOOR = 1.03  # a phase ends once its best is within 3% of the floor
+INTERPRETER_ROWS = 64  # rows used under the interpreter, whatever the wanted shape
+INTERPRETER_CANDIDATES = 3
+
+
+@dataclass
+class TuneRequest:
+    pattern: str
+    flags: dict[str, Any]
+    dtype: str
+    shape: list[int]
+
+    def label(self) -> str:
+        flags = ",".join(f"{k}={v}" for k, v in self.flags.items())
+        return f"{self.pattern} {'x'.join(map(str, self.shape))} {self.dtype} {flags}"
+
+
+@dataclass
+class TuneResult:
+    request: TuneRequest
+    status: str  # "written", "inductor wins", "no correct candidate", "error"
+    best: dict[str, Any] | None = None
+    times: dict[str, float | None] = field(default_factory=dict)
+    candidates: int = 0
+    seconds: float = 0.0
+    run_dir: str = ""
+    detail: str = ""
+
+
+class WorkerFailure(Exception):
+    pass
+
+
+class Worker:
+    """A child process holding one problem; restarted after a crash or a hang."""
+
+    def __init__(self, request: TuneRequest, device: torch.device, max_rows: int | None, timeout_s: float):
+        self.args = (request.pattern, request.flags, request.dtype, request.shape, str(device), max_rows)
+        self.timeout_s = timeout_s
+        self.proc = None
+        self.conn = None
+
+    def start(self) -> None:
+        from autokernel.playbook import worker
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker.serve, args=(child, *self.args), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        reply = self._receive(max(self.timeout_s, 300.0))
+        if reply.get("status") != "ready":
+            raise WorkerFailure(f"worker did not start: {reply}")
+
+    def _receive(self, timeout: float) -> dict[str, Any]:
+        if not self.conn.poll(timeout):
+            self.kill()
+            raise WorkerFailure(f"no answer within {timeout:.0f} s (hang?)")
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            code = self.proc.exitcode if self.proc else None
+            self.kill()
+            raise WorkerFailure(f"worker died (exit code {code})") from None
+
+    def call(self, *request: Any) -> dict[str, Any]:
+        if self.proc is None:
+            self.start()
+        try:
+            self.conn.send(request)
+        except (BrokenPipeError, OSError):
+            self.kill()
+            raise WorkerFailure("worker pipe closed") from None
+        return self._receive(self.timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join(5)
+        self.proc = None
+        self.conn = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            try:
+                self.conn.send(("stop",))
+                self.proc.join(10)
+            except (BrokenPipeError, OSError):
+                pass
+        self.kill()
+
+
+class _Log:
+    FIELDS = ["n", "phase", "status", "fwd_ms", "train_ms", "speedup_vs_inductor", "pct_of_floor", "seconds",
+              "config", "detail"]
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS, delimiter="\t")
+        self.writer.writeheader()
+
+    def row(self, **values: Any) -> None:
+        self.writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_s: float,
+         timeout_s: float = 180.0, progress: Callable[[str], None] | None = None) -> TuneResult:
+    """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened."""
+    from autokernel.lowering import families
+
+    t0 = time.time()
+    family = families().get(request.pattern)
+    if family is None:
+        return TuneResult(request, "error", detail=f"unknown pattern {request.pattern!r}")
+    problem = family.problem(request.flags, request.dtype, request.shape, device)
+    interpret = device.type == "cpu" and interpreter_enabled()
+    max_rows = INTERPRETER_ROWS if interpret else None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = cache.runs_dir / f"{stamp}-{request.pattern}-{'x'.join(map(str, request.shape))}-{request.dtype}"
+    log = _Log(run_dir / "results.tsv")
+    result = TuneResult(request, "no correct candidate", run_dir=str(run_dir))
+    worker = Worker(request, device, max_rows, timeout_s)
+    say = progress or (lambda _msg: None)
+    try:
+        bw = None if interpret else worker.call("bandwidth").get("copy_gbps")
+        floor = {k: (v / (bw * 1e9) * 1e3 if bw else None) for k, v in problem.bytes_moved().items()}
+        peer = {"fwd_ms": None, "train_ms": None}
+        if not interpret:
+            say("racing Inductor")
+            reply = worker.call("inductor")
+            if reply["status"] == "ok":
+                peer = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"]}
+            log.row(n=0, phase="peer", status=f"inductor {reply['status']}", fwd_ms=_fmt(peer["fwd_ms"]),
+                    train_ms=_fmt(peer["train_ms"]), detail=reply.get("detail", ""))
+        candidates = problem.candidates()
+        if interpret:
+            candidates = candidates[:1] + [c for c in candidates if c[0] == "bwd"][:INTERPRETER_CANDIDATES - 1]
+        best: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
+        stale = {"fwd": 0, "bwd": 0}
+        fwd_winner: dict[str, Any] | None = None
+        n = 0
+        for phase, config in candidates:
+            metric = "fwd_ms" if phase == "fwd" else "train_ms"
+            passname = "fwd" if phase == "fwd" else "train"
+            if time.time() - t0 > budget_s:
+                say("budget spent")
+                break
+            if stale[phase] >= PLATEAU:
+                continue
+            if phase in best and floor[passname] and best[phase][0] <= floor[passname] * NEAR_FLOOR:
+                continue
+            if phase == "bwd":
+                if fwd_winner is None:
+                    fwd_winner = best["fwd"][1] if "fwd" in best else problem.default_candidate()
+                config = {**config, **{k: v for k, v in fwd_winner.items() if k.startswith("fwd_")}}
+            n += 1
+            t1 = time.time()
+            try:
+                reply = worker.call("candidate", config)
+            except WorkerFailure as exc:
+                reply = {"status": "crashed", "detail": str(exc)}
+            ms = reply.get(metric)
+            if reply["status"] == "ok":
+                if phase not in best or ms < best[phase][0] * 0.99:
+                    stale[phase] = 0
+                else:
+                    stale[phase] += 1
+                if phase not in best or ms < best[phase][0]:
+                    best[phase] = (ms, config, reply)
+            detail = reply.get("detail", "") if reply["status"] != "ok" else ""
+            if reply["status"] == "failed":
+                detail = f"{reply['stage']}: {detail}"
+            peer_ms = peer.get(metric if phase == "fwd" else "train_ms")
+            log.row(n=n, phase=phase, status=reply["status"], fwd_ms=_fmt(reply.get("fwd_ms")),
+                    train_ms=_fmt(reply.get("train_ms")),
+                    speedup_vs_inductor=_fmt(peer_ms / ms) if (peer_ms and ms) else "",
+                    pct_of_floor=f"{100 * floor[passname] / ms:.1f}" if (floor[passname] and ms) else "",
+                    seconds=f"{time.time() - t1:.1f}", config=json.dumps(config, sort_keys=True), detail=detail[:500])
+            shown = best.get(phase)
+            say(f"candidate {n}/{len(candidates)} {phase} {reply['status']}"
+                + (f", best {phase} {shown[0]:.4f} ms" if shown else ""))
+        final = best.get("bwd") or best.get("fwd")
+        result.candidates = n
+        if final is None:
+            result.detail = "every candidate failed its checks (see results.tsv)"
+            return result
+        _ms, config, reply = final
+        times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
+                 "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"],
+                 "floor_fwd_ms": floor["fwd"], "floor_train_ms": floor["train"]}
+        if interpret:
+            winner = {"fwd": "autokernel", "train": "autokernel"}
+        else:
+            winner = {p: ("autokernel" if peer[f"{p}_ms"] is None or times[f"{p}_ms"] < peer[f"{p}_ms"]
+                          else "inductor") for p in ("fwd", "train")}
+        entry = {
+            "version": 1, "pattern": request.pattern, "pattern_key": problem.key,
+            "hidden": problem.hidden, "row_bucket": row_bucket(problem.rows),
+            "shape": list(request.shape), "flags": problem.flags, "dtype": request.dtype,
+            "kernel": {"kind": "family", "family": request.pattern, "config": config},
+            "winner": winner, "times": times, "raced": not interpret,
+            "producer": {"strategy": "search", "autokernel": __version__, "torch": torch.__version__,
+                         "run": str(run_dir)},
+            "checks": reply["checks"], "created": time.time(),
+        }
+        cache.put_entry(entry)
+        result.best, result.times = config, times
+        result.status = "written" if "autokernel" in winner.values() else "inductor wins"
+        return result
+    except WorkerFailure as exc:
+        result.status, result.detail = "error", str(exc)
+        return result
+    finally:
+        worker.stop()
+        log.close()
+        result.seconds = time.time() - t0
+        logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
+
+
+def set_interpreter_if_no_gpu() -> torch.device:
+    """The device to tune for; without CUDA, the Triton interpreter on CPU (what the tests and demo use)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if not interpreter_enabled():
+        os.environ["TRITON_INTERPRET"] = "1"
+        logger.info("no CUDA device: tuning for the Triton interpreter on CPU")
+    return torch.device("cpu")

@@ -1,0 +1,83 @@
+"""The child process that checks and times candidates.
+
+A kernel that crashes or hangs the CUDA context takes this process down, not the tuner: the tuner
+notices (EOF on the pipe, or no answer before the timeout), marks the candidate, and starts a fresh
+worker. Requests: ``("candidate", config)``, ``("inductor",)``, ``("bandwidth",)``, ``("stop",)``;
+each answer is a dict.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch
+
+from autokernel.playbook.checks import CheckFailed, run_checks
+from autokernel.playbook.timing import copy_gbps, median_ms
+
+L2_ROTATE_BYTES = 128 * 2**20  # rotate among input sets until their total passes this (H100 L2: 50 MB)
+
+
+def _rotating(problem: Any, passes_of) -> dict[str, Any]:
+    """Time over several input sets when one fits in cache, so L2 does not flatter small shapes."""
+    rows, hidden = problem.target_shape(problem.max_rows)
+    per_set = max(problem.bytes_moved()["train"], 1)
+    sets = max(1, min(16, L2_ROTATE_BYTES // per_set)) if problem.device.type == "cuda" else 1
+    fns = [passes_of(problem.case(rows, hidden, seed=10 + i)) for i in range(sets)]
+    out = {}
+    for name in fns[0]:
+        calls = [f[name] for f in fns]
+        state = {"i": 0}
+
+        def call(calls=calls, state=state):
+            state["i"] = (state["i"] + 1) % len(calls)
+            return calls[state["i"]]()
+
+        out[name] = call
+    return out
+
+
+def _time_passes(problem: Any, passes: dict[str, Any]) -> dict[str, float]:
+    return {f"{name}_ms": median_ms(fn, problem.device) for name, fn in passes.items()}
+
+
+def handle(problem: Any, request: tuple) -> dict[str, Any]:
+    kind = request[0]
+    if kind == "candidate":
+        config = request[1]
+        try:
+            checks = run_checks(problem, config, problem.max_rows)
+        except CheckFailed as exc:
+            return {"status": "failed", "stage": exc.stage, "detail": exc.detail}
+        times = _time_passes(problem, _rotating(problem, lambda case: problem.timed(config, case)))
+        return {"status": "ok", "checks": checks, **times}
+    if kind == "inductor":
+        compiled = torch.compile(problem.eager)
+        times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case)))
+        return {"status": "ok", **times}
+    if kind == "bandwidth":
+        return {"status": "ok", "copy_gbps": copy_gbps(problem.device)}
+    raise ValueError(f"unknown worker request {kind!r}")
+
+
+def serve(conn, pattern: str, flags: dict, dtype: str, shape: list[int], device: str,
+          max_rows: int | None) -> None:
+    """Child-process main loop."""
+    from autokernel.lowering import families
+
+    problem = families()[pattern].problem(flags, dtype, shape, device)
+    problem.max_rows = max_rows
+    conn.send({"status": "ready"})
+    while True:
+        request = conn.recv()
+        if request[0] == "stop":
+            return
+        try:
+            reply = handle(problem, request)
+        except Exception as exc:
+            reply = {"status": "error", "detail": f"{type(exc).__name__}: {exc}",
+                     "traceback": traceback.format_exc(limit=8)}
+        if problem.device.type == "cuda":
+            torch.cuda.synchronize()
+        conn.send(reply)
