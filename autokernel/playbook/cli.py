@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         work = [(key, TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"])) for key, w in cache.wanted()]
     if args.list:
         print(f"wanted in {cache.path}:")
-        for key, req in work:
+        for _key, req in work:
             print(f"  {req.label()}")
         return 0
     if not work:

@@ -31,6 +31,4 @@ def copy_gbps(device: torch.device) -> float | None:
     b = torch.empty_like(a)
     ms = median_ms(lambda: b.copy_(a), device)
     gbps = 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
-    del a, b
-    torch.cuda.empty_cache()
     return gbps
