@@ -1,0 +1,71 @@
+"""Where does a compiled RMSNorm training step spend its time? (GPU; diagnostics, not a benchmark.)
+
+python benchmarks/profile_rms_norm.py [--shape 8192x8192]   (the cache must hold an entry for the shape)
+Times the same step three ways: the kernels called directly, the custom ops under eager autograd, and
+torch.compile(backend="autokernel"); then prints the profiler's table for the compiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+import autokernel
+from autokernel.cache import default_cache_dir
+from autokernel.lowering.rms_norm.kernels import default_config, rms_norm_bwd, rms_norm_fwd
+
+
+def hf_rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return w * h.to(x.dtype)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="8192x8192")
+    a = p.parse_args()
+    rows, hidden = map(int, a.shape.split("x"))
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    cfg = default_config(hidden, rows, x.dtype)
+    cache = str(default_cache_dir())
+
+    def direct():
+        _, rstd = rms_norm_fwd(x, w, 1e-6, 0.0, "llama", x.dtype, cfg, True)
+        rms_norm_bwd(dy, x, w, rstd, 0.0, "llama", cfg)
+
+    def ops():
+        y, _ = torch.ops.autokernel.rms_norm_train(x, w, 1e-6, 0.0, "llama", x.dtype, cache)
+        y.backward(dy)
+        x.grad = w.grad = None
+
+    compiled = torch.compile(hf_rms_norm, backend="autokernel")
+    inductor = torch.compile(hf_rms_norm)
+
+    def step(fn):
+        def run():
+            y = fn(x, w)
+            y.backward(dy)
+            x.grad = w.grad = None
+        return run
+
+    print(autokernel.explain(hf_rms_norm, x, w))
+    for name, fn in (("kernels direct", direct), ("custom ops, eager autograd", ops),
+                     ("compiled autokernel", step(compiled)), ("compiled inductor", step(inductor))):
+        fn()
+        print(f"{name:30s} {do_bench(fn, warmup=25, rep=200, return_mode='median'):.4f} ms")
+    run = step(compiled)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
