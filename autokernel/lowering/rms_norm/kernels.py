@@ -79,10 +79,11 @@ def _rms_norm_fwd_single_kernel(
         # The weight is shared by every row of this program: load it once.
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
     for i in range(ROWS_PER_PROGRAM):
-        row = pid * ROWS_PER_PROGRAM + i
-        row_ok = row < n_rows
-        # A row past the end (the last program's tail) gets an empty column range: all accesses masked.
-        mask = cols < tl.where(row_ok, n_cols, 0)
+        # The last program's rows past the end are clamped to the last row: it is normalized again and
+        # the same values are stored again. A row mask would cost more: the compiler can no longer prove
+        # the column mask constant over 16-byte groups and falls back to scalar loads and stores.
+        row = tl.minimum(pid * ROWS_PER_PROGRAM + i, n_rows - 1)
+        mask = col_mask
         # 64-bit row offsets: rows * stride can pass 2**31 for large activations.
         row64 = tl.cast(row, tl.int64)
         x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -98,7 +99,7 @@ def _rms_norm_fwd_single_kernel(
             y = n
         tl.store(Y + row64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
         if SAVE_RSTD:
-            tl.store(RSTD + row, r, mask=row_ok)
+            tl.store(RSTD + row, r)
 
 
 @triton.jit
@@ -125,10 +126,10 @@ def _rms_norm_fwd_chunked_kernel(
     eps = tl.cast(eps, tl.float32)
     offset = tl.cast(offset, tl.float32)
     for i in range(ROWS_PER_PROGRAM):
-        row = pid * ROWS_PER_PROGRAM + i
-        row_ok = row < n_rows
-        # A row past the end (the last program's tail) gets an empty column range: both loops skip it.
-        width = tl.where(row_ok, n_cols, 0)
+        # Rows past the end are clamped to the last row (recomputed, same values stored), as in the
+        # single-pass kernel: a row mask would defeat vectorized loads.
+        row = tl.minimum(pid * ROWS_PER_PROGRAM + i, n_rows - 1)
+        width = n_cols
         row64 = tl.cast(row, tl.int64)
         x_row = X + row64 * stride_x
         y_row = Y + row64 * stride_y
@@ -156,7 +157,7 @@ def _rms_norm_fwd_chunked_kernel(
                 y = n
             tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
         if SAVE_RSTD:
-            tl.store(RSTD + row, r, mask=row_ok)
+            tl.store(RSTD + row, r)
 
 
 @triton.jit
@@ -186,10 +187,19 @@ def _rms_norm_bwd_single_kernel(
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
     # This program's share of dW stays in registers for the whole loop.
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Software pipelining by hand: the next row's x and dy are loaded before this row's math, so the
+    # loads of one row overlap the reductions of the previous one. The prefetch past the last row is
+    # clamped to the last row (a wasted but valid read) to keep the column mask vectorizable.
+    row64 = tl.cast(pid, tl.int64)
+    x_next = tl.load(X + row64 * stride_x + cols, mask=col_mask, other=0.0)
+    dy_next = tl.load(DY + row64 * stride_dy + cols, mask=col_mask, other=0.0)
     for row in range(pid, n_rows, num_programs):
         row64 = tl.cast(row, tl.int64)
-        x = tl.load(X + row64 * stride_x + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x = x_next.to(tl.float32)
+        dy = dy_next.to(tl.float32)
+        ahead = tl.cast(tl.minimum(row + num_programs, n_rows - 1), tl.int64)
+        x_next = tl.load(X + ahead * stride_x + cols, mask=col_mask, other=0.0)
+        dy_next = tl.load(DY + ahead * stride_dy + cols, mask=col_mask, other=0.0)
         r = tl.load(RSTD + row)
         n = x * r
         if HAS_WEIGHT:
