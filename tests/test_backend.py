@@ -1,0 +1,311 @@
+"""The backend's contract: options, fallback, dynamic shapes, grad modes, opcheck, the miss -> tune -> hit loop."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import pytest
+import torch
+
+import autokernel
+from autokernel.backend.options import parse_options
+from autokernel.cache import KernelCache, row_bucket, runtime
+from autokernel.lowering.rms_norm.ops import pattern_key
+from autokernel.playbook.tolerances import assert_close
+
+H = 48
+
+
+class HFRMSNorm(torch.nn.Module):
+    def __init__(self, hidden: int = H, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(v + self.eps)
+        return self.weight * h.to(dt)
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _entry(rows: int, hidden: int = H, dtype=torch.bfloat16, **over):
+    entry = {
+        "version": 1, "pattern": "rms_norm", "pattern_key": pattern_key("llama", 0.0, dtype, dtype, dtype),
+        "hidden": hidden, "row_bucket": row_bucket(rows), "kernel": {"kind": "family", "config": {}},
+        "winner": {"fwd": "autokernel", "train": "autokernel"}, "producer": {"strategy": "test"},
+        "checks": [], "created": time.time(),
+    }
+    entry.update(over)
+    return entry
+
+
+def _model(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return HFRMSNorm().to(dtype)
+
+
+def _opts(cache_dir, compiler="aot_eager", **more):
+    return {"autokernel.cache_dir": str(cache_dir), "autokernel.compiler": compiler, **more}
+
+
+def _grads_match(model, compiled, x):
+    xr = x.detach().clone().requires_grad_(True)
+    y = compiled(xr)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref_model = HFRMSNorm().double()
+    ref_model.load_state_dict(model.state_dict())
+    x64 = x.detach().double().requires_grad_(True)
+    # The reference rounds the normalized value to the model dtype, as the model does.
+    h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    y64 = ref_model.weight * h.to(x.dtype).double()
+    y64.backward(dy.double())
+    assert_close(y, y64, x.dtype, "y")
+    assert_close(xr.grad, x64.grad, x.dtype, "dx")
+    assert_close(model.weight.grad, ref_model.weight.grad, x.dtype, "dw")
+    model.weight.grad = None
+
+
+def test_entry_point_resolves():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("autokernel") is autokernel.backend
+
+
+def test_options_validation():
+    with pytest.raises(ValueError, match="autokernel.cach_dir"):
+        parse_options(options={"autokernel.cach_dir": "/tmp"})
+    with pytest.raises(ValueError, match="not_an_inductor_key"):
+        parse_options(options={"not_an_inductor_key": 1})
+    with pytest.raises(TypeError, match="autokernel.enabled"):
+        parse_options(options={"autokernel.enabled": "yes"})
+    with pytest.raises(ValueError, match="autokernel.compiler"):
+        parse_options(options={"autokernel.compiler": "tvm"})
+    opts = parse_options(mode="max-autotune-no-cudagraphs", options={"triton.cudagraphs": False})
+    assert opts.inductor["max_autotune"] is True and opts.inductor["triton.cudagraphs"] is False
+    with pytest.raises(ValueError, match="mode"):
+        parse_options(mode="fastest-please")
+
+
+def test_unknown_option_is_an_error_at_compile(tmp_path):
+    compiled = torch.compile(_model(), backend="autokernel", options={"autokernel.bogus": 1})
+    with pytest.raises(Exception, match="autokernel.bogus"):
+        compiled(torch.randn(4, H, dtype=torch.bfloat16))
+
+
+def test_mode_and_options_reach_inductor(tmp_path, monkeypatch):
+    seen = {}
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = _model(torch.float32)
+    compiled = torch.compile(model, backend="autokernel", mode="reduce-overhead",
+                             options=None)
+    compiled(torch.randn(4, H))
+    assert seen.get("triton.cudagraphs") is True
+    torch._dynamo.reset()
+    seen.clear()
+    compiled = torch.compile(model, backend="autokernel",
+                             options={"autokernel.cache_dir": str(tmp_path), "max_fusion_size": 17})
+    compiled(torch.randn(4, H))
+    assert seen.get("max_fusion_size") == 17
+
+
+def test_miss_is_recorded_then_hit(tmp_path):
+    model = _model()
+    x = torch.randn(2, 5, H, dtype=torch.bfloat16)
+    report = autokernel.explain(model, x, options={"autokernel.cache_dir": str(tmp_path)})
+    assert [(i.pattern, i.status) for i in report.instances] == [("rms_norm", "miss")]
+    # explain records nothing; a real compile does.
+    cache = KernelCache(tmp_path, device="cpu")
+    assert cache.wanted() == []
+    compiled = torch.compile(model, backend="autokernel", options=_opts(tmp_path))
+    compiled(x)
+    wanted = cache.wanted()
+    assert len(wanted) == 1 and wanted[0][1]["shape"] == [2, 5, H] and wanted[0][1]["flags"]["mode"] == "llama"
+    cache.put_entry(_entry(10))
+    report = autokernel.explain(model, x, options={"autokernel.cache_dir": str(tmp_path)})
+    assert [i.status for i in report.instances] == ["hit"]
+    text = str(report)
+    assert "rms_norm" in text and "hit" in text and "test_backend.py" in text
+
+
+def test_ak_tune_fills_the_cache_from_the_wanted_table(tmp_path):
+    from autokernel.playbook import cli
+
+    model = _model()
+    x = torch.randn(3, H, dtype=torch.bfloat16)
+    torch.compile(model, backend="autokernel", options=_opts(tmp_path))(x)
+    assert cli.main(["--cache-dir", str(tmp_path), "-q"]) == 0
+    cache = KernelCache(tmp_path, device="cpu")
+    assert cache.wanted() == []
+    entries = [e for _, e in cache.entries()]
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry["raced"] is False and entry["winner"] == {"fwd": "autokernel", "train": "autokernel"}
+    assert entry["checks"] == ["smoke", "shape sweep", "stability", "determinism", "edge cases"]
+    runs = list(cache.runs_dir.glob("*/results.tsv"))
+    assert len(runs) == 1 and len(runs[0].read_text().splitlines()) >= 2
+    torch._dynamo.reset()
+    report = autokernel.explain(model, x, options={"autokernel.cache_dir": str(tmp_path)})
+    assert [i.status for i in report.instances] == ["hit"]
+
+
+def test_hit_rewrites_and_matches_eager_with_inductor(tmp_path):
+    model = _model()
+    x = torch.randn(6, H, dtype=torch.bfloat16)
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(6))
+    graphs = []
+
+    def spy_backend(gm, example_inputs, **kw):
+        out = autokernel.backend(gm, example_inputs, **kw)
+        graphs.append(str(gm.graph))
+        return out
+
+    compiled = torch.compile(model, backend=spy_backend, options=_opts(tmp_path, compiler="inductor"))
+    _grads_match(model, compiled, x)
+    assert "autokernel.rms_norm_train" in graphs[0]
+
+
+def test_no_grad_and_inference_mode_use_the_forward_only_op(tmp_path):
+    model = _model()
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(6))
+    graphs = []
+
+    def spy_backend(gm, example_inputs, **kw):
+        out = autokernel.backend(gm, example_inputs, **kw)
+        graphs.append(str(gm.graph))
+        return out
+
+    compiled = torch.compile(model, backend=spy_backend, options=_opts(tmp_path))
+    x = torch.randn(6, H, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compiled(x)
+    with torch.inference_mode():
+        y2 = compiled(x)
+    expected = model(x)
+    assert_close(y, expected.double(), torch.bfloat16, "no_grad")
+    assert_close(y2, expected.double(), torch.bfloat16, "inference_mode")
+    assert graphs and all("autokernel.rms_norm.default" in g and "rms_norm_train" not in g for g in graphs)
+    model.weight.requires_grad_(False)
+    torch._dynamo.reset()
+    graphs.clear()
+    compiled(x)
+    assert "autokernel.rms_norm.default" in graphs[0]
+
+
+def test_dynamic_shapes_add_no_guards_and_pick_config_at_run_time(tmp_path):
+    model = _model()
+    cache = KernelCache(tmp_path, device="cpu")
+    cache.put_entry(_entry(8))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = torch.compile(model, backend="autokernel", options=_opts(tmp_path), dynamic=True)
+    for rows in (8, 3, 17):
+        x = torch.randn(rows, H, dtype=torch.bfloat16)
+        _grads_match(model, compiled, x)
+    assert counters["stats"]["unique_graphs"] == 1  # no guard of ours specialized a size
+    # Automatic dynamic: a static compile, then one recompile on a new row count, then no more.
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="autokernel", options=_opts(tmp_path))
+    for rows in (8, 5, 9, 33):
+        _grads_match(model, compiled, torch.randn(rows, H, dtype=torch.bfloat16))
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_failure_inside_autokernel_falls_back_to_inductor(tmp_path, monkeypatch, caplog):
+    # autokernel.backend is the backend function; the subpackage of the same name is in sys.modules.
+    backend_mod = sys.modules["autokernel.backend"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(backend_mod, "plan_graph", broken)
+    model = _model()
+    x = torch.randn(4, H, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        y = torch.compile(model, backend="autokernel", options=_opts(tmp_path))(x)
+    assert "planted failure" in caplog.text
+    assert_close(y, model(x).double(), torch.bfloat16, "fallback")
+
+
+def test_corrupt_entry_is_skipped_not_fatal(tmp_path, caplog):
+    model = _model()
+    x = torch.randn(4, H, dtype=torch.bfloat16)
+    cache = KernelCache(tmp_path, device="cpu")
+    good = _entry(4)
+    key = f"entry/{good['pattern_key']}/H={H}/R=4"
+    cache.db.set(key, {"version": 1, "pattern": "rms_norm"})  # what a truncated write would leave
+    runtime.invalidate()
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        report = autokernel.explain(model, x, options={"autokernel.cache_dir": str(tmp_path)})
+    assert [i.status for i in report.instances] == ["miss"]
+    assert "skipping" in caplog.text
+    # A config the family rejects: served with the default config, with a warning, still correct.
+    cache.put_entry(_entry(4, kernel={"kind": "family", "config": {"fwd_num_warps": 3}}))
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        y = torch.compile(model, backend="autokernel", options=_opts(tmp_path))(x)
+    assert "bad config" in caplog.text
+    assert_close(y, model(x).double(), torch.bfloat16, "bad config")
+    # A database that is not a database.
+    (cache.path / "db" / "cache.db").write_bytes(b"garbage" * 100)
+    runtime.invalidate()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        y = torch.compile(model, backend="autokernel", options=_opts(tmp_path))(x)
+    assert_close(y, model(x).double(), torch.bfloat16, "corrupt db")
+
+
+def test_disabled_backend_leaves_graph_alone(tmp_path):
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(4))
+    graphs = []
+
+    def spy_backend(gm, example_inputs, **kw):
+        out = autokernel.backend(gm, example_inputs, **kw)
+        graphs.append(str(gm.graph))
+        return out
+
+    model = _model()
+    torch.compile(model, backend=spy_backend,
+                  options=_opts(tmp_path, **{"autokernel.enabled": False}))(torch.randn(4, H, dtype=torch.bfloat16))
+    assert "autokernel" not in graphs[0]
+
+
+def test_inductor_wins_entry_leaves_the_pattern_to_inductor(tmp_path):
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(4, winner={"fwd": "inductor", "train": "inductor"}))
+    report = autokernel.explain(_model(), torch.randn(4, H, dtype=torch.bfloat16),
+                                options={"autokernel.cache_dir": str(tmp_path)})
+    assert [(i.status, "Inductor is faster" in i.reason) for i in report.instances] == [("declined", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    x = torch.randn(5, 24, dtype=dtype)
+    w = torch.randn(24, dtype=dtype)
+    dy = torch.randn(5, 24, dtype=dtype)
+    rstd = torch.rand(5, dtype=torch.float32) + 0.5
+    ops = torch.ops.autokernel
+    torch.library.opcheck(ops.rms_norm, (x, w, 1e-6, 0.0, "llama", dtype, ""))
+    torch.library.opcheck(ops.rms_norm, (x, None, 1e-6, 0.0, "gemma", torch.float32, ""))
+    torch.library.opcheck(ops.rms_norm_train, (x.requires_grad_(True), w.requires_grad_(True), 1e-6, 1.0,
+                                               "gemma", dtype, ""))
+    torch.library.opcheck(ops.rms_norm_backward, (dy, x.detach(), w.detach(), rstd, 0.0, "llama", dtype, ""))
