@@ -45,7 +45,9 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> tuple[Node, set[Node],
     nodes = view.dynamo_nodes_of(inst.nodes)
     matched = set(inst.nodes)
     for d in nodes:
-        extra = [a for a in view.created.get(d, []) if a not in matched and isinstance(node_val(a), torch.Tensor)]
+        # Unused outputs (rstd of a fused op nobody reads) don't count: the rewrite drops them.
+        extra = [a for a in view.created.get(d, [])
+                 if a not in matched and a.users and isinstance(node_val(a), torch.Tensor)]
         if extra:
             return f"{d.name} computes more than the pattern ({extra[0].name})"
     roots = [d for d in nodes if view.output_of.get(d) is inst.root]

@@ -1,0 +1,486 @@
+"""The backend finds RMSNorm however a model spells it, and the rewritten graph matches eager.
+
+Each spelling is first explained on an empty cache (found, status ``miss``, right variant flags), then
+the cache gets an entry for every miss (``make_hits``), explain reports ``hit``, and the model compiled
+with ``aot_eager`` (one test with Inductor) runs our ``torch.ops.autokernel`` ops and matches the float64
+reference (the same eager code on ``.double()`` copies) in output and in the grads of x and the weight.
+
+Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``): tiny shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import autokernel  # noqa: E402
+from autokernel.cache import KernelCache, row_bucket  # noqa: E402
+from autokernel.lowering.rms_norm.ops import pattern_key  # noqa: E402
+from autokernel.playbook.tolerances import assert_close  # noqa: E402
+
+backend_module = importlib.import_module("autokernel.backend")  # ``autokernel.backend`` is the function
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+AK_OPS = {torch.ops.autokernel.rms_norm.default, torch.ops.autokernel.rms_norm_train.default}
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> str:
+    return str(tmp_path / "akcache")
+
+
+def explain(fn, inputs, cache_dir: str) -> autokernel.Report:
+    torch._dynamo.reset()
+    report = autokernel.explain(fn, *inputs, options={"autokernel.cache_dir": cache_dir})
+    torch._dynamo.reset()
+    assert not report.errors, report
+    return report
+
+
+def _entry(inst: autokernel.InstanceReport) -> dict:
+    f = inst.flags
+    key = pattern_key(f["mode"], f["offset"], DTYPES[inst.dtype],
+                      None if f["weight"] == "none" else DTYPES[f["weight"]], DTYPES[f["out"]])
+    hidden = inst.shape[-1] if inst.shape else 1
+    rows = math.prod(inst.shape[:-1])
+    return {
+        "version": 1, "pattern": "rms_norm", "pattern_key": key, "hidden": hidden, "row_bucket": row_bucket(rows),
+        "kernel": {"kind": "family", "config": {}}, "winner": {"fwd": "autokernel", "train": "autokernel"},
+        "producer": {"strategy": "test"}, "checks": [], "created": time.time(),
+    }
+
+
+@pytest.fixture
+def make_hits():
+    """``make_hits(fn, inputs, cache_dir)``: write a cache entry for every rms_norm miss that explain
+    reports for ``fn(*inputs)``, and return the second explain's report (the caller checks it says hit)."""
+
+    def _make_hits(fn, inputs, cache_dir: str) -> autokernel.Report:
+        before = explain(fn, inputs, cache_dir)
+        cache = KernelCache(cache_dir, device="cpu")
+        try:
+            for inst in before.instances:
+                if inst.pattern == "rms_norm" and inst.status == "miss":
+                    cache.put_entry(_entry(inst))
+        finally:
+            cache.close()
+        return explain(fn, inputs, cache_dir)
+
+    return _make_hits
+
+
+@pytest.fixture
+def rewritten(monkeypatch) -> list[int]:
+    """How many autokernel ops each graph handed to the compiler holds (one int per compiled graph)."""
+    counts: list[int] = []
+    real = backend_module._compile
+
+    def spy(gm, example_inputs, opts):
+        counts.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in AK_OPS))
+        return real(gm, example_inputs, opts)
+
+    monkeypatch.setattr(backend_module, "_compile", spy)
+    return counts
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int, requires_grad: bool = True) -> torch.Tensor:
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def rand_weight(h: int, seed: int = 1234) -> nn.Parameter:
+    return nn.Parameter(torch.randn(h, generator=torch.Generator().manual_seed(seed)) * 0.5 + 1.0)
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def run_and_grads(fn, inputs, params, dys=None):
+    """Forward, then backward of sum(out * dy) over every output; returns outputs, dys and grads."""
+    outs = _outputs(fn(*inputs))
+    if dys is None:
+        dys = [torch.randn(o.shape, generator=torch.Generator().manual_seed(7 + i)).to(o.dtype)
+               for i, o in enumerate(outs)]
+    leaves = [t for t in (*inputs, *params) if t.requires_grad]
+    loss = sum((o.to(torch.float64) * dy.to(torch.float64)).sum() for o, dy in zip(outs, dys, strict=True))
+    grads = torch.autograd.grad(loss, leaves) if leaves else ()
+    return [o.detach() for o in outs], dys, [g.detach() for g in grads]
+
+
+def check_against_reference(model: nn.Module, compiled, inputs, dtype: torch.dtype, what: str) -> None:
+    """The compiled outputs and grads (x and every parameter) against the same eager code in float64."""
+    outs, dys, grads = run_and_grads(compiled, inputs, list(model.parameters()))
+    ref_model = copy.deepcopy(model).double()
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref_outs, _, ref_grads = run_and_grads(ref_model, ref_inputs, list(ref_model.parameters()), dys)
+    assert len(outs) == len(ref_outs) and len(grads) == len(ref_grads)
+    for i, (o, r) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert o.dtype == _outputs(model(*inputs))[i].dtype
+        assert_close(o, r, dtype, f"{what}: output {i}")
+    for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(g, r, dtype, f"{what}: grad {i}")
+
+
+def compile_aot_eager(model, cache_dir: str):
+    return torch.compile(model, backend=autokernel.backend,
+                         options={"autokernel.cache_dir": cache_dir, "autokernel.compiler": "aot_eager"})
+
+
+def rms(report: autokernel.Report) -> list[autokernel.InstanceReport]:
+    return [i for i in report.instances if i.pattern == "rms_norm"]
+
+
+# ---------------------------------------------------------------- spellings
+
+
+class HFLlama(nn.Module):
+    """transformers' LlamaRMSNorm (also Mistral, Qwen2)."""
+
+    def __init__(self, h: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = rand_weight(h)
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(v + self.variance_epsilon)
+        return self.weight * h.to(input_dtype)
+
+
+class HFNoWeight(nn.Module):
+    def __init__(self, h: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        return (h * torch.rsqrt(v + self.eps)).to(input_dtype)
+
+
+class Gemma(nn.Module):
+    def __init__(self, h: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = rand_weight(h)
+        self.eps = eps
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class GptFast(nn.Module):
+    def __init__(self, h: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = rand_weight(h)
+        self.eps = eps
+
+    def _norm(self, x):
+        return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+class FunctionalRms(nn.Module):
+    def __init__(self, h: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = rand_weight(h)
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class TorchRms(FunctionalRms):
+    def forward(self, x):
+        return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Commuted(nn.Module):
+    """Every operand order flipped: rsqrt(eps + v) * h, h.to(dtype) * w."""
+
+    def __init__(self, h: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = rand_weight(h)
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = torch.mean(h.pow(2), dim=-1, keepdim=True)
+        h = torch.rsqrt(self.eps + v) * h
+        return h.to(dt) * self.weight
+
+
+class DivSqrt(nn.Module):
+    def __init__(self, h: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = rand_weight(h)
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        h = h / torch.sqrt(v + self.eps)
+        return self.weight * h.to(dt)
+
+
+class ReciprocalSqrt(DivSqrt):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.reciprocal(torch.sqrt(v + self.eps))
+        return self.weight * h.to(dt)
+
+
+class EpsLiteral(DivSqrt):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(v + 1e-5)
+        return self.weight * h.to(dt)
+
+
+class OnePlusWeightLast(Gemma):
+    """Gemma with the offset written the other way round: weight.float() + 1."""
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        return (output * (self.weight.float() + 1.0)).type_as(x)
+
+
+def nn_rmsnorm(h: int) -> nn.Module:
+    m = nn.RMSNorm(h)
+    with torch.no_grad():
+        m.weight.copy_(rand_weight(h))
+    return m
+
+
+def nn_rmsnorm_no_affine(h: int) -> nn.Module:
+    return nn.RMSNorm(h, elementwise_affine=False)
+
+
+# name: (factory(h), mode, offset, has_weight)
+SPELLINGS = {
+    "hf_llama": (HFLlama, "llama", 0.0, True),
+    "hf_no_weight": (HFNoWeight, "gemma", 0.0, False),
+    "gemma": (Gemma, "gemma", 1.0, True),
+    "gemma_weight_plus_one": (OnePlusWeightLast, "gemma", 1.0, True),
+    "gpt_fast": (GptFast, "llama", 0.0, True),
+    "F.rms_norm": (FunctionalRms, "gemma", 0.0, True),
+    "torch.rms_norm": (TorchRms, "gemma", 0.0, True),
+    "nn.RMSNorm": (nn_rmsnorm, "gemma", 0.0, True),
+    "nn.RMSNorm_no_affine": (nn_rmsnorm_no_affine, "gemma", 0.0, False),
+    "commuted": (Commuted, "llama", 0.0, True),
+    "div_sqrt": (DivSqrt, "llama", 0.0, True),
+    "reciprocal_sqrt": (ReciprocalSqrt, "llama", 0.0, True),
+    "eps_literal": (EpsLiteral, "llama", 0.0, True),
+}
+
+CASES = [pytest.param(name, "bf16", (2, 3, 48), id=f"{name}-bf16") for name in SPELLINGS]
+CASES += [pytest.param("hf_llama", dt, (2, 3, 48), id=f"hf_llama-{dt}") for dt in ("fp16", "fp32")]
+CASES += [pytest.param("hf_llama", "bf16", shape, id=f"hf_llama-bf16-{'x'.join(map(str, shape))}")
+          for shape in ((5, 40), (3, 37), (48,), (2, 3, 4, 16))]
+CASES += [pytest.param(name, "fp16", (5, 40), id=f"{name}-fp16-5x40") for name in ("gemma", "F.rms_norm")]
+CASES += [pytest.param(name, "fp32", (5, 40), id=f"{name}-fp32-5x40")
+          for name in ("gpt_fast", "nn.RMSNorm", "hf_no_weight")]
+
+
+@pytest.mark.parametrize(("name", "dt", "shape"), CASES)
+def test_spelling_found_hit_and_matches(name, dt, shape, cache_dir, make_hits, rewritten):
+    factory, mode, offset, has_weight = SPELLINGS[name]
+    dtype = DTYPES[dt]
+    model = factory(shape[-1]).to(dtype)
+    x = randn(*shape, dtype=dtype, seed=0)
+
+    found = rms(explain(model, [x], cache_dir))
+    assert [i.status for i in found] == ["miss"], found
+    inst = found[0]
+    assert inst.flags == {"mode": mode, "offset": offset, "weight": dt if has_weight else "none", "out": dt}
+    assert inst.dtype == dt and inst.shape == shape and inst.requires_grad
+
+    hits = rms(make_hits(model, [x], cache_dir))
+    assert [i.status for i in hits] == ["hit"], hits
+    assert hits[0].flags == inst.flags
+
+    compiled = compile_aot_eager(model, cache_dir)
+    check_against_reference(model, compiled, [x], dtype, f"{name} {dt} {shape}")
+    assert rewritten == [1], "the hit was not rewritten into an autokernel op"
+
+
+class HFMixedWeight(HFLlama):
+    """HF spelling with a float32 weight and bf16 activations: the product (the output) is float32."""
+
+
+def test_fp32_weight_bf16_activations(cache_dir, make_hits, rewritten):
+    model = HFMixedWeight(48)  # weight stays float32
+    x = randn(2, 3, 48, dtype=torch.bfloat16, seed=0)
+    found = rms(explain(model, [x], cache_dir))
+    assert [(i.status, i.flags) for i in found] == [
+        ("miss", {"mode": "llama", "offset": 0.0, "weight": "fp32", "out": "fp32"})]
+    assert [i.status for i in rms(make_hits(model, [x], cache_dir))] == ["hit"]
+    check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "fp32 weight")
+    assert rewritten == [1]
+
+
+def test_miss_is_left_alone(cache_dir, rewritten):
+    model = HFLlama(48).to(torch.bfloat16)
+    x = randn(2, 3, 48, dtype=torch.bfloat16, seed=0)
+    check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "miss")
+    assert rewritten == [0]
+    wanted = KernelCache(cache_dir, device="cpu")
+    try:
+        assert [r["pattern_key"] for _, r in wanted.wanted()] == [
+            pattern_key("llama", 0.0, torch.bfloat16, torch.bfloat16, torch.bfloat16)]
+    finally:
+        wanted.close()
+
+
+# ---------------------------------------------------------------- declines
+
+
+class ChannelNorm(nn.Module):
+    """Normalizes over dim 1 (channels of an NCL tensor), not the last dim."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        v = h.pow(2).mean(1, keepdim=True)
+        return (h * torch.rsqrt(v + self.eps)).type_as(x)
+
+
+class SumNorm(HFLlama):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).sum(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(v + self.variance_epsilon)).to(dt)
+
+
+class Power3(HFLlama):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(3).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(v + self.variance_epsilon)).to(dt)
+
+
+class ReturnsVariance(HFLlama):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(v + self.variance_epsilon)).to(dt), v
+
+
+class ReturnsFp32Norm(HFLlama):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        v = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(v + self.variance_epsilon)
+        return self.weight * h.to(dt), h
+
+
+DECLINES = [
+    pytest.param(lambda h: ChannelNorm(), (2, 8, 5), False, "mean over dim [1], not the last dim", id="channel"),
+    pytest.param(SumNorm, (2, 3, 48), False, "sums the squares instead of averaging them", id="sum"),
+    pytest.param(Power3, (2, 3, 48), True, "power 3, not 2", id="power3"),
+    pytest.param(ReturnsVariance, (2, 3, 48), False, "is also used by", id="returns_variance"),
+    pytest.param(ReturnsFp32Norm, (2, 3, 48), False, "is also used by", id="returns_fp32_norm"),
+]
+
+
+@pytest.mark.parametrize(("factory", "shape", "positive", "reason"), DECLINES)
+def test_declined(factory, shape, positive, reason, cache_dir, rewritten):
+    model = factory(shape[-1]).to(torch.bfloat16)
+    x = randn(*shape, dtype=torch.float32, seed=0, requires_grad=False)
+    if positive:  # a mean of cubes must stay positive for rsqrt
+        x = x.abs() + 0.5
+    x = x.to(torch.bfloat16).requires_grad_(True)
+    found = rms(explain(model, [x], cache_dir))
+    assert [i.status for i in found] == ["declined"], found
+    assert reason in found[0].reason, found[0].reason
+    check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "declined")
+    assert rewritten == [0]
+
+
+# ---------------------------------------------------------------- several norms in one graph
+
+
+class Block(nn.Module):
+    """residual add -> norm -> linear -> norm, plus the residual stream read after the first norm."""
+
+    def __init__(self, h: int):
+        super().__init__()
+        self.norm1 = HFLlama(h)
+        self.proj = nn.Linear(h, h, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(h, h, generator=torch.Generator().manual_seed(3)) / h ** 0.5)
+        self.norm2 = Gemma(h)
+
+    def forward(self, x, residual):
+        s = x + residual
+        y = self.norm2(self.proj(self.norm1(s)))
+        return y + s
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp32"])
+def test_two_norms_and_residual(dt, cache_dir, make_hits, rewritten):
+    dtype = DTYPES[dt]
+    model = Block(40).to(dtype)
+    x, r = randn(2, 3, 40, dtype=dtype, seed=0), randn(2, 3, 40, dtype=dtype, seed=1)
+    found = rms(explain(model, [x, r], cache_dir))
+    assert [(i.status, i.flags["mode"], i.flags["offset"]) for i in found] == [
+        ("miss", "llama", 0.0), ("miss", "gemma", 1.0)], found
+    assert [i.status for i in rms(make_hits(model, [x, r], cache_dir))] == ["hit", "hit"]
+    check_against_reference(model, compile_aot_eager(model, cache_dir), [x, r], dtype, f"block {dt}")
+    assert rewritten == [2]
+
+
+# ---------------------------------------------------------------- Inductor
+
+
+def test_inductor_hf_bf16(cache_dir, make_hits, rewritten):
+    model = HFLlama(48).to(torch.bfloat16)
+    x = randn(2, 3, 48, dtype=torch.bfloat16, seed=0)
+    assert [i.status for i in rms(make_hits(model, [x], cache_dir))] == ["hit"]
+    compiled = torch.compile(model, backend="autokernel", options={"autokernel.cache_dir": cache_dir})
+    check_against_reference(model, compiled, [x], torch.bfloat16, "inductor")
+    assert rewritten == [1]
