@@ -13,10 +13,8 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import time
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from types import SimpleNamespace
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -90,17 +88,18 @@ def make_hits():
 
 
 @pytest.fixture
-def rewritten(monkeypatch) -> list[int]:
-    """How many autokernel ops each graph handed to the compiler holds (one int per compiled graph)."""
-    counts: list[int] = []
+def rewritten(monkeypatch) -> SimpleNamespace:
+    """Per graph the backend hands to its compiler: how many autokernel ops it holds, and which compiler."""
+    seen = SimpleNamespace(counts=[], compilers=[])
     real = backend_module._compile
 
     def spy(gm, example_inputs, opts):
-        counts.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in AK_OPS))
+        seen.counts.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in AK_OPS))
+        seen.compilers.append(opts.compiler)
         return real(gm, example_inputs, opts)
 
     monkeypatch.setattr(backend_module, "_compile", spy)
-    return counts
+    return seen
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int, requires_grad: bool = True) -> torch.Tensor:
@@ -310,13 +309,28 @@ SPELLINGS = {
     "eps_literal": (EpsLiteral, "llama", 0.0, True),
 }
 
-CASES = [pytest.param(name, "bf16", (2, 3, 48), id=f"{name}-bf16") for name in SPELLINGS]
-CASES += [pytest.param("hf_llama", dt, (2, 3, 48), id=f"hf_llama-{dt}") for dt in ("fp16", "fp32")]
-CASES += [pytest.param("hf_llama", "bf16", shape, id=f"hf_llama-bf16-{'x'.join(map(str, shape))}")
-          for shape in ((5, 40), (3, 37), (48,), (2, 3, 4, 16))]
-CASES += [pytest.param(name, "fp16", (5, 40), id=f"{name}-fp16-5x40") for name in ("gemma", "F.rms_norm")]
-CASES += [pytest.param(name, "fp32", (5, 40), id=f"{name}-fp32-5x40")
-          for name in ("gpt_fast", "nn.RMSNorm", "hf_no_weight")]
+# In float32 the Llama spelling's casts are no-ops and vanish from the aten graph: ``weight * n`` is mode gemma
+# (the same math in float32; see match.py: mode llama needs the mid cast).
+FP32_MODE = {"llama": "gemma", "gemma": "gemma"}
+
+# Package bug: in float32 a same-dtype ``.to(dtype)`` / ``.type_as(x)`` between the normalization and the
+# weight multiply is a Dynamo node with no aten op; the region check does not count it as part of the pattern
+# and declines ("intermediate h_1 is also used by to_1"), so fp32 HF Llama / gpt-fast models are never served.
+NOOP_CAST_BUG = pytest.mark.xfail(strict=True, reason="fp32 no-op .to()/.type_as() after the norm: declined as "
+                                  "'intermediate ... is also used by to_1' (package bug)")
+
+
+def case(name: str, dt: str, shape: tuple[int, ...], marks=()):
+    return pytest.param(name, dt, shape, id=f"{name}-{dt}-{'x'.join(map(str, shape))}", marks=marks)
+
+
+CASES = [case(name, "bf16", (2, 3, 48)) for name in SPELLINGS]
+CASES += [case("hf_llama", "fp16", (2, 3, 48)), case("hf_llama", "fp32", (2, 3, 48), NOOP_CAST_BUG)]
+CASES += [case("hf_llama", "bf16", shape) for shape in ((5, 40), (3, 37), (48,), (2, 3, 4, 16))]
+CASES += [case("hf_llama", "fp16", (2, 3, 4, 16)), case("nn.RMSNorm", "bf16", (2, 3, 4, 16))]
+CASES += [case(name, "fp16", (5, 40)) for name in ("gemma", "F.rms_norm", "gpt_fast")]
+CASES += [case(name, "fp32", (5, 37)) for name in ("nn.RMSNorm", "F.rms_norm", "hf_no_weight", "gemma")]
+CASES += [case("gpt_fast", "fp32", (5, 40), NOOP_CAST_BUG)]
 
 
 @pytest.mark.parametrize(("name", "dt", "shape"), CASES)
@@ -329,6 +343,8 @@ def test_spelling_found_hit_and_matches(name, dt, shape, cache_dir, make_hits, r
     found = rms(explain(model, [x], cache_dir))
     assert [i.status for i in found] == ["miss"], found
     inst = found[0]
+    if dtype == torch.float32:
+        mode = FP32_MODE[mode]
     assert inst.flags == {"mode": mode, "offset": offset, "weight": dt if has_weight else "none", "out": dt}
     assert inst.dtype == dt and inst.shape == shape and inst.requires_grad
 
@@ -338,7 +354,8 @@ def test_spelling_found_hit_and_matches(name, dt, shape, cache_dir, make_hits, r
 
     compiled = compile_aot_eager(model, cache_dir)
     check_against_reference(model, compiled, [x], dtype, f"{name} {dt} {shape}")
-    assert rewritten == [1], "the hit was not rewritten into an autokernel op"
+    assert rewritten.counts == [1], "the hit was not rewritten into an autokernel op"
+    assert rewritten.compilers == ["aot_eager"]
 
 
 class HFMixedWeight(HFLlama):
@@ -353,14 +370,14 @@ def test_fp32_weight_bf16_activations(cache_dir, make_hits, rewritten):
         ("miss", {"mode": "llama", "offset": 0.0, "weight": "fp32", "out": "fp32"})]
     assert [i.status for i in rms(make_hits(model, [x], cache_dir))] == ["hit"]
     check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "fp32 weight")
-    assert rewritten == [1]
+    assert rewritten.counts == [1]
 
 
 def test_miss_is_left_alone(cache_dir, rewritten):
     model = HFLlama(48).to(torch.bfloat16)
     x = randn(2, 3, 48, dtype=torch.bfloat16, seed=0)
     check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "miss")
-    assert rewritten == [0]
+    assert rewritten.counts == [0]
     wanted = KernelCache(cache_dir, device="cpu")
     try:
         assert [r["pattern_key"] for _, r in wanted.wanted()] == [
@@ -409,7 +426,53 @@ class ReturnsVariance(HFLlama):
         return self.weight * (h * torch.rsqrt(v + self.variance_epsilon)).to(dt), v
 
 
+class ReturnsRstd(HFLlama):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * (h * r).to(dt), r
+
+
+DECLINES = {
+    "channel": (lambda h: ChannelNorm(), (2, 8, 5), False, "mean over dim [1], not the last dim"),
+    "sum": (SumNorm, (2, 3, 48), False, "sums the squares instead of averaging them"),
+    "power3": (Power3, (2, 3, 48), True, "power 3, not 2"),
+    "returns_variance": (ReturnsVariance, (2, 3, 48), False, "intermediate mean is also used by output"),
+    "returns_rstd": (ReturnsRstd, (2, 3, 48), False, "intermediate rsqrt is also used by output"),
+}
+
+
+def _declined_setup(name: str):
+    factory, shape, positive, reason = DECLINES[name]
+    model = factory(shape[-1]).to(torch.bfloat16)
+    x = randn(*shape, dtype=torch.float32, seed=0, requires_grad=False)
+    if positive:  # a mean of cubes must stay positive for rsqrt
+        x = x.abs() + 0.5
+    return model, x.to(torch.bfloat16).requires_grad_(True), reason
+
+
+@pytest.mark.parametrize("name", list(DECLINES))
+def test_declined(name, cache_dir, rewritten):
+    model, x, reason = _declined_setup(name)
+    found = rms(explain(model, [x], cache_dir))
+    assert found and all(i.status == "declined" and i.reason == reason for i in found), found
+    check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, f"declined {name}")
+    assert rewritten.counts == [0]
+
+
+@pytest.mark.xfail(strict=True, reason="package bug: one declined RMSNorm is reported once per sub-expression "
+                   "root (bare norm, norm.to(dtype), weight * ...): 2-3 'declined' rows for one norm")
+@pytest.mark.parametrize("name", ["channel", "sum"])
+def test_declined_reported_once(name, cache_dir):
+    model, x, _ = _declined_setup(name)
+    found = rms(explain(model, [x], cache_dir))
+    assert [i.status for i in found] == ["declined"], found
+
+
 class ReturnsFp32Norm(HFLlama):
+    """The float32 normalized value is returned too: its weightless core (out float32) is a valid RMSNorm."""
+
     def forward(self, x):
         dt = x.dtype
         h = x.to(torch.float32)
@@ -418,27 +481,15 @@ class ReturnsFp32Norm(HFLlama):
         return self.weight * h.to(dt), h
 
 
-DECLINES = [
-    pytest.param(lambda h: ChannelNorm(), (2, 8, 5), False, "mean over dim [1], not the last dim", id="channel"),
-    pytest.param(SumNorm, (2, 3, 48), False, "sums the squares instead of averaging them", id="sum"),
-    pytest.param(Power3, (2, 3, 48), True, "power 3, not 2", id="power3"),
-    pytest.param(ReturnsVariance, (2, 3, 48), False, "is also used by", id="returns_variance"),
-    pytest.param(ReturnsFp32Norm, (2, 3, 48), False, "is also used by", id="returns_fp32_norm"),
-]
-
-
-@pytest.mark.parametrize(("factory", "shape", "positive", "reason"), DECLINES)
-def test_declined(factory, shape, positive, reason, cache_dir, rewritten):
-    model = factory(shape[-1]).to(torch.bfloat16)
-    x = randn(*shape, dtype=torch.float32, seed=0, requires_grad=False)
-    if positive:  # a mean of cubes must stay positive for rsqrt
-        x = x.abs() + 0.5
-    x = x.to(torch.bfloat16).requires_grad_(True)
+def test_fp32_norm_also_returned(cache_dir, make_hits, rewritten):
+    model = ReturnsFp32Norm(48).to(torch.bfloat16)
+    x = randn(2, 3, 48, dtype=torch.bfloat16, seed=0)
     found = rms(explain(model, [x], cache_dir))
-    assert [i.status for i in found] == ["declined"], found
-    assert reason in found[0].reason, found[0].reason
-    check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "declined")
-    assert rewritten == [0]
+    assert [(i.status, i.flags) for i in found] == [
+        ("miss", {"mode": "gemma", "offset": 0.0, "weight": "none", "out": "fp32"})], found
+    assert [i.status for i in rms(make_hits(model, [x], cache_dir))] == ["hit"]
+    check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "fp32 norm returned")
+    assert rewritten.counts == [1]
 
 
 # ---------------------------------------------------------------- several norms in one graph
@@ -461,17 +512,18 @@ class Block(nn.Module):
         return y + s
 
 
-@pytest.mark.parametrize("dt", ["bf16", "fp32"])
+@pytest.mark.parametrize("dt", ["bf16", pytest.param("fp32", marks=NOOP_CAST_BUG)])
 def test_two_norms_and_residual(dt, cache_dir, make_hits, rewritten):
     dtype = DTYPES[dt]
     model = Block(40).to(dtype)
     x, r = randn(2, 3, 40, dtype=dtype, seed=0), randn(2, 3, 40, dtype=dtype, seed=1)
     found = rms(explain(model, [x, r], cache_dir))
+    mode1 = "gemma" if dtype == torch.float32 else "llama"
     assert [(i.status, i.flags["mode"], i.flags["offset"]) for i in found] == [
-        ("miss", "llama", 0.0), ("miss", "gemma", 1.0)], found
+        ("miss", mode1, 0.0), ("miss", "gemma", 1.0)], found
     assert [i.status for i in rms(make_hits(model, [x, r], cache_dir))] == ["hit", "hit"]
     check_against_reference(model, compile_aot_eager(model, cache_dir), [x, r], dtype, f"block {dt}")
-    assert rewritten == [2]
+    assert rewritten.counts == [2]
 
 
 # ---------------------------------------------------------------- Inductor
@@ -483,4 +535,4 @@ def test_inductor_hf_bf16(cache_dir, make_hits, rewritten):
     assert [i.status for i in rms(make_hits(model, [x], cache_dir))] == ["hit"]
     compiled = torch.compile(model, backend="autokernel", options={"autokernel.cache_dir": cache_dir})
     check_against_reference(model, compiled, [x], torch.bfloat16, "inductor")
-    assert rewritten == [1]
+    assert rewritten.counts == [1] and rewritten.compilers == ["inductor"]
