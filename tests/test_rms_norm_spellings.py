@@ -313,24 +313,17 @@ SPELLINGS = {
 # (the same math in float32; see match.py: mode llama needs the mid cast).
 FP32_MODE = {"llama": "gemma", "gemma": "gemma"}
 
-# Package bug: in float32 a same-dtype ``.to(dtype)`` / ``.type_as(x)`` between the normalization and the
-# weight multiply is a Dynamo node with no aten op; the region check does not count it as part of the pattern
-# and declines ("intermediate h_1 is also used by to_1"), so fp32 HF Llama / gpt-fast models are never served.
-NOOP_CAST_BUG = pytest.mark.xfail(strict=True, reason="fp32 no-op .to()/.type_as() after the norm: declined as "
-                                  "'intermediate ... is also used by to_1' (package bug)")
-
-
 def case(name: str, dt: str, shape: tuple[int, ...], marks=()):
     return pytest.param(name, dt, shape, id=f"{name}-{dt}-{'x'.join(map(str, shape))}", marks=marks)
 
 
 CASES = [case(name, "bf16", (2, 3, 48)) for name in SPELLINGS]
-CASES += [case("hf_llama", "fp16", (2, 3, 48)), case("hf_llama", "fp32", (2, 3, 48), NOOP_CAST_BUG)]
+CASES += [case("hf_llama", "fp16", (2, 3, 48)), case("hf_llama", "fp32", (2, 3, 48))]
 CASES += [case("hf_llama", "bf16", shape) for shape in ((5, 40), (3, 37), (48,), (2, 3, 4, 16))]
 CASES += [case("hf_llama", "fp16", (2, 3, 4, 16)), case("nn.RMSNorm", "bf16", (2, 3, 4, 16))]
 CASES += [case(name, "fp16", (5, 40)) for name in ("gemma", "F.rms_norm", "gpt_fast")]
 CASES += [case(name, "fp32", (5, 37)) for name in ("nn.RMSNorm", "F.rms_norm", "hf_no_weight", "gemma")]
-CASES += [case("gpt_fast", "fp32", (5, 40), NOOP_CAST_BUG)]
+CASES += [case("gpt_fast", "fp32", (5, 40))]
 
 
 @pytest.mark.parametrize(("name", "dt", "shape"), CASES)
@@ -461,8 +454,6 @@ def test_declined(name, cache_dir, rewritten):
     assert rewritten.counts == [0]
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: one declined RMSNorm is reported once per sub-expression "
-                   "root (bare norm, norm.to(dtype), weight * ...): 2-3 'declined' rows for one norm")
 @pytest.mark.parametrize("name", ["channel", "sum"])
 def test_declined_reported_once(name, cache_dir):
     model, x, _ = _declined_setup(name)
@@ -512,7 +503,7 @@ class Block(nn.Module):
         return y + s
 
 
-@pytest.mark.parametrize("dt", ["bf16", pytest.param("fp32", marks=NOOP_CAST_BUG)])
+@pytest.mark.parametrize("dt", ["bf16", "fp32"])
 def test_two_norms_and_residual(dt, cache_dir, make_hits, rewritten):
     dtype = DTYPES[dt]
     model = Block(40).to(dtype)

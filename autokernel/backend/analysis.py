@@ -30,7 +30,13 @@ class AnalysisView:
     fake_mode: Any = None
 
     def dynamo_nodes_of(self, aten_nodes: tuple[Node, ...]) -> set[Node]:
-        return {self.origin[n] for n in aten_nodes if n in self.origin}
+        """The Dynamo nodes that made these aten nodes, plus the no-op ones whose value is one of them
+        (``h.to(torch.float32)`` on a float32 ``h`` makes no aten node: it returns ``h`` itself)."""
+        inside = set(aten_nodes)
+        made = {self.origin[n] for n in aten_nodes if n in self.origin}
+        aliases = {d for d, a in self.output_of.items()
+                   if a in inside and d.op in ("call_function", "call_method") and not self.created.get(d)}
+        return made | aliases
 
 
 class _Recorder(Interpreter):

@@ -50,10 +50,12 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> tuple[Node, set[Node],
                  if a not in matched and a.users and isinstance(node_val(a), torch.Tensor)]
         if extra:
             return f"{d.name} computes more than the pattern ({extra[0].name})"
+    # Several Dynamo nodes hold the root's value when no-op casts follow it: the last one is the root.
     roots = [d for d in nodes if view.output_of.get(d) is inst.root]
-    if len(roots) != 1:
-        return "the pattern's output is not the value of one Dynamo node"
-    root = roots[0]
+    if not roots:
+        return "the pattern's output is not the value of a Dynamo node"
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)}
+    root = max(roots, key=order.__getitem__)
     for d in nodes:
         if d is root:
             continue

@@ -204,8 +204,13 @@ def find_instances(graph: Graph) -> list[Instance]:
         else:
             if first_decline is not None:
                 declined.append(first_decline)
-    # A near-miss whose core was taken by an accepted (smaller or larger) match is not news.
-    declined = [d for d in declined if not claimed.intersection(d.nodes)]
+    # A near-miss whose core was taken by an accepted (smaller or larger) match is not news, and one
+    # near-miss is reported once: at its outermost spelling, not again for each sub-expression.
+    kept: list[Instance] = []
+    for d in sorted(declined, key=lambda i: -len(i.nodes)):
+        if not claimed.intersection(d.nodes) and not any(set(d.nodes) <= set(k.nodes) for k in kept):
+            kept.append(d)
+    declined = kept
     out = accepted + declined
     order = {n: i for i, n in enumerate(graph.nodes)}
     return sorted(out, key=lambda i: order[i.root])
