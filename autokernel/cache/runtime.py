@@ -25,6 +25,9 @@ logger = logging.getLogger("autokernel")
 _Table = dict[tuple[str, int], dict[int, dict[str, Any]]]
 _tables: dict[tuple[str, str], _Table] = {}
 _lock = threading.Lock()
+# What the ops derived from the tables (e.g. a validated config per shape bucket): a dict read per call
+# instead of re-deriving; emptied with the tables.
+memo: dict[tuple, object] = {}
 
 
 def _load(root: str, fp: str) -> _Table:
@@ -62,6 +65,7 @@ def invalidate(root: str | Path | None = None) -> None:
         for key in list(_tables):
             if root is None or key[0] == str(root):
                 del _tables[key]
+        memo.clear()
 
 
 def lookup(root: str | Path, device: torch.device, pattern_key: str, hidden: int, rows: int) -> dict | None:

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from autokernel.cache import runtime
+from autokernel.cache import row_bucket, runtime
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
@@ -39,16 +39,26 @@ def pattern_key(mode: str, offset: float, x_dtype: torch.dtype, w_dtype: torch.d
     return f"{PATTERN}/mode={mode},offset={float(offset):g},x={dtype_name(x_dtype)},w={w},out={dtype_name(out_dtype)}"
 
 
-_warned: set[str] = set()
-
 
 def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, mode: str,
                   out_dtype: torch.dtype, cache_dir: str) -> RmsNormConfig:
-    """The tuned configuration for this call's shape, else the built-in heuristic."""
+    """The tuned configuration for this call's shape, else the built-in heuristic.
+
+    Runs on every call: after the first call per shape bucket it is one dict read."""
     hidden = x.shape[-1] if x.dim() else 1
     rows = x.numel() // max(hidden, 1)
-    key = pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype)
-    entry = runtime.lookup(cache_dir, x.device, key, hidden, rows) if cache_dir else None
+    w_dtype = weight.dtype if weight is not None else None
+    memo_key = (PATTERN, cache_dir, x.device, mode, offset, x.dtype, w_dtype, out_dtype, hidden, row_bucket(rows))
+    config = runtime.memo.get(memo_key)
+    if config is None:
+        config = runtime.memo[memo_key] = _resolve_config(
+            pattern_key(mode, offset, x.dtype, w_dtype, out_dtype), x.device, hidden, rows, x.dtype, cache_dir)
+    return config
+
+
+def _resolve_config(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
+                    cache_dir: str) -> RmsNormConfig:
+    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
     if entry is not None:
         kernel = entry["kernel"]
         if kernel["kind"] == "family":
@@ -58,10 +68,8 @@ def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, m
                 problem = f"cache entry for {key} H={hidden} has a bad config: {exc}"
         else:
             problem = f"cache entry for {key} H={hidden} holds a kernel source; this version serves family configs only"
-        if problem not in _warned:
-            _warned.add(problem)
-            logger.warning("%s; using the default configuration", problem)
-    return default_config(hidden, rows, x.dtype)
+        logger.warning("%s; using the default configuration", problem)
+    return default_config(hidden, row_bucket(rows), dtype)
 
 
 @torch.library.custom_op("autokernel::rms_norm", mutates_args=())
