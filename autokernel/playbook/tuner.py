@@ -15,11 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -69,32 +71,36 @@ class Worker:
     """A child process holding one problem; restarted after a crash or a hang."""
 
     def __init__(self, request: TuneRequest, device: torch.device, max_rows: int | None, timeout_s: float):
-        self.args = (request.pattern, request.flags, request.dtype, request.shape, str(device), max_rows)
+        self.args = {"pattern": request.pattern, "flags": request.flags, "dtype": request.dtype,
+                     "shape": list(request.shape), "device": str(device), "max_rows": max_rows}
         self.timeout_s = timeout_s
-        self.proc = None
-        self.conn = None
+        self.proc: subprocess.Popen | None = None
+        self.to_child: Connection | None = None
+        self.from_child: Connection | None = None
 
     def start(self) -> None:
-        from autokernel.playbook import worker
-
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker.serve, args=(child, *self.args), daemon=True)
-        self.proc.start()
-        child.close()
-        self.conn = parent
+        child_in, parent_out = os.pipe()
+        parent_in, child_out = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "autokernel.playbook.worker", str(child_in), str(child_out),
+             json.dumps(self.args)],
+            pass_fds=(child_in, child_out), stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        os.close(child_in)
+        os.close(child_out)
+        self.to_child = Connection(parent_out, readable=False)
+        self.from_child = Connection(parent_in, writable=False)
         reply = self._receive(max(self.timeout_s, 300.0))
         if reply.get("status") != "ready":
             raise WorkerFailure(f"worker did not start: {reply}")
 
     def _receive(self, timeout: float) -> dict[str, Any]:
-        if not self.conn.poll(timeout):
+        if not self.from_child.poll(timeout):
             self.kill()
             raise WorkerFailure(f"no answer within {timeout:.0f} s (hang?)")
         try:
-            return self.conn.recv()
+            return self.from_child.recv()
         except (EOFError, OSError):
-            code = self.proc.exitcode if self.proc else None
+            code = self.proc.wait(10) if self.proc else None
             self.kill()
             raise WorkerFailure(f"worker died (exit code {code})") from None
 
@@ -102,26 +108,27 @@ class Worker:
         if self.proc is None:
             self.start()
         try:
-            self.conn.send(request)
+            self.to_child.send(request)
         except (BrokenPipeError, OSError):
             self.kill()
             raise WorkerFailure("worker pipe closed") from None
         return self._receive(self.timeout_s)
 
     def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.is_alive():
-                self.proc.kill()
-            self.proc.join(5)
-        self.proc = None
-        self.conn = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for conn in (self.to_child, self.from_child):
+            if conn is not None:
+                conn.close()
+        self.proc = self.to_child = self.from_child = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.is_alive():
+        if self.proc is not None and self.proc.poll() is None:
             try:
-                self.conn.send(("stop",))
-                self.proc.join(10)
-            except (BrokenPipeError, OSError):
+                self.to_child.send(("stop",))
+                self.proc.wait(10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
 

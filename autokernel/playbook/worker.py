@@ -8,7 +8,10 @@ each answer is a dict.
 
 from __future__ import annotations
 
+import json
+import sys
 import traceback
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -61,16 +64,16 @@ def handle(problem: Any, request: tuple) -> dict[str, Any]:
     raise ValueError(f"unknown worker request {kind!r}")
 
 
-def serve(conn, pattern: str, flags: dict, dtype: str, shape: list[int], device: str,
+def serve(conn_in, conn_out, pattern: str, flags: dict, dtype: str, shape: list[int], device: str,
           max_rows: int | None) -> None:
-    """Child-process main loop."""
+    """Child-process main loop: requests arrive on ``conn_in``, answers leave on ``conn_out``."""
     from autokernel.lowering import families
 
     problem = families()[pattern].problem(flags, dtype, shape, device)
     problem.max_rows = max_rows
-    conn.send({"status": "ready"})
+    conn_out.send({"status": "ready"})
     while True:
-        request = conn.recv()
+        request = conn_in.recv()
         if request[0] == "stop":
             return
         try:
@@ -80,4 +83,17 @@ def serve(conn, pattern: str, flags: dict, dtype: str, shape: list[int], device:
                      "traceback": traceback.format_exc(limit=8)}
         if problem.device.type == "cuda":
             torch.cuda.synchronize()
-        conn.send(reply)
+        conn_out.send(reply)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m autokernel.playbook.worker FD_IN FD_OUT ARGS_JSON`` (started by the tuner, not by hand).
+
+    A fresh interpreter rather than multiprocessing's spawn: spawn re-imports the parent's ``__main__``,
+    which runs a user's unguarded script (one that calls the tuner at top level) a second time."""
+    fd_in, fd_out, args = int(argv[0]), int(argv[1]), json.loads(argv[2])
+    serve(Connection(fd_in, writable=False), Connection(fd_out, readable=False), **args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
