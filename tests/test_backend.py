@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from models import HFLlama
 
 import autokernel
 from autokernel.backend.options import parse_options
@@ -18,25 +19,28 @@ from autokernel.playbook.tolerances import assert_close
 H = 48
 
 
-class HFRMSNorm(torch.nn.Module):
-    def __init__(self, hidden: int = H, eps: float = 1e-6):
-        super().__init__()
-        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden))
-        self.eps = eps
-
-    def forward(self, x):
-        dt = x.dtype
-        h = x.to(torch.float32)
-        v = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(v + self.eps)
-        return self.weight * h.to(dt)
-
-
 @pytest.fixture(autouse=True)
 def _reset():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+class _Spy:
+    """The autokernel backend, keeping the text of each graph it hands on (after its rewrite)."""
+
+    def __init__(self):
+        self.graphs: list[str] = []
+
+    def backend(self, gm, example_inputs, **kw):
+        out = autokernel.backend(gm, example_inputs, **kw)
+        self.graphs.append(str(gm.graph))
+        return out
+
+
+@pytest.fixture
+def spy():
+    return _Spy()
 
 
 def _entry(rows: int, hidden: int = H, dtype=torch.bfloat16, **over):
@@ -52,7 +56,7 @@ def _entry(rows: int, hidden: int = H, dtype=torch.bfloat16, **over):
 
 def _model(dtype=torch.bfloat16):
     torch.manual_seed(0)
-    return HFRMSNorm().to(dtype)
+    return HFLlama(H).to(dtype)
 
 
 def _opts(cache_dir, compiler="aot_eager", **more):
@@ -64,7 +68,7 @@ def _grads_match(model, compiled, x):
     y = compiled(xr)
     dy = torch.randn_like(y)
     y.backward(dy)
-    ref_model = HFRMSNorm().double()
+    ref_model = HFLlama(H).double()
     ref_model.load_state_dict(model.state_dict())
     x64 = x.detach().double().requires_grad_(True)
     # The reference rounds the normalized value to the model dtype, as the model does.
@@ -144,7 +148,7 @@ def test_miss_is_recorded_then_hit(tmp_path):
     report = autokernel.explain(model, x, options={"autokernel.cache_dir": str(tmp_path)})
     assert [i.status for i in report.instances] == ["hit"]
     text = str(report)
-    assert "rms_norm" in text and "hit" in text and "test_backend.py" in text
+    assert "rms_norm" in text and "hit" in text and "models.py\", line" in text
 
 
 def test_ak_tune_fills_the_cache_from_the_wanted_table(tmp_path):
@@ -168,33 +172,19 @@ def test_ak_tune_fills_the_cache_from_the_wanted_table(tmp_path):
     assert [i.status for i in report.instances] == ["hit"]
 
 
-def test_hit_rewrites_and_matches_eager_with_inductor(tmp_path):
+def test_hit_rewrites_and_matches_eager_with_inductor(tmp_path, spy):
     model = _model()
     x = torch.randn(6, H, dtype=torch.bfloat16)
     KernelCache(tmp_path, device="cpu").put_entry(_entry(6))
-    graphs = []
-
-    def spy_backend(gm, example_inputs, **kw):
-        out = autokernel.backend(gm, example_inputs, **kw)
-        graphs.append(str(gm.graph))
-        return out
-
-    compiled = torch.compile(model, backend=spy_backend, options=_opts(tmp_path, compiler="inductor"))
+    compiled = torch.compile(model, backend=spy.backend, options=_opts(tmp_path, compiler="inductor"))
     _grads_match(model, compiled, x)
-    assert "autokernel.rms_norm_train" in graphs[0]
+    assert "autokernel.rms_norm_train" in spy.graphs[0]
 
 
-def test_no_grad_and_inference_mode_use_the_forward_only_op(tmp_path):
+def test_no_grad_and_inference_mode_use_the_forward_only_op(tmp_path, spy):
     model = _model()
     KernelCache(tmp_path, device="cpu").put_entry(_entry(6))
-    graphs = []
-
-    def spy_backend(gm, example_inputs, **kw):
-        out = autokernel.backend(gm, example_inputs, **kw)
-        graphs.append(str(gm.graph))
-        return out
-
-    compiled = torch.compile(model, backend=spy_backend, options=_opts(tmp_path))
+    compiled = torch.compile(model, backend=spy.backend, options=_opts(tmp_path))
     x = torch.randn(6, H, dtype=torch.bfloat16)
     with torch.no_grad():
         y = compiled(x)
@@ -203,12 +193,12 @@ def test_no_grad_and_inference_mode_use_the_forward_only_op(tmp_path):
     expected = model(x)
     assert_close(y, expected.double(), torch.bfloat16, "no_grad")
     assert_close(y2, expected.double(), torch.bfloat16, "inference_mode")
-    assert graphs and all("autokernel.rms_norm.default" in g and "rms_norm_train" not in g for g in graphs)
+    assert spy.graphs and all("autokernel.rms_norm.default" in g and "rms_norm_train" not in g for g in spy.graphs)
     model.weight.requires_grad_(False)
     torch._dynamo.reset()
-    graphs.clear()
+    spy.graphs.clear()
     compiled(x)
-    assert "autokernel.rms_norm.default" in graphs[0]
+    assert "autokernel.rms_norm.default" in spy.graphs[0]
 
 
 def test_dynamic_shapes_add_no_guards_and_pick_config_at_run_time(tmp_path):
@@ -275,19 +265,12 @@ def test_corrupt_entry_is_skipped_not_fatal(tmp_path, caplog):
     assert_close(y, model(x).double(), torch.bfloat16, "corrupt db")
 
 
-def test_disabled_backend_leaves_graph_alone(tmp_path):
+def test_disabled_backend_leaves_graph_alone(tmp_path, spy):
     KernelCache(tmp_path, device="cpu").put_entry(_entry(4))
-    graphs = []
-
-    def spy_backend(gm, example_inputs, **kw):
-        out = autokernel.backend(gm, example_inputs, **kw)
-        graphs.append(str(gm.graph))
-        return out
-
     model = _model()
-    torch.compile(model, backend=spy_backend,
+    torch.compile(model, backend=spy.backend,
                   options=_opts(tmp_path, **{"autokernel.enabled": False}))(torch.randn(4, H, dtype=torch.bfloat16))
-    assert "autokernel" not in graphs[0]
+    assert "autokernel" not in spy.graphs[0]
 
 
 def test_inductor_wins_entry_leaves_the_pattern_to_inductor(tmp_path):

@@ -16,15 +16,16 @@ import math
 import time
 from types import SimpleNamespace
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from models import HFLlama, rand_weight
+from torch import nn
 
-import autokernel  # noqa: E402
-from autokernel.cache import KernelCache, row_bucket  # noqa: E402
-from autokernel.lowering.rms_norm.ops import pattern_key  # noqa: E402
-from autokernel.playbook.tolerances import assert_close  # noqa: E402
+import autokernel
+from autokernel.cache import KernelCache, row_bucket
+from autokernel.lowering.rms_norm.ops import pattern_key
+from autokernel.playbook.tolerances import assert_close
 
 backend_module = importlib.import_module("autokernel.backend")  # ``autokernel.backend`` is the function
 
@@ -107,10 +108,6 @@ def randn(*shape: int, dtype: torch.dtype, seed: int, requires_grad: bool = True
     return t.requires_grad_(requires_grad)
 
 
-def rand_weight(h: int, seed: int = 1234) -> nn.Parameter:
-    return nn.Parameter(torch.randn(h, generator=torch.Generator().manual_seed(seed)) * 0.5 + 1.0)
-
-
 def _outputs(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
@@ -151,22 +148,6 @@ def rms(report: autokernel.Report) -> list[autokernel.InstanceReport]:
 
 
 # ---------------------------------------------------------------- spellings
-
-
-class HFLlama(nn.Module):
-    """transformers' LlamaRMSNorm (also Mistral, Qwen2)."""
-
-    def __init__(self, h: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = rand_weight(h)
-        self.variance_epsilon = eps
-
-    def forward(self, x):
-        input_dtype = x.dtype
-        h = x.to(torch.float32)
-        v = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(v + self.variance_epsilon)
-        return self.weight * h.to(input_dtype)
 
 
 class HFNoWeight(nn.Module):
