@@ -368,7 +368,7 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
     ``dtype`` is accepted so that a tuned table can key on it; the heuristic itself does not need it.
     """
     del dtype
-    block = triton.next_power_of_2(max(int(hidden), 1))
+    block = _next_power_of_2(hidden)
     if block > MAX_SINGLE_PASS_BLOCK:
         # Rows this wide spill registers in one block; stream them in chunks instead.
         return RmsNormConfig(
@@ -396,13 +396,19 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
     )
 
 
+def _next_power_of_2(n: int) -> int:
+    # Plain Python: triton.next_power_of_2 is a jit-wrapped helper costing microseconds per call here.
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=256)  # configs are frozen dataclasses; this runs on every launch
 def effective_config(config: RmsNormConfig, hidden: int) -> RmsNormConfig:
     """Return a config that is valid for rows of width ``hidden``, so a cached config runs on any shape.
 
     * single pass on a row wider than ``MAX_SINGLE_PASS_BLOCK`` -> chunked with a default chunk width;
     * chunked with one chunk covering the whole row -> single pass (same block, one read instead of two).
     """
-    block = triton.next_power_of_2(max(int(hidden), 1))
+    block = _next_power_of_2(hidden)
     if not config.chunked and block > MAX_SINGLE_PASS_BLOCK:
         logger.debug(
             "rms_norm: hidden %d too wide for a single pass; using chunks of %d", hidden, _DEFAULT_CHUNK
@@ -472,8 +478,8 @@ def rms_norm_fwd(
     if cfg.chunked:
         kernel, block = _rms_norm_fwd_chunked_kernel, cfg.block_n
     else:
-        kernel, block = _rms_norm_fwd_single_kernel, triton.next_power_of_2(hidden)
-    kernel[(triton.cdiv(rows, rpp),)](
+        kernel, block = _rms_norm_fwd_single_kernel, _next_power_of_2(hidden)
+    kernel[((rows + rpp - 1) // rpp,)](
         x2,
         w if w is not None else x2,  # dummy pointer, never read when HAS_WEIGHT is false
         y,
@@ -533,7 +539,7 @@ def rms_norm_bwd(
     if cfg.chunked:
         kernel, block, extra = _rms_norm_bwd_chunked_kernel, cfg.block_n, {}
     else:
-        block = triton.next_power_of_2(hidden)
+        block = _next_power_of_2(hidden)
         kernel, extra = _rms_norm_bwd_single_kernel, {"PREFETCH": block <= _PREFETCH_MAX_BLOCK}
     kernel[(programs,)](
         dy2,
