@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,30 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.rms_norm_train, (x.requires_grad_(True), w.requires_grad_(True), 1e-6, 1.0,
                                                "gemma", dtype, ""))
     torch.library.opcheck(ops.rms_norm_backward, (dy, x.detach(), w.detach(), rstd, 0.0, "llama", dtype, ""))
+
+
+def test_ak_tune_survives_hung_candidates(tmp_path):
+    """A candidate that does not answer in time is killed with its worker; the tuner goes on, writes no entry."""
+    from autokernel.playbook.tuner import TuneRequest, tune
+
+    cache = KernelCache(tmp_path, device="cpu")
+    result = tune(TuneRequest("rms_norm", {"mode": "llama"}, "bf16", [4, 32]), cache, torch.device("cpu"),
+                  budget_s=120, timeout_s=0.001)
+    assert result.status == "no correct candidate" and result.candidates == 3
+    rows = (cache.runs_dir / Path(result.run_dir).name / "results.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all("\tcrashed\t" in r and "no answer within" in r for r in rows)
+    assert list(cache.entries()) == []
+
+
+def test_ak_tune_rejects_bad_requests(tmp_path, capsys):
+    from autokernel.playbook import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--pattern", "rms_norm", "--shape", "12xfoo", "--cache-dir", str(tmp_path)])
+    assert "--shape must look like 8192x4096" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--pattern", "layer_nrom", "--shape", "4x32", "--cache-dir", str(tmp_path)])
+    assert "--pattern must be one of ['rms_norm']" in capsys.readouterr().err
+    assert cli.main(["--pattern", "rms_norm", "--shape", "4x32", "--flags", "mode=vanilla",
+                     "--cache-dir", str(tmp_path), "-q"]) == 1
+    assert "flag mode must be 'llama' or 'gemma'" in capsys.readouterr().out

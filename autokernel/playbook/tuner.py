@@ -164,7 +164,10 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     family = families().get(request.pattern)
     if family is None:
         return TuneResult(request, "error", detail=f"unknown pattern {request.pattern!r}")
-    problem = family.problem(request.flags, request.dtype, request.shape, device)
+    try:
+        problem = family.problem(request.flags, request.dtype, request.shape, device)
+    except ValueError as exc:
+        return TuneResult(request, "error", detail=str(exc))
     interpret = device.type == "cpu" and interpreter_enabled()
     max_rows = INTERPRETER_ROWS if interpret else None
     stamp = time.strftime("%Y%m%d-%H%M%S")
