@@ -149,7 +149,7 @@ def test_miss_is_recorded_then_hit(tmp_path):
     report = autokernel.explain(model, x, options={"autokernel.cache_dir": str(tmp_path)})
     assert [i.status for i in report.instances] == ["hit"]
     text = str(report)
-    assert "rms_norm" in text and "hit" in text and "models.py\", line" in text
+    assert "rms_norm" in text and "hit" in text and "models.py:" in text
 
 
 def test_ak_tune_fills_the_cache_from_the_wanted_table(tmp_path):

@@ -11,6 +11,7 @@ node holds its output.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,17 +93,22 @@ def build_analysis_view(gm: GraphModule) -> AnalysisView:
 
 
 def source_line(node: Node) -> str:
-    """The user's source line that made ``node``: the innermost frame outside torch, or ''."""
+    """Where the user's code made ``node``: ``file.py:123 in fn: code`` for the innermost frame outside
+    torch itself, or ''."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
     frames = []
     for i, line in enumerate(lines):
-        if line.startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            where = line.replace("File ", "", 1)
-            frames.append(f"{where}: {code}" if code else where)
+        found = _FRAME.match(line)
+        if found:
+            code = lines[i + 1] if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+            where = f"{os.path.basename(found['file'])}:{found['line']} in {found['fn']}"
+            frames.append((found["file"], f"{where}: {code}"))
     torch_dir = os.path.dirname(torch.__file__)
-    for frame in reversed(frames):
-        if torch_dir not in frame:
-            return frame
-    return frames[-1] if frames else ""
+    for path, text in reversed(frames):
+        if not path.startswith(torch_dir):
+            return text
+    return frames[-1][1] if frames else ""
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
