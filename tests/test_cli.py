@@ -1,0 +1,60 @@
+"""ak-cache, and AUTOKERNEL_LOG: what a user sees outside Python."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from autokernel.cache import KernelCache, row_bucket
+from autokernel.cache import cli as cache_cli
+from autokernel.lowering.rms_norm.ops import pattern_key
+
+
+def _entry(hidden: int, rows: int):
+    import torch
+
+    return {
+        "version": 1, "pattern": "rms_norm", "pattern_key": pattern_key("llama", 0.0, torch.bfloat16,
+                                                                         torch.bfloat16, torch.bfloat16),
+        "hidden": hidden, "row_bucket": row_bucket(rows), "kernel": {"kind": "family", "config": {}},
+        "winner": {"fwd": "inductor", "train": "autokernel"}, "producer": {"strategy": "test"},
+        "checks": [], "created": time.time(), "times": {"fwd_ms": 1.5, "inductor_fwd_ms": 1.0},
+    }
+
+
+def test_ak_cache_list_wanted_clear(tmp_path, capsys):
+    cache = KernelCache(tmp_path, device="cpu")
+    cache.put_entry(_entry(64, 32))
+    cache.db.set("entry/rms_norm/bogus/H=1/R=1", {"version": 1})
+    cache.record_wanted("rms_norm", "rms_norm/k", {"mode": "llama"}, "bf16", [4, 8, 64], 64, 32)
+    cache.record_wanted("rms_norm", "rms_norm/k", {"mode": "llama"}, "bf16", [4, 8, 64], 64, 32)
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "path"]) == 0
+    assert capsys.readouterr().out.strip() == str(cache.path)
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "H=64/R=32  winner fwd=inductor train=autokernel" in out and "fwd 1.5000 ms (Inductor 1.0000)" in out
+    assert "bogus/H=1/R=1  UNUSABLE: entry lacks 'pattern'" in out
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "wanted"]) == 0
+    assert "shape 4x8x64  seen 2x" in capsys.readouterr().out
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "clear", "--yes"]) == 0
+    assert list(cache.entries()) == [] and cache.wanted() == []
+
+
+def test_autokernel_log_reports_instances_at_compile_time(tmp_path):
+    code = (
+        "import torch, autokernel\n"
+        "def f(x, w):\n"
+        "    h = x.float(); h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)\n"
+        "    return w * h.to(x.dtype)\n"
+        "torch.compile(f, backend='autokernel', options={'autokernel.compiler': 'aot_eager'})"
+        "(torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(32, dtype=torch.bfloat16))\n"
+    )
+    env = dict(os.environ, AUTOKERNEL_LOG="info", AUTOKERNEL_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1")
+    script = tmp_path / "train.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[autokernel INFO] autokernel: rms_norm miss bf16 4x32 at train.py:4 in f: return w * h.to(x.dtype)" \
+        in result.stderr
