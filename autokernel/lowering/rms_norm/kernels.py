@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -305,6 +306,19 @@ def _is_power_of_two(v: int) -> bool:
     return v > 0 and (v & (v - 1)) == 0
 
 
+class SourceKernels(NamedTuple):
+    """Kernels a cache entry brings as source text (written by the tuning agent), in place of the
+    built-in single-pass pair. The contract is the built-in kernels' parameter lists, minus
+    ``PREFETCH``: ``fwd(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps, offset, HAS_WEIGHT, LLAMA,
+    SAVE_RSTD, ROWS_PER_PROGRAM, BLOCK_N)`` on a grid of ``cdiv(rows, ROWS_PER_PROGRAM)`` and ``bwd(DY, X,
+    W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset, HAS_WEIGHT, LLAMA,
+    BLOCK_N)`` on the persistent grid, writing one float32 partial dW row per program. Rows wider than
+    one block still go to the built-in chunked kernels."""
+
+    fwd: Any
+    bwd: Any
+
+
 @dataclass(frozen=True)
 class RmsNormConfig:
     """Launch parameters of the forward and backward kernels.
@@ -459,9 +473,11 @@ def rms_norm_fwd(
     out_dtype: torch.dtype,
     config: RmsNormConfig,
     save_rstd: bool,
+    kernels: SourceKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm over the last dim of ``x``. Returns ``y`` (x's shape, contiguous, ``out_dtype``) and
-    ``rstd`` (float32, ``x.shape[:-1]``) or ``None`` when ``save_rstd`` is false."""
+    ``rstd`` (float32, ``x.shape[:-1]``) or ``None`` when ``save_rstd`` is false. ``kernels``: kernels
+    from a cache entry's source, used instead of the built-in single-pass ones (see :class:`SourceKernels`)."""
     hidden = _check(x, weight, mode)
     x2 = _as_rows(x, hidden)
     rows = x2.shape[0]
@@ -478,7 +494,8 @@ def rms_norm_fwd(
     if cfg.chunked:
         kernel, block = _rms_norm_fwd_chunked_kernel, cfg.block_n
     else:
-        kernel, block = _rms_norm_fwd_single_kernel, _next_power_of_2(hidden)
+        kernel = kernels.fwd if kernels is not None else _rms_norm_fwd_single_kernel
+        block = _next_power_of_2(hidden)
     kernel[((rows + rpp - 1) // rpp,)](
         x2,
         w if w is not None else x2,  # dummy pointer, never read when HAS_WEIGHT is false
@@ -509,6 +526,7 @@ def rms_norm_bwd(
     offset: float,
     mode: str,
     config: RmsNormConfig,
+    kernels: SourceKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`rms_norm_fwd`. Returns ``dx`` (x's shape and dtype, contiguous) and ``dw``
     (weight's dtype) or ``None`` without a weight. ``dw`` is reduced in a fixed order: deterministic."""
@@ -538,6 +556,8 @@ def rms_norm_bwd(
         partial = dx  # dummy pointer, never touched when HAS_WEIGHT is false
     if cfg.chunked:
         kernel, block, extra = _rms_norm_bwd_chunked_kernel, cfg.block_n, {}
+    elif kernels is not None:
+        kernel, block, extra = kernels.bwd, _next_power_of_2(hidden), {}
     else:
         block = _next_power_of_2(hidden)
         kernel, extra = _rms_norm_bwd_single_kernel, {"PREFETCH": block <= _PREFETCH_MAX_BLOCK}

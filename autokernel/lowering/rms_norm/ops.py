@@ -18,9 +18,11 @@ import logging
 import torch
 
 from autokernel.cache import row_bucket, runtime
+from autokernel.cache.sources import load_source
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
+    SourceKernels,
     default_config,
     rms_norm_bwd,
     rms_norm_fwd,
@@ -40,44 +42,50 @@ def pattern_key(mode: str, offset: float, x_dtype: torch.dtype, w_dtype: torch.d
 
 
 
-def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, mode: str,
-                  out_dtype: torch.dtype, cache_dir: str) -> RmsNormConfig:
-    """The tuned configuration for this call's shape, else the built-in heuristic.
+FWD_KERNEL, BWD_KERNEL = "rms_norm_fwd_kernel", "rms_norm_bwd_kernel"  # names a source entry defines
 
-    Runs on every call: after the first call per shape bucket it is one dict read."""
+
+def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, mode: str,
+                  out_dtype: torch.dtype, cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
+    """The tuned configuration (and kernels, for a source entry) for this call's shape, else the
+    built-in heuristic. Runs on every call: after the first call per shape bucket it is one dict read."""
     hidden = x.shape[-1] if x.dim() else 1
     rows = x.numel() // max(hidden, 1)
     w_dtype = weight.dtype if weight is not None else None
     memo_key = (PATTERN, cache_dir, x.device, mode, offset, x.dtype, w_dtype, out_dtype, hidden, row_bucket(rows))
-    config = runtime.memo.get(memo_key)
-    if config is None:
-        config = runtime.memo[memo_key] = _resolve_config(
+    chosen = runtime.memo.get(memo_key)
+    if chosen is None:
+        chosen = runtime.memo[memo_key] = _resolve(
             pattern_key(mode, offset, x.dtype, w_dtype, out_dtype), x.device, hidden, rows, x.dtype, cache_dir)
-    return config
+    return chosen
 
 
-def _resolve_config(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
-                    cache_dir: str) -> RmsNormConfig:
+def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
+             cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
     entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
     if entry is not None:
         kernel = entry["kernel"]
-        if kernel["kind"] == "family":
-            try:
-                return RmsNormConfig.from_dict(kernel["config"])
-            except ValueError as exc:
-                problem = f"cache entry for {key} H={hidden} has a bad config: {exc}"
-        else:
-            problem = f"cache entry for {key} H={hidden} holds a kernel source; this version serves family configs only"
-        logger.warning("%s; using the default configuration", problem)
-    return default_config(hidden, row_bucket(rows), dtype)
+        try:
+            config = RmsNormConfig.from_dict(kernel.get("config") or {})
+            if kernel["kind"] == "family":
+                return config, None
+            module = load_source(cache_dir, kernel["source"])
+            missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
+            if missing:
+                raise ValueError(f"its source defines no {' or '.join(missing)}")
+            return config, SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
+            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
+                           key, hidden, exc)
+    return default_config(hidden, row_bucket(rows), dtype), None
 
 
 @torch.library.custom_op("autokernel::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
              out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
     """Forward-only RMSNorm (nothing saved for backward): inference, no_grad, frozen inputs."""
-    config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
-    y, _ = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=False)
+    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    y, _ = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=False, kernels=kernels)
     return y
 
 
@@ -90,8 +98,8 @@ def _(x, weight, eps, offset, mode, out_dtype, cache_dir):
 def rms_norm_train(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
                    out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm that also returns ``rstd`` (float32, x.shape[:-1]) for the backward."""
-    config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
-    y, rstd = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=True)
+    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    y, rstd = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=True, kernels=kernels)
     return y, rstd
 
 
@@ -105,8 +113,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
                       offset: float, mode: str, out_dtype: torch.dtype,
                       cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """dX and dW in one pass over the rows; dW is an empty tensor when there is no weight."""
-    config = select_config(x, weight, offset, mode, out_dtype, cache_dir)
-    dx, dw = rms_norm_bwd(dy, x, weight, rstd, offset, mode, config)
+    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    dx, dw = rms_norm_bwd(dy, x, weight, rstd, offset, mode, config, kernels=kernels)
     return dx, dw if dw is not None else x.new_empty((0,))
 
 
