@@ -22,3 +22,56 @@ class HFLlama(nn.Module):
         v = h.pow(2).mean(-1, keepdim=True)
         h = h * torch.rsqrt(v + self.variance_epsilon)
         return self.weight * h.to(input_dtype)
+
+
+# An independent implementation of the kernel contract (autokernel.lowering.rms_norm.kernels.SourceKernels).
+AGENT_SOURCE = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps, offset,
+                        HAS_WEIGHT: tl.constexpr, LLAMA: tl.constexpr, SAVE_RSTD: tl.constexpr,
+                        ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    for i in range(ROWS_PER_PROGRAM):
+        row = tl.cast(tl.minimum(tl.program_id(0) * ROWS_PER_PROGRAM + i, n_rows - 1), tl.int64)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + tl.cast(eps, tl.float32))
+        n = x * r
+        if LLAMA:
+            n = n.to(X.dtype.element_ty).to(tl.float32)
+        if HAS_WEIGHT:
+            n = n * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32))
+        tl.store(Y + row * stride_y + cols, n.to(Y.dtype.element_ty), mask=mask)
+        if SAVE_RSTD:
+            tl.store(RSTD + row, r)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset,
+                        HAS_WEIGHT: tl.constexpr, LLAMA: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    w = tl.full([BLOCK_N], 1.0, tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(pid, n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(RSTD + row)
+        n = x * r
+        g = dy * w
+        dx = r * (g - n * (tl.sum(g * n, axis=0) / n_cols))
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if LLAMA:
+            n = n.to(X.dtype.element_ty).to(tl.float32)
+        dw += dy * n
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
+'''
