@@ -508,3 +508,24 @@ def test_inductor_hf_bf16(cache_dir, make_hits, rewritten):
     compiled = torch.compile(model, backend="autokernel", options={"autokernel.cache_dir": cache_dir})
     check_against_reference(model, compiled, [x], torch.bfloat16, "inductor")
     assert rewritten.counts == [1] and rewritten.compilers == ["inductor"]
+
+
+class NormOfNorm(nn.Module):
+    """One RMSNorm feeding another directly: the second rewrite's input is the first one's output."""
+
+    def __init__(self, h: int):
+        super().__init__()
+        self.inner = HFLlama(h)
+        self.outer = nn.RMSNorm(h, eps=1e-6)
+
+    def forward(self, x):
+        return self.outer(self.inner(x))
+
+
+def test_chained_norms_both_rewritten(cache_dir, make_hits, rewritten):
+    model = NormOfNorm(48).to(torch.bfloat16)
+    x = torch.randn(2, 3, 48).to(torch.bfloat16)
+    report = make_hits(model, [x], cache_dir)
+    assert [i.status for i in rms(report)] == ["hit", "hit"]
+    check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "chained")
+    assert rewritten.counts == [2]

@@ -1,8 +1,9 @@
 """Deciding, for one Dynamo graph, which pattern instances our kernels serve, and rewriting them.
 
 ``plan_graph`` does everything that can fail (analysis view, matching, cache lookups, mapping each
-instance back to Dynamo nodes) without touching the graph; ``apply_plan`` then rewrites a copy of
-the graph, so a failure anywhere leaves the user's graph as Dynamo made it.
+instance back to Dynamo nodes) without touching the graph; ``apply_plan`` runs the replacements' fake
+kernels, and only then edits the graph in place (insert, redirect uses, erase), so a failure anywhere
+leaves the user's graph as Dynamo made it.
 """
 
 from __future__ import annotations
@@ -54,8 +55,7 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> tuple[Node, set[Node],
     roots = [d for d in nodes if view.output_of.get(d) is inst.root]
     if not roots:
         return "the pattern's output is not the value of a Dynamo node"
-    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)}
-    root = max(roots, key=order.__getitem__)
+    root = max(roots, key=_position(next(iter(nodes)).graph))
     for d in nodes:
         if d is root:
             continue
@@ -116,10 +116,10 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             entry = runtime.lookup(opts.cache_dir, device, key, hidden, rows)
             passname = "train" if train else "fwd"
             if entry is None:
+                fp = fingerprint(device)
                 inst.status = "miss"
-                inst.reason = f"no tuned kernel for {key} H={hidden} rows~{row_bucket(rows)} on {fingerprint(device)}"
+                inst.reason = f"no tuned kernel for {key} H={hidden} rows~{row_bucket(rows)} on {fp}"
                 if record:
-                    fp = fingerprint(device)
                     cache = caches.setdefault(fp, KernelCache(opts.cache_dir, fingerprint_=fp))
                     try:
                         cache.record_wanted(family.name, key, inst.flags, inst.dtype, hints, hidden, rows)
@@ -153,9 +153,11 @@ def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
             result = rep.op(*example_args)
         staged.append((rw, rep, result))
     graph = gm.graph
-    for rw, rep, result in staged:
+    replaced: dict[Node, Node] = {}  # an instance's input may be another instance's (erased) output
+    for rw, rep, result in sorted(staged, key=lambda s: _position(graph)(s[0].root)):
+        args = tuple(replaced.get(a, a) if isinstance(a, Node) else a for a in rep.args)
         with graph.inserting_before(rw.root):
-            call = graph.call_function(rep.op, rep.args)
+            call = graph.call_function(rep.op, args)
             value = call
             if rep.output_index is not None:
                 value = graph.call_function(operator.getitem, (call, rep.output_index))
@@ -166,6 +168,7 @@ def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
             if key in rw.root.meta:
                 call.meta[key] = value.meta[key] = rw.root.meta[key]
         rw.root.replace_all_uses_with(value)
+        replaced[rw.root] = value
         for d in sorted(rw.nodes, key=_position(graph), reverse=True):
             graph.erase_node(d)
     graph.lint()
