@@ -21,6 +21,7 @@ import operator
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from autokernel.lowering.pattern import (
     Alt,
@@ -105,7 +106,8 @@ def _check_common(inst: Instance, x: Node, w: Node | None) -> Instance:
             return _decline(inst, "multiplier is not a 1-D per-channel weight")
         if wv.dtype not in FLOATS:
             return _decline(inst, f"weight dtype {wv.dtype}")
-        if wv.shape[0] is not xv.shape[-1] and wv.shape[0] != xv.shape[-1]:
+        # statically_known_true: comparing symbolic sizes with == would install a guard.
+        if not statically_known_true(wv.shape[0] == xv.shape[-1]):
             return _decline(inst, f"weight of size {wv.shape[0]} for rows of {xv.shape[-1]}")
     inst.status = "miss"
     return inst
