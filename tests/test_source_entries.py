@@ -78,3 +78,13 @@ def test_source_without_the_contract_names_falls_back(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="autokernel"):
         _run(tmp_path, x)
     assert "defines no rms_norm_fwd_kernel or rms_norm_bwd_kernel" in caplog.text
+
+
+def test_source_kernel_that_fails_falls_back_to_the_builtin(tmp_path, caplog):
+    """A kernel that cannot run here costs the tuned kernel, not the model."""
+    broken = SOURCE.replace("r = 1.0 / tl.sqrt(", "r = 1.0 / tl.no_such_function(")
+    x = torch.randn(7, H, dtype=torch.bfloat16)
+    _put(tmp_path, 7, broken)
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        _run(tmp_path, x)
+    assert "the cached rms_norm kernel for (7, 40) failed" in caplog.text

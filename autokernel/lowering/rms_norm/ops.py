@@ -49,15 +49,40 @@ def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, m
                   out_dtype: torch.dtype, cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
     """The tuned configuration (and kernels, for a source entry) for this call's shape, else the
     built-in heuristic. Runs on every call: after the first call per shape bucket it is one dict read."""
+    return runtime.memo.get(_memo_key(x, weight, offset, mode, out_dtype, cache_dir)) or _choose(
+        x, weight, offset, mode, out_dtype, cache_dir)
+
+
+def _memo_key(x, weight, offset, mode, out_dtype, cache_dir) -> tuple:
+    hidden = x.shape[-1] if x.dim() else 1
+    w_dtype = weight.dtype if weight is not None else None
+    rows = x.numel() // max(hidden, 1)
+    return (PATTERN, cache_dir, x.device, mode, offset, x.dtype, w_dtype, out_dtype, hidden, row_bucket(rows))
+
+
+def _choose(x, weight, offset, mode, out_dtype, cache_dir) -> tuple[RmsNormConfig, SourceKernels | None]:
     hidden = x.shape[-1] if x.dim() else 1
     rows = x.numel() // max(hidden, 1)
-    w_dtype = weight.dtype if weight is not None else None
-    memo_key = (PATTERN, cache_dir, x.device, mode, offset, x.dtype, w_dtype, out_dtype, hidden, row_bucket(rows))
-    chosen = runtime.memo.get(memo_key)
-    if chosen is None:
-        chosen = runtime.memo[memo_key] = _resolve(
-            pattern_key(mode, offset, x.dtype, w_dtype, out_dtype), x.device, hidden, rows, x.dtype, cache_dir)
+    key = pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype)
+    chosen = _resolve(key, x.device, hidden, rows, x.dtype, cache_dir)
+    runtime.memo[_memo_key(x, weight, offset, mode, out_dtype, cache_dir)] = chosen
     return chosen
+
+
+def _launch(x, weight, offset, mode, out_dtype, cache_dir, run):
+    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
+    compile on this GPU, say), log it once and serve this shape with the built-in default from now on."""
+    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    try:
+        return run(config, kernels)
+    except Exception as exc:
+        default = default_config(x.shape[-1], row_bucket(x.numel() // max(x.shape[-1], 1)), x.dtype)
+        if kernels is None and config == default:
+            raise
+        logger.warning("autokernel: the cached rms_norm kernel for %s failed (%s: %s); using the built-in default",
+                       tuple(x.shape), type(exc).__name__, exc)
+        runtime.memo[_memo_key(x, weight, offset, mode, out_dtype, cache_dir)] = (default, None)
+        return run(default, None)
 
 
 def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
@@ -84,8 +109,8 @@ def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torc
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
              out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
     """Forward-only RMSNorm (nothing saved for backward): inference, no_grad, frozen inputs."""
-    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
-    y, _ = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=False, kernels=kernels)
+    y, _ = _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_fwd(
+        x, weight, eps, offset, mode, out_dtype, config, save_rstd=False, kernels=kernels))
     return y
 
 
@@ -98,9 +123,8 @@ def _(x, weight, eps, offset, mode, out_dtype, cache_dir):
 def rms_norm_train(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
                    out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm that also returns ``rstd`` (float32, x.shape[:-1]) for the backward."""
-    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
-    y, rstd = rms_norm_fwd(x, weight, eps, offset, mode, out_dtype, config, save_rstd=True, kernels=kernels)
-    return y, rstd
+    return _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_fwd(
+        x, weight, eps, offset, mode, out_dtype, config, save_rstd=True, kernels=kernels))
 
 
 @rms_norm_train.register_fake
@@ -113,8 +137,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
                       offset: float, mode: str, out_dtype: torch.dtype,
                       cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """dX and dW in one pass over the rows; dW is an empty tensor when there is no weight."""
-    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
-    dx, dw = rms_norm_bwd(dy, x, weight, rstd, offset, mode, config, kernels=kernels)
+    dx, dw = _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_bwd(
+        dy, x, weight, rstd, offset, mode, config, kernels=kernels))
     return dx, dw if dw is not None else x.new_empty((0,))
 
 
