@@ -3,9 +3,28 @@
 import torch
 from torch import nn
 
+from autokernel.playbook.tolerances import assert_close
+
 
 def rand_weight(h: int, seed: int = 1234) -> nn.Parameter:
     return nn.Parameter(torch.randn(h, generator=torch.Generator().manual_seed(seed)) * 0.5 + 1.0)
+
+
+def check_hf_llama(compiled, model: nn.Module, x: torch.Tensor) -> None:
+    """Run ``compiled`` (an ``HFLlama`` ``model``, compiled) on ``x`` with a random upstream gradient and
+    compare y, dx and dw with float64, rounding the normalized value to x's dtype where the model does."""
+    xr = x.clone().requires_grad_(True)
+    y = compiled(xr)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = model.weight.detach().double().requires_grad_(True)
+    y64 = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + model.variance_epsilon)).to(x.dtype).double()
+    y64.backward(dy.double())
+    assert_close(y, y64, x.dtype, "y")
+    assert_close(xr.grad, x64.grad, x.dtype, "dx")
+    assert_close(model.weight.grad, w64.grad, x.dtype, "dw")
+    model.weight.grad = None
 
 
 class HFLlama(nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import HFLlama
+from models import HFLlama, check_hf_llama
 
 import autokernel
 from autokernel.backend.options import parse_options
@@ -65,21 +65,7 @@ def _opts(cache_dir, compiler="aot_eager", **more):
 
 
 def _grads_match(model, compiled, x):
-    xr = x.detach().clone().requires_grad_(True)
-    y = compiled(xr)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    ref_model = HFLlama(H).double()
-    ref_model.load_state_dict(model.state_dict())
-    x64 = x.detach().double().requires_grad_(True)
-    # The reference rounds the normalized value to the model dtype, as the model does.
-    h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
-    y64 = ref_model.weight * h.to(x.dtype).double()
-    y64.backward(dy.double())
-    assert_close(y, y64, x.dtype, "y")
-    assert_close(xr.grad, x64.grad, x.dtype, "dx")
-    assert_close(model.weight.grad, ref_model.weight.grad, x.dtype, "dw")
-    model.weight.grad = None
+    check_hf_llama(compiled, model, x)
 
 
 def test_entry_point_resolves():

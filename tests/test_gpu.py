@@ -151,7 +151,7 @@ def test_opcheck_cuda():
 
 def test_source_entry_on_cuda(tmp_path):
     """A kernel-source entry (the agent's format) compiles for the GPU and is served."""
-    from models import AGENT_SOURCE, HFLlama
+    from models import AGENT_SOURCE, HFLlama, check_hf_llama
 
     torch._dynamo.reset()
     hidden, rows = 1000, 300
@@ -164,16 +164,6 @@ def test_source_entry_on_cuda(tmp_path):
         "kernel": {"kind": "source", "source": AGENT_SOURCE, "config": {}},
         "winner": {"fwd": "autokernel", "train": "autokernel"}, "producer": {"strategy": "test"},
         "checks": [], "created": time.time()})
-    compiled = torch.compile(model, backend="autokernel", options={"autokernel.cache_dir": str(tmp_path)})
-    xr = x.clone().requires_grad_(True)
-    y = compiled(xr)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    x64 = x.double().requires_grad_(True)
-    w64 = model.weight.detach().double().requires_grad_(True)
-    y64 = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).double()
-    y64.backward(dy.double())
-    assert_close(y, y64, torch.bfloat16, "y")
-    assert_close(xr.grad, x64.grad, torch.bfloat16, "dx")
-    assert_close(model.weight.grad, w64.grad, torch.bfloat16, "dw")
+    check_hf_llama(torch.compile(model, backend="autokernel", options={"autokernel.cache_dir": str(tmp_path)}),
+                   model, x)
     assert len(list((tmp_path / "sources").glob("ak_*.py"))) == 1

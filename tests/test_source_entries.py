@@ -8,12 +8,11 @@ import time
 import pytest
 import torch
 from models import AGENT_SOURCE as SOURCE
-from models import HFLlama
+from models import HFLlama, check_hf_llama
 
 import autokernel
 from autokernel.cache import KernelCache, row_bucket, runtime
 from autokernel.lowering.rms_norm.ops import pattern_key
-from autokernel.playbook.tolerances import assert_close
 
 H = 40
 
@@ -38,20 +37,8 @@ def _put(tmp_path, rows, source):
 
 def _run(tmp_path, x):
     model = HFLlama(H).to(torch.bfloat16)
-    compiled = torch.compile(model, backend="autokernel",
-                             options={"autokernel.cache_dir": str(tmp_path), "autokernel.compiler": "aot_eager"})
-    xr = x.clone().requires_grad_(True)
-    y = compiled(xr)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    x64 = x.double().requires_grad_(True)
-    w64 = model.weight.detach().double().requires_grad_(True)
-    h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
-    y64 = w64 * h.to(torch.bfloat16).double()
-    y64.backward(dy.double())
-    assert_close(y, y64, torch.bfloat16, "y")
-    assert_close(xr.grad, x64.grad, torch.bfloat16, "dx")
-    assert_close(model.weight.grad, w64.grad, torch.bfloat16, "dw")
+    check_hf_llama(torch.compile(model, backend="autokernel", options={
+        "autokernel.cache_dir": str(tmp_path), "autokernel.compiler": "aot_eager"}), model, x)
 
 
 def test_source_entry_is_loaded_and_launched(tmp_path, monkeypatch):
