@@ -529,3 +529,38 @@ def test_chained_norms_both_rewritten(cache_dir, make_hits, rewritten):
     assert [i.status for i in rms(report)] == ["hit", "hit"]
     check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "chained")
     assert rewritten.counts == [2]
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "_fused_rms_norm"])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_single_op_spellings_are_found(op, with_weight):
+    """Builds where F.rms_norm reaches aten as one op (CUDA may keep it whole; the CPU build decomposes it)."""
+    import operator
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from autokernel.lowering.rms_norm.match import find_instances
+
+    with FakeTensorMode():
+        xv = torch.empty(4, 64, dtype=torch.bfloat16)
+        wv = torch.empty(64, dtype=torch.bfloat16)
+        yv, rstdv = torch.empty(4, 64, dtype=torch.bfloat16), torch.empty(4, 1)
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = xv
+    w = None
+    if with_weight:
+        w = g.placeholder("w")
+        w.meta["val"] = wv
+    if op == "rms_norm":
+        y = g.call_function(torch.ops.aten.rms_norm.default, (x, [64], w, 1e-5))
+    else:
+        fused = g.call_function(torch.ops.aten._fused_rms_norm.default, (x, [64], w, 1e-5))
+        fused.meta["val"] = (yv, rstdv)
+        y = g.call_function(operator.getitem, (fused, 0))
+        g.call_function(operator.getitem, (fused, 1)).meta["val"] = rstdv
+    y.meta["val"] = yv
+    g.output(y)
+    (inst,) = find_instances(g)
+    assert (inst.status, inst.flags["mode"], inst.params["eps"]) == ("miss", "gemma", 1e-5)
+    assert inst.flags["weight"] == ("bf16" if with_weight else "none") and inst.inputs["x"] is x

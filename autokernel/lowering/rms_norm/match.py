@@ -66,8 +66,13 @@ RMS_NORM = Alt((
     cast(NORM, name="outcast"),
     NORM,
 ))
-FUSED = Op((operator.getitem,), (Op((aten._fused_rms_norm,), (X, Var("normalized_shape"), Var("w")),
-                                    name="fused"), Const("index")))
+# Single-op spellings, where a backend keeps them whole (CUDA builds may): ``_fused_rms_norm`` returns
+# (y, rstd); ``rms_norm`` returns y.
+FUSED = Alt((
+    Op((operator.getitem,), (Op((aten._fused_rms_norm,), (X, Var("normalized_shape"), Var("w")), name="fused"),
+                             Const("index"))),
+    Op((aten.rms_norm,), (X, Var("normalized_shape"), Var("w")), name="fused"),
+))
 
 
 def _decline(inst: Instance, reason: str) -> Instance:
@@ -158,7 +163,7 @@ def _check_fused(root: Node, b) -> Instance:
     if eps is None and isinstance(xv, torch.Tensor):
         eps = torch.finfo(xv.dtype).eps
     inst = _instance(root, b, x, w, eps if eps is not None else 0.0, 0.0, "gemma")
-    if b["index"] != 0:
+    if b.get("index", 0) != 0:
         return _decline(inst, "uses rstd of the fused op")
     if len(b["normalized_shape"]) != 1:
         return _decline(inst, "normalizes over several trailing dims")
@@ -171,7 +176,9 @@ def _internal_users_ok(inst: Instance) -> str | None:
         if node is inst.root:
             continue
         for user in node.users:
-            if user not in inside:
+            # Dead nodes don't count (the analysis view is not dead-code eliminated: a fused op's unused
+            # rstd output still has its getitem).
+            if user not in inside and (user.users or user.op != "call_function"):
                 return f"intermediate {node.name} is also used by {user.name}"
     return None
 
@@ -182,7 +189,7 @@ def find_instances(graph: Graph) -> list[Instance]:
     declined: list[Instance] = []
     claimed: set[Node] = set()
     for root in reversed(list(graph.nodes)):
-        if root.op != "call_function" or root in claimed:
+        if root.op != "call_function" or root in claimed or not root.users:
             continue
         first_decline = None
         for pattern, check in ((RMS_NORM, _check), (FUSED, _check_fused)):
