@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
-from autokernel.playbook.tuner import TuneRequest, TuneResult, set_interpreter_if_no_gpu, tune
+from autokernel.playbook.tuner import STRATEGIES, TuneRequest, TuneResult, set_interpreter_if_no_gpu, tune
 
 
 def _shape(text: str) -> list[int]:
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flags", type=_flags, default={}, help="variant flags, e.g. mode=gemma,offset=1")
     p.add_argument("--budget", type=float, default=30.0, help="minutes for the whole run (default 30)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds before a candidate counts as hung")
+    p.add_argument("--strategy", choices=STRATEGIES, default="search",
+                   help="search: the playbook's kernel space; agent: an LLM writes kernels (ANTHROPIC_API_KEY, "
+                        "pip install 'autokernel[agent]'); both: search, then the agent tries to beat it")
+    p.add_argument("--agent-model", default=None, help="Anthropic model for the agent")
+    p.add_argument("--max-turns", type=int, default=20, help="agent replies per shape (default 20)")
     p.add_argument("--cache-dir", help="cache root (default $AUTOKERNEL_CACHE_DIR or ~/.cache/autokernel)")
     p.add_argument("--list", action="store_true", help="print the wanted table and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
@@ -95,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="[%(name)s %(levelname)s] %(message)s")
     if args.pattern and not args.shape:
         _parser().error("--pattern needs --shape")
+    if args.strategy != "search" and not os.environ.get("ANTHROPIC_API_KEY"):
+        print(f"--strategy {args.strategy}: ANTHROPIC_API_KEY is not set; the agent phase will be skipped "
+              "(the search still runs for --strategy both)", file=sys.stderr)
     device = set_interpreter_if_no_gpu()
     from autokernel.cache import KernelCache
 
@@ -127,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         share = left / (len(work) - i)
         prefix = f"{i + 1}/{len(work)} {req.label()}"
         result = tune(req, cache, device, budget_s=share, timeout_s=args.timeout,
-                      progress=lambda msg, prefix=prefix: progress(prefix, msg))
+                      progress=lambda msg, prefix=prefix: progress(prefix, msg), strategy=args.strategy,
+                      agent_model=args.agent_model, max_turns=args.max_turns)
         progress.done()
         results.append(result)
         if key is not None and result.status in ("written", "inductor wins"):

@@ -13,6 +13,7 @@ the best correct one is kept without the race against Inductor, and the entry sa
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -155,9 +156,16 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
+STRATEGIES = ("search", "agent", "both")
+
+
 def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_s: float,
-         timeout_s: float = 180.0, progress: Callable[[str], None] | None = None) -> TuneResult:
-    """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened."""
+         timeout_s: float = 180.0, progress: Callable[[str], None] | None = None, strategy: str = "search",
+         agent_model: str | None = None, max_turns: int = 20) -> TuneResult:
+    """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened.
+
+    ``strategy``: "search" (the playbook's kernel space), "agent" (an LLM writes kernels; needs
+    ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it)."""
     from autokernel.lowering import families
 
     t0 = time.time()
@@ -187,15 +195,46 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 peer = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"]}
             log.row(n=0, phase="peer", status=f"inductor {reply['status']}", fwd_ms=_fmt(peer["fwd_ms"]),
                     train_ms=_fmt(peer["train_ms"]), detail=reply.get("detail", ""))
-        candidates = problem.candidates()
+        candidates = problem.candidates() if strategy in ("search", "both") else []
         if interpret:
             candidates = candidates[:1] + [c for c in candidates if c[0] == "bwd"][:INTERPRETER_CANDIDATES - 1]
         best: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
-        stale = {"fwd": 0, "bwd": 0}
+        stale = {"fwd": 0, "bwd": 0, "agent": 0}
+        counter = {"n": 0}
+
+        def evaluate(phase: str, config: dict[str, Any]) -> dict[str, Any]:
+            """Check and time one candidate in the worker; log it; keep it if it is the phase's best."""
+            metric, passname = ("fwd_ms", "fwd") if phase == "fwd" else ("train_ms", "train")
+            counter["n"] += 1
+            t1 = time.time()
+            try:
+                reply = worker.call("candidate", config)
+            except WorkerFailure as exc:
+                reply = {"status": "crashed", "detail": str(exc)}
+            ms = reply.get(metric)
+            if reply["status"] == "ok":
+                stale[phase] = 0 if phase not in best or ms < best[phase][0] * 0.99 else stale[phase] + 1
+                if phase not in best or ms < best[phase][0]:
+                    best[phase] = (ms, config, reply)
+            detail = reply.get("detail", "") if reply["status"] != "ok" else ""
+            if reply["status"] == "failed":
+                detail = f"{reply['stage']}: {detail}"
+            peer_ms = peer.get(metric)
+            shown = {k: v for k, v in config.items() if k != "source"}
+            if "source" in config:
+                shown["source_sha256"] = hashlib.sha256(config["source"].encode()).hexdigest()[:16]
+            log.row(n=counter["n"], phase=phase, status=reply["status"], fwd_ms=_fmt(reply.get("fwd_ms")),
+                    train_ms=_fmt(reply.get("train_ms")),
+                    speedup_vs_inductor=_fmt(peer_ms / ms) if (peer_ms and ms) else "",
+                    pct_of_floor=f"{100 * floor[passname] / ms:.1f}" if (floor[passname] and ms) else "",
+                    seconds=f"{time.time() - t1:.1f}", config=json.dumps(shown, sort_keys=True), detail=detail[:500])
+            best_ms = best.get(phase, (None,))[0]
+            say(f"candidate {counter['n']} {phase} {reply['status']}"
+                + (f", best {phase} {best_ms:.4f} ms" if best_ms is not None else ""))
+            return reply
+
         fwd_winner: dict[str, Any] | None = None
-        n = 0
         for phase, config in candidates:
-            metric = "fwd_ms" if phase == "fwd" else "train_ms"
             passname = "fwd" if phase == "fwd" else "train"
             if time.time() - t0 > budget_s:
                 say("budget spent")
@@ -208,34 +247,13 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 if fwd_winner is None:
                     fwd_winner = best["fwd"][1] if "fwd" in best else problem.default_candidate()
                 config = {**config, **{k: v for k, v in fwd_winner.items() if k.startswith("fwd_")}}
-            n += 1
-            t1 = time.time()
-            try:
-                reply = worker.call("candidate", config)
-            except WorkerFailure as exc:
-                reply = {"status": "crashed", "detail": str(exc)}
-            ms = reply.get(metric)
-            if reply["status"] == "ok":
-                if phase not in best or ms < best[phase][0] * 0.99:
-                    stale[phase] = 0
-                else:
-                    stale[phase] += 1
-                if phase not in best or ms < best[phase][0]:
-                    best[phase] = (ms, config, reply)
-            detail = reply.get("detail", "") if reply["status"] != "ok" else ""
-            if reply["status"] == "failed":
-                detail = f"{reply['stage']}: {detail}"
-            peer_ms = peer.get(metric if phase == "fwd" else "train_ms")
-            log.row(n=n, phase=phase, status=reply["status"], fwd_ms=_fmt(reply.get("fwd_ms")),
-                    train_ms=_fmt(reply.get("train_ms")),
-                    speedup_vs_inductor=_fmt(peer_ms / ms) if (peer_ms and ms) else "",
-                    pct_of_floor=f"{100 * floor[passname] / ms:.1f}" if (floor[passname] and ms) else "",
-                    seconds=f"{time.time() - t1:.1f}", config=json.dumps(config, sort_keys=True), detail=detail[:500])
-            shown = best.get(phase)
-            say(f"candidate {n}/{len(candidates)} {phase} {reply['status']}"
-                + (f", best {phase} {shown[0]:.4f} ms" if shown else ""))
-        final = best.get("bwd") or best.get("fwd")
-        result.candidates = n
+            evaluate(phase, config)
+        if strategy in ("agent", "both") and time.time() - t0 < budget_s:
+            _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, say, log)
+        # The final kernel: the fastest forward+backward among the backward and agent phases' winners.
+        trained = [best[p] for p in ("bwd", "agent") if p in best]
+        final = min(trained, key=lambda b: b[2]["train_ms"]) if trained else best.get("fwd")
+        result.candidates = counter["n"]
         if final is None:
             result.detail = "every candidate failed its checks (see results.tsv)"
             return result
@@ -252,9 +270,10 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             "version": 1, "pattern": request.pattern, "pattern_key": problem.key,
             "hidden": problem.hidden, "row_bucket": row_bucket(problem.rows),
             "shape": list(request.shape), "flags": problem.flags, "dtype": request.dtype,
-            "kernel": {"kind": "family", "family": request.pattern, "config": config},
+            "kernel": _kernel_record(request.pattern, config),
             "winner": winner, "times": times, "raced": not interpret,
-            "producer": {"strategy": "search", "autokernel": __version__, "torch": torch.__version__,
+            "producer": {"strategy": "agent" if "source" in config else "search", "autokernel": __version__,
+                         "torch": torch.__version__,
                          "run": str(run_dir)},
             "checks": reply["checks"], "created": time.time(),
         }
@@ -270,6 +289,45 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         log.close()
         result.seconds = time.time() - t0
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
+
+
+def _kernel_record(pattern: str, candidate: dict[str, Any]) -> dict[str, Any]:
+    config = {k: v for k, v in candidate.items() if k != "source"}
+    if "source" in candidate:
+        return {"kind": "source", "family": pattern, "source": candidate["source"], "config": config}
+    return {"kind": "family", "family": pattern, "config": config}
+
+
+def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, say, log) -> None:
+    """Let the agent try to beat the best so far; an unavailable agent is logged, never fatal."""
+    from autokernel.playbook.agent import DEFAULT_MODEL, AgentUnavailable, run_agent
+
+    base = (best.get("bwd") or best.get("fwd") or (None, problem.default_candidate(), {}))[1]
+    base = {k: v for k, v in base.items() if k != "source"}
+
+    def current_best() -> dict[str, Any]:
+        trained = [best[p] for p in ("bwd", "agent") if p in best]
+        top = min(trained, key=lambda b: b[2]["train_ms"]) if trained else None
+        return {"config": top[1] if top else base, "fwd_ms": top[2]["fwd_ms"] if top else None,
+                "train_ms": top[2]["train_ms"] if top else None, "inductor": peer, "floor_ms": floor}
+
+    def submit(tool_input: dict[str, Any]) -> dict[str, Any]:
+        candidate = {**base, **(tool_input.get("config") or {})}
+        if tool_input.get("source"):
+            candidate["source"] = tool_input["source"]
+        reply = evaluate("agent", candidate)
+        return {k: v for k, v in reply.items() if k != "traceback"}
+
+    say("agent")
+    try:
+        run = run_agent(problem.agent_brief(), current_best, submit, model=model or DEFAULT_MODEL,
+                        max_turns=max_turns, say=say)
+        log.row(n="", phase="agent", status=f"done ({run.stop})",
+                detail=f"{run.turns} turns, {run.submissions} submissions, "
+                       f"{run.input_tokens} input / {run.output_tokens} output tokens")
+    except AgentUnavailable as exc:
+        logger.warning("ak-tune: agent unavailable (%s); keeping the search's results", exc)
+        log.row(n="", phase="agent", status="unavailable", detail=str(exc)[:500])
 
 
 def set_interpreter_if_no_gpu() -> torch.device:

@@ -12,20 +12,23 @@ programs hide latency; fewer shrink the ``[P, H]`` partial-dW buffer and its fin
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from autokernel.cache.sources import load_source
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
+    SourceKernels,
     default_config,
     rms_norm_bwd,
     rms_norm_fwd,
     rms_norm_reference,
 )
-from autokernel.lowering.rms_norm.ops import PATTERN, pattern_key
+from autokernel.lowering.rms_norm.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EPS = 1e-6
@@ -70,6 +73,7 @@ class RmsNormProblem:
                       "out": dtype_name(self.out_dtype)}
         self.key = pattern_key(self.mode, self.offset, self.dtype, self.w_dtype, self.out_dtype)
         self._cases: dict[tuple, Case] = {}
+        self._source_dir: str | None = None
         self._refs: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def describe(self) -> str:
@@ -155,10 +159,23 @@ class RmsNormProblem:
             self._refs[key] = ref
         return self._refs[key]
 
+    def _kernels(self, candidate: dict[str, Any]) -> tuple[RmsNormConfig, SourceKernels | None]:
+        """A candidate is a config dict, plus ``"source"`` (complete kernel source) for agent-written kernels."""
+        cfg = RmsNormConfig.from_dict({k: v for k, v in candidate.items() if k != "source"})
+        if "source" not in candidate:
+            return cfg, None
+        if self._source_dir is None:
+            self._source_dir = tempfile.mkdtemp(prefix="autokernel-candidates-")
+        module = load_source(self._source_dir, candidate["source"])
+        missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
+        if missing:
+            raise ValueError(f"the source defines no {' or '.join(missing)}")
+        return cfg, SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+
     def run(self, config: dict[str, Any], case: Case) -> dict[str, torch.Tensor]:
-        cfg = RmsNormConfig.from_dict(config)
-        y, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True)
-        dx, dw = rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg)
+        cfg, k = self._kernels(config)
+        y, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True, k)
+        dx, dw = rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg, k)
         out = {"y": y, "dx": dx}
         if dw is not None:
             out["dw"] = dw
@@ -173,14 +190,14 @@ class RmsNormProblem:
     # ---- timing ----------------------------------------------------------------------------
     def timed(self, config: dict[str, Any], case: Case) -> dict[str, Any]:
         """Callables for the passes the tuner times: forward alone, and forward + backward."""
-        cfg = RmsNormConfig.from_dict(config)
+        cfg, k = self._kernels(config)
 
         def fwd():
-            return rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, False)
+            return rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, False, k)
 
         def train():
-            _, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True)
-            return rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg)
+            _, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True, k)
+            return rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg, k)
 
         return {"fwd": fwd, "train": train}
 
@@ -221,3 +238,21 @@ class RmsNormProblem:
         fwd = n * (xb + ob) + wb
         bwd = n * (xb + ob + xb) + 2 * wb
         return {"fwd": fwd, "train": fwd + bwd}
+
+    # ---- for the agent ---------------------------------------------------------------------
+    def agent_brief(self) -> dict[str, str]:
+        """What the tuning agent reads: the task, the math, the kernel contract, the built-in source."""
+        import inspect
+
+        from autokernel.lowering.rms_norm import kernels
+
+        return {
+            "title": f"{self.describe()}, forward and backward",
+            "semantics": (kernels.__doc__ or "").strip(),
+            "variant": f"mode={self.mode} (llama: round n to x's dtype before the weight), offset={self.offset}, "
+                       f"x {dtype_name(self.dtype)}, weight {self.flags['weight']}, out {self.flags['out']}",
+            "contract": (f"Define {FWD_KERNEL} and {BWD_KERNEL}. " + (kernels.SourceKernels.__doc__ or "")).strip(),
+            "config_keys": "fwd_num_warps, fwd_rows_per_program, bwd_num_warps, bwd_programs_per_sm, num_stages",
+            "builtin_source": inspect.getsource(kernels),
+        }
+

@@ -1,0 +1,111 @@
+"""``ak-tune --strategy agent``: an LLM writes kernels, the tuner checks and times them.
+
+The agent talks to the Anthropic Messages API with tool use and has exactly three tools: read the
+task (reference semantics, the kernel contract, the built-in kernel's source), read the best kernel
+so far with its times, and submit a kernel (complete Triton source and/or a launch configuration).
+A submission goes through the same child process and the same five correctness checks as every
+search candidate before it is timed; the agent gets the verdict back. It has no shell and no file
+system; its source runs only in the tuner's child process.
+
+The tuner knows nothing of the pattern: the problem object supplies the brief, and ``evaluate``
+runs a candidate. API errors are retried with backoff by the SDK; if the API stays down, the
+agent phase ends with :class:`AgentUnavailable` and the search's results stand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("autokernel")
+
+DEFAULT_MODEL = "claude-sonnet-4-5"
+
+TOOLS = [
+    {"name": "read_task", "description": "The pattern's reference semantics, the kernel contract your source "
+     "must satisfy, and the built-in kernels' source to start from.",
+     "input_schema": {"type": "object", "properties": {}}},
+    {"name": "read_best", "description": "The best kernel so far (config, and source if it is one), its times, "
+     "Inductor's times and the DRAM floor on this shape.",
+     "input_schema": {"type": "object", "properties": {}}},
+    {"name": "submit_kernel", "description": "Check and time a candidate: complete Triton source defining the "
+     "contract's kernels, and/or a launch config. Returns the check verdict or the times.",
+     "input_schema": {"type": "object", "properties": {
+         "source": {"type": "string", "description": "complete Python module with the @triton.jit kernels"},
+         "config": {"type": "object", "description": "launch parameters (num_warps, rows per program, ...)"}}}},
+]
+
+
+class AgentUnavailable(Exception):
+    """No API key, no SDK, or the API failed after retries."""
+
+
+@dataclass
+class AgentRun:
+    turns: int = 0
+    submissions: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    stop: str = ""
+    log: list[str] = field(default_factory=list)
+
+
+def _client() -> Any:
+    if not os.environ.get("ANTHROPIC_API_KEY"):
+        raise AgentUnavailable("ANTHROPIC_API_KEY is not set")
+    try:
+        import anthropic
+    except ImportError:
+        raise AgentUnavailable("the agent needs the anthropic SDK: pip install 'autokernel[agent]'") from None
+    # base_url comes from ANTHROPIC_BASE_URL when set (the tests point it at a local server).
+    return anthropic.Anthropic(max_retries=4)
+
+
+def run_agent(brief: dict[str, str], best: Callable[[], dict[str, Any]],
+              evaluate: Callable[[dict[str, Any]], dict[str, Any]], *, model: str = DEFAULT_MODEL,
+              max_turns: int = 20, say: Callable[[str], None] = lambda _m: None) -> AgentRun:
+    """Run the loop until the model stops calling tools or ``max_turns`` replies have come back."""
+    client = _client()
+    import anthropic
+
+    run = AgentRun()
+    system = ("You optimize one Triton kernel pair for a GPU. Read the task, then submit kernels; each "
+              "submission is checked against a float64 reference (forward and backward) and timed. Beat the "
+              "best time; stop when you cannot improve further.")
+    messages: list[dict[str, Any]] = [{"role": "user", "content": f"Task: {brief['title']}. Start with read_task."}]
+    while run.turns < max_turns:
+        try:
+            reply = client.messages.create(model=model, max_tokens=8192, system=system, tools=TOOLS,
+                                           messages=messages)
+        except anthropic.APIError as exc:
+            raise AgentUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        run.turns += 1
+        run.input_tokens += reply.usage.input_tokens
+        run.output_tokens += reply.usage.output_tokens
+        run.stop = reply.stop_reason or ""
+        messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]})
+        calls = [b for b in reply.content if b.type == "tool_use"]
+        if reply.stop_reason != "tool_use" or not calls:
+            break
+        results = []
+        for call in calls:
+            if call.name == "read_task":
+                text = json.dumps(brief)
+            elif call.name == "read_best":
+                text = json.dumps(best())
+            elif call.name == "submit_kernel":
+                run.submissions += 1
+                candidate = dict(call.input or {})
+                say(f"agent submission {run.submissions}")
+                text = json.dumps(evaluate(candidate))
+            else:
+                text = json.dumps({"error": f"unknown tool {call.name!r}"})
+            results.append({"type": "tool_result", "tool_use_id": call.id, "content": text})
+        messages.append({"role": "user", "content": results})
+    logger.info("ak-tune agent: %d turns, %d submissions, %d input / %d output tokens, stop %s",
+                run.turns, run.submissions, run.input_tokens, run.output_tokens, run.stop)
+    return run

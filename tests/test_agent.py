@@ -1,0 +1,131 @@
+"""The agent loop against a real HTTP server on 127.0.0.1 that speaks the Messages API (scripted replies)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from models import AGENT_SOURCE
+
+from autokernel.cache import KernelCache
+from autokernel.playbook.tuner import TuneRequest, tune
+
+pytest.importorskip("anthropic")
+
+WRONG = AGENT_SOURCE.replace("dx = r * (g - n *", "dx = 1.1 * r * (g - n *")
+HANGS = "import time\n" + AGENT_SOURCE.replace("    cols = tl.arange(0, BLOCK_N)\n    mask = cols < n_cols\n    for i",
+                                               "    time.sleep(3600)\n    cols = tl.arange(0, BLOCK_N)\n"
+                                               "    mask = cols < n_cols\n    for i", 1)
+SLOWER = AGENT_SOURCE
+FASTER = AGENT_SOURCE.replace("@triton.jit\ndef rms_norm_fwd_kernel", "# variant\n@triton.jit\ndef rms_norm_fwd_kernel")
+
+
+def _message(content, stop="tool_use", n=[0]):  # noqa: B006 - a counter for unique ids
+    n[0] += 1
+    return 200, {"id": f"msg_{n[0]}", "type": "message", "role": "assistant", "model": "scripted",
+                 "content": content, "stop_reason": stop, "stop_sequence": None,
+                 "usage": {"input_tokens": 100, "output_tokens": 20}}
+
+
+def _tool(name, **tool_input):
+    return {"type": "tool_use", "id": f"toolu_{name}_{len(json.dumps(tool_input))}", "name": name,
+            "input": tool_input}
+
+
+SCRIPT = [
+    (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    _message([_tool("read_task")]),
+    (500, {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}),
+    _message([{"type": "text", "text": "Reading the best."}, _tool("read_best")]),
+    _message([_tool("submit_kernel", source=WRONG)]),
+    _message([_tool("submit_kernel", source=HANGS)]),
+    _message([_tool("submit_kernel", source=SLOWER, config={"fwd_num_warps": 2})]),
+    _message([_tool("submit_kernel", source=FASTER, config={"fwd_num_warps": 1})]),
+    _message([{"type": "text", "text": "Done."}], stop="end_turn"),
+]
+
+
+class _Server:
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                key = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix("Bearer ")
+                server.requests.append({"path": self.path, "body": body, "key": key})
+                status, payload = server.script.pop(0) if server.script else _message([], stop="end_turn")
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    srv = _Server(SCRIPT)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key-not-real")
+    yield srv
+    srv.close()
+
+
+def _rows(result):
+    with open(f"{result.run_dir}/results.tsv") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_scripted_agent_session(tmp_path, server):
+    cache = KernelCache(tmp_path, device="cpu")
+    result = tune(TuneRequest("rms_norm", {"mode": "llama"}, "bf16", [6, 40]), cache, torch.device("cpu"),
+                  budget_s=600, timeout_s=20, strategy="agent", max_turns=10)
+    rows = _rows(result)
+    agent_rows = [r for r in rows if r["phase"] == "agent" and r["n"]]
+    assert [r["status"] for r in agent_rows] == ["failed", "crashed", "ok", "ok"], rows
+    assert "no answer within" in agent_rows[1]["detail"]
+    assert agent_rows[0]["detail"].split(":")[0] in ("shape sweep", "stability", "edge cases")
+    done = [r for r in rows if r["phase"] == "agent" and not r["n"]]
+    assert done and done[0]["status"] == "done (end_turn)" and "700 input / 140 output tokens" in done[0]["detail"]
+    # Every request went to the local server with the key; the failed check came back as a tool result.
+    assert all(r["path"] == "/v1/messages" and r["key"] == "test-key-not-real" for r in server.requests)
+    verdicts = [json.loads(c["content"]) for r in server.requests for m in r["body"]["messages"]
+                if m["role"] == "user" and isinstance(m["content"], list) for c in m["content"]
+                if c.get("type") == "tool_result" and c["tool_use_id"].startswith("toolu_submit")]
+    assert any(v.get("status") == "failed" for v in verdicts)
+    # The cache holds the faster correct source, never the wrong one.
+    (entry,) = [e for _, e in cache.entries()]
+    ok = sorted(agent_rows[2:], key=lambda r: float(r["train_ms"]))
+    expected = SLOWER if json.loads(ok[0]["config"])["fwd_num_warps"] == 2 else FASTER
+    assert entry["kernel"]["kind"] == "source" and entry["kernel"]["source"] == expected
+    assert entry["producer"]["strategy"] == "agent" and result.status == "written"
+
+
+def test_agent_without_key_keeps_the_search(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    cache = KernelCache(tmp_path, device="cpu")
+    result = tune(TuneRequest("rms_norm", {"mode": "llama"}, "bf16", [6, 40]), cache, torch.device("cpu"),
+                  budget_s=600, strategy="both")
+    assert result.status == "written"
+    rows = _rows(result)
+    assert any(r["phase"] == "agent" and r["status"] == "unavailable" and "ANTHROPIC_API_KEY" in r["detail"]
+               for r in rows)
+    (entry,) = [e for _, e in cache.entries()]
+    assert entry["kernel"]["kind"] == "family"
