@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +68,10 @@ def _client() -> Any:
 
 def run_agent(brief: dict[str, str], best: Callable[[], dict[str, Any]],
               evaluate: Callable[[dict[str, Any]], dict[str, Any]], *, model: str = DEFAULT_MODEL,
-              max_turns: int = 20, say: Callable[[str], None] = lambda _m: None) -> AgentRun:
-    """Run the loop until the model stops calling tools or ``max_turns`` replies have come back."""
+              max_turns: int = 20, deadline: float | None = None,
+              say: Callable[[str], None] = lambda _m: None) -> AgentRun:
+    """Run the loop until the model stops calling tools, ``max_turns`` replies have come back, or the
+    ``deadline`` (a ``time.time()`` value) has passed."""
     client = _client()
     import anthropic
 
@@ -78,6 +81,9 @@ def run_agent(brief: dict[str, str], best: Callable[[], dict[str, Any]],
               "best time; stop when you cannot improve further.")
     messages: list[dict[str, Any]] = [{"role": "user", "content": f"Task: {brief['title']}. Start with read_task."}]
     while run.turns < max_turns:
+        if deadline is not None and time.time() > deadline:
+            run.stop = "budget"
+            break
         try:
             reply = client.messages.create(model=model, max_tokens=8192, system=system, tools=TOOLS,
                                            messages=messages)

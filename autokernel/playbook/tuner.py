@@ -249,7 +249,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 config = {**config, **{k: v for k, v in fwd_winner.items() if k.startswith("fwd_")}}
             evaluate(phase, config)
         if strategy in ("agent", "both") and time.time() - t0 < budget_s:
-            _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, say, log)
+            _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, t0 + budget_s, say, log)
         # The final kernel: the fastest forward+backward among the backward and agent phases' winners.
         trained = [best[p] for p in ("bwd", "agent") if p in best]
         final = min(trained, key=lambda b: b[2]["train_ms"]) if trained else best.get("fwd")
@@ -298,7 +298,7 @@ def _kernel_record(pattern: str, candidate: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "family", "family": pattern, "config": config}
 
 
-def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, say, log) -> None:
+def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadline, say, log) -> None:
     """Let the agent try to beat the best so far; an unavailable agent is logged, never fatal."""
     from autokernel.playbook.agent import DEFAULT_MODEL, AgentUnavailable, run_agent
 
@@ -321,7 +321,7 @@ def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, say, lo
     say("agent")
     try:
         run = run_agent(problem.agent_brief(), current_best, submit, model=model or DEFAULT_MODEL,
-                        max_turns=max_turns, say=say)
+                        max_turns=max_turns, deadline=deadline, say=say)
         log.row(n="", phase="agent", status=f"done ({run.stop})",
                 detail=f"{run.turns} turns, {run.submissions} submissions, "
                        f"{run.input_tokens} input / {run.output_tokens} output tokens")
