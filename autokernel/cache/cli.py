@@ -4,8 +4,11 @@
     ak-cache list              # tuned entries: shape, kernel, times, winner
     ak-cache wanted            # misses waiting for ak-tune
     ak-cache clear [--yes]     # drop this GPU's namespace (entries and wanted table)
+    ak-cache export -o bundle.akc [--gpu FINGERPRINT] [--sign] [--key-file F]
+    ak-cache import bundle.akc [--allow-unsigned] [--key-file F]
+    ak-cache verify [bundle.akc] [--key-file F]
 
-Bundles for shipping a cache (export / import / verify) are the next step of this tool.
+Bundles are described in docs/cache.md; the signing key comes from --key-file or AUTOKERNEL_SIGNING_KEY.
 """
 
 from __future__ import annotations
@@ -30,7 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("wanted", help="list recorded misses")
     clear = sub.add_parser("clear", help="delete this GPU's entries and wanted table")
     clear.add_argument("--yes", action="store_true", help="do not ask")
+    export = sub.add_parser("export", help="write the cache's entries to one bundle file")
+    export.add_argument("-o", "--output", required=True, help="bundle file to write (e.g. bundle.akc)")
+    export.add_argument("--gpu", help="only this fingerprint (default: every GPU in the cache)")
+    export.add_argument("--sign", action="store_true", help="sign with HMAC-SHA256 (needs a key)")
+    export.add_argument("--key-file", help="signing key file (default: $AUTOKERNEL_SIGNING_KEY)")
+    imp = sub.add_parser("import", help="check a bundle, then merge it into the cache")
+    imp.add_argument("bundle")
+    imp.add_argument("--allow-unsigned", action="store_true", help="accept an unsigned bundle although a key is set")
+    imp.add_argument("--key-file", help="signing key file (default: $AUTOKERNEL_SIGNING_KEY)")
+    ver = sub.add_parser("verify", help="check a bundle's hashes and signature, or the local entries")
+    ver.add_argument("bundle", nargs="?")
+    ver.add_argument("--key-file", help="signing key file (default: $AUTOKERNEL_SIGNING_KEY)")
     args = p.parse_args(argv)
+    if args.command in ("export", "import", "verify"):
+        return _bundles(args)
     cache = KernelCache(args.cache_dir, device=default_device())
     if args.command == "path":
         print(cache.path)
@@ -57,6 +74,51 @@ def main(argv: list[str] | None = None) -> int:
         cache.clear()
         print(f"cleared {cache.path}")
     cache.close()
+    return 0
+
+
+def _bundles(args: argparse.Namespace) -> int:
+    from autokernel.cache.bundle import BundleError, export_bundle, import_bundle, read_bundle, signing_key
+    from autokernel.cache.store import default_cache_dir
+
+    root = args.cache_dir or default_cache_dir()
+    key = signing_key(args.key_file)
+    try:
+        if args.command == "export":
+            if args.sign and key is None:
+                print("ak-cache export --sign: no key (set AUTOKERNEL_SIGNING_KEY or pass --key-file)", file=sys.stderr)
+                return 2
+            manifest = export_bundle(root, args.output, args.gpu, key if args.sign else None)
+            fps = sorted({e["fingerprint"] for e in manifest["entries"]})
+            print(f"wrote {args.output}: {len(manifest['entries'])} entries for {fps or 'no GPU'}"
+                  f"{', signed' if manifest['signature'] else ', unsigned'}")
+        elif args.command == "import":
+            report = import_bundle(args.bundle, root, key, args.allow_unsigned)
+            print(f"imported {args.bundle} into {root} ({'signature verified' if report.signed else 'unsigned'}): "
+                  f"{len(report.added)} added, {len(report.replaced)} replaced (bundle faster), "
+                  f"{len(report.kept)} kept (local faster)")
+            for label in report.added:
+                print(f"  added     {label}")
+            for label in report.replaced:
+                print(f"  replaced  {label}")
+            for label in report.kept:
+                print(f"  kept      {label}")
+        elif args.bundle:
+            manifest, entries = read_bundle(args.bundle, key)
+            state = "signature verified" if (manifest.get("signature") and key) else (
+                "signed, no key to check it" if manifest.get("signature") else "unsigned")
+            print(f"{args.bundle}: {len(entries)} entries, every hash matches, {state}")
+        else:
+            cache = KernelCache(args.cache_dir, device=default_device())
+            bad = [(k, entry_problem(e)) for k, e in cache.entries() if entry_problem(e)]
+            total = len(list(cache.entries()))
+            print(f"{cache.path}: {total - len(bad)} of {total} entries usable")
+            for k, problem in bad:
+                print(f"  UNUSABLE {k}: {problem}")
+            return 1 if bad else 0
+    except BundleError as exc:
+        print(f"ak-cache {args.command}: refused: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
