@@ -58,3 +58,23 @@ def test_autokernel_log_reports_instances_at_compile_time(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[autokernel INFO] autokernel: rms_norm miss bf16 4x32 at train.py:4 in f: return w * h.to(x.dtype)" \
         in result.stderr
+
+
+def test_ak_cache_ls_json_show_rm(tmp_path, capsys):
+    import json
+
+    cache = KernelCache(tmp_path, device="cpu")
+    cache.put_entry(_entry(64, 32))
+    cache.put_entry(_entry(128, 32))
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "ls", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["hidden"] for r in rows) == [64, 128] and all(r["usable"] for r in rows)
+    key = rows[0]["key"]
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "show", key]) == 0
+    assert json.loads(capsys.readouterr().out)["kernel"] == {"kind": "family", "config": {}}
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "show", "entry/nope"]) == 1
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "rm", key]) == 0
+    assert len(list(cache.entries())) == 1
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "rm", "--pattern", "rms_norm"]) == 0
+    assert list(cache.entries()) == []
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "rm", "--pattern", "rms_norm"]) == 1

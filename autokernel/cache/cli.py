@@ -14,6 +14,7 @@ Bundles are described in docs/cache.md; the signing key comes from --key-file or
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from autokernel.cache.fingerprint import default_device
@@ -29,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", help="cache root (default $AUTOKERNEL_CACHE_DIR or ~/.cache/autokernel)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("path", help="print this GPU's namespace directory")
-    sub.add_parser("list", help="list tuned entries")
+    ls = sub.add_parser("list", aliases=["ls"], help="list tuned entries")
+    ls.add_argument("--json", action="store_true", help="one JSON object per entry")
+    show = sub.add_parser("show", help="one entry whole: kernel, checks, times")
+    show.add_argument("key", help="an entry key as `ak-cache list` prints it")
+    rm = sub.add_parser("rm", help="delete entries")
+    rm.add_argument("key", nargs="?", help="an entry key")
+    rm.add_argument("--pattern", help="every entry of this pattern")
     sub.add_parser("wanted", help="list recorded misses")
     clear = sub.add_parser("clear", help="delete this GPU's entries and wanted table")
     clear.add_argument("--yes", action="store_true", help="do not ask")
@@ -51,7 +58,33 @@ def main(argv: list[str] | None = None) -> int:
     cache = KernelCache(args.cache_dir, device=default_device())
     if args.command == "path":
         print(cache.path)
-    elif args.command == "list":
+    elif args.command in ("list", "ls") and args.json:
+        for key, entry in cache.entries():
+            print(json.dumps({"key": key, "usable": entry_problem(entry) is None,
+                              **({k: v for k, v in entry.items() if k != "kernel"} if isinstance(entry, dict) else {}),
+                              "kernel_kind": entry.get("kernel", {}).get("kind") if isinstance(entry, dict) else None}))
+    elif args.command == "show":
+        entry = cache.db.get(args.key)
+        if entry is None:
+            print(f"ak-cache show: no entry {args.key!r} in {cache.path}", file=sys.stderr)
+            return 1
+        print(json.dumps(entry, indent=1, sort_keys=True))
+    elif args.command == "rm":
+        if not args.key and not args.pattern:
+            print("ak-cache rm: name a KEY or --pattern", file=sys.stderr)
+            return 2
+        doomed = [k for k, e in cache.entries()
+                  if k == args.key or (args.pattern and isinstance(e, dict) and e.get("pattern") == args.pattern)]
+        if not doomed:
+            print(f"ak-cache rm: nothing matches in {cache.path}", file=sys.stderr)
+            return 1
+        for k in doomed:
+            cache.db.delete(k)
+            print(f"removed {k}")
+        from autokernel.cache import runtime
+
+        runtime.invalidate(cache.root)
+    elif args.command in ("list", "ls"):
         print(f"entries in {cache.path}:")
         for key, entry in cache.entries():
             problem = entry_problem(entry)
