@@ -75,3 +75,35 @@ def test_source_kernel_that_fails_falls_back_to_the_builtin(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="autokernel"):
         _run(tmp_path, x)
     assert "the cached rms_norm kernel for (7, 40) failed" in caplog.text
+
+
+def test_autokernel_verify_rejects_a_wrong_kernel_before_use(tmp_path, caplog, monkeypatch):
+    """AUTOKERNEL_VERIFY=1: a cached kernel that computes the wrong thing is caught on first use."""
+    wrong = SOURCE.replace("dx = r * (g - n *", "dx = 1.1 * r * (g - n *")
+    x = torch.randn(7, H, dtype=torch.bfloat16)
+    KernelCache(tmp_path, device="cpu").put_entry({
+        "version": 1, "pattern": "rms_norm",
+        "pattern_key": pattern_key("llama", 0.0, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        "hidden": H, "row_bucket": row_bucket(7), "shape": [7, H], "dtype": "bf16",
+        "flags": {"mode": "llama", "offset": 0.0, "weight": "bf16", "out": "bf16"},
+        "kernel": {"kind": "source", "source": wrong, "config": {}},
+        "winner": {"fwd": "autokernel", "train": "autokernel"}, "producer": {"strategy": "agent"},
+        "checks": [], "created": time.time()})
+    monkeypatch.setenv("AUTOKERNEL_VERIFY", "1")
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        report = autokernel.explain(HFLlama(H).to(torch.bfloat16), x, options={"autokernel.cache_dir": str(tmp_path)})
+        _run(tmp_path, x)  # the answer is right: the wrong kernel was never used
+    assert [i.status for i in report.instances] == ["declined"]
+    assert "failed AUTOKERNEL_VERIFY: CheckFailed: shape sweep" in report.instances[0].reason
+    assert "failed verification" in caplog.text
+
+
+def test_autokernel_verify_passes_a_correct_kernel(tmp_path, monkeypatch):
+    x = torch.randn(7, H, dtype=torch.bfloat16)
+    _put(tmp_path, 7, SOURCE)
+    entry = next(e for _, e in KernelCache(tmp_path, device="cpu").entries())
+    entry.update(flags={"mode": "llama", "offset": 0.0, "weight": "bf16", "out": "bf16"}, dtype="bf16")
+    KernelCache(tmp_path, device="cpu").put_entry(entry)
+    monkeypatch.setenv("AUTOKERNEL_VERIFY", "1")
+    report = autokernel.explain(HFLlama(H).to(torch.bfloat16), x, options={"autokernel.cache_dir": str(tmp_path)})
+    assert [i.status for i in report.instances] == ["hit"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,10 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
                 inst.status = "declined"
                 inst.reason = f"tuned: Inductor is faster for {passname} at this shape"
                 continue
+            problem = _verification_problem(entry, device)
+            if problem:
+                inst.status, inst.reason = "declined", f"cache entry failed AUTOKERNEL_VERIFY: {problem}"
+                continue
             inst.status = "hit"
             raced = "" if entry.get("raced", True) else " (interpreter entry, not raced against Inductor)"
             inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}"
@@ -138,6 +143,29 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
     for cache in caches.values():
         cache.close()
     return plan
+
+
+_verified: dict[tuple[str, float], str | None] = {}  # (entry key, created) -> what failed, or None
+
+
+def _verification_problem(entry: dict[str, Any], device: torch.device) -> str | None:
+    """With ``AUTOKERNEL_VERIFY=1``, each entry's kernel is rechecked against the reference once per process
+    before it is first served; a failure is logged and the instance stays with Inductor."""
+    if os.environ.get("AUTOKERNEL_VERIFY", "0") in ("", "0"):
+        return None
+    key = (f"{entry['pattern_key']}/H={entry['hidden']}/R={entry['row_bucket']}", entry["created"])
+    if key not in _verified:
+        from autokernel.playbook.tuner import verify_entry
+
+        try:
+            verify_entry(entry, device)
+            _verified[key] = None
+            logger.info("autokernel: verified the cache entry %s", key[0])
+        except Exception as exc:
+            _verified[key] = f"{type(exc).__name__}: {exc}"[:300]
+            logger.warning("autokernel: cache entry %s failed verification (%s); left to Inductor", key[0],
+                           _verified[key])
+    return _verified[key]
 
 
 def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:

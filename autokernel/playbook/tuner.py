@@ -291,6 +291,27 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
 
 
+def entry_candidate(entry: dict[str, Any]) -> dict[str, Any]:
+    """The candidate (config, plus source for a source kernel) a cache entry holds: ``_kernel_record``'s inverse."""
+    candidate = dict(entry["kernel"].get("config") or {})
+    if entry["kernel"]["kind"] == "source":
+        candidate["source"] = entry["kernel"]["source"]
+    return candidate
+
+
+def verify_entry(entry: dict[str, Any], device: torch.device, max_rows: int = 64) -> None:
+    """Run the five checks on a cache entry's kernel, in this process, on up to ``max_rows`` rows.
+
+    Raises :class:`autokernel.playbook.checks.CheckFailed` (naming the stage) when it fails."""
+    from autokernel.lowering import families
+    from autokernel.playbook.checks import run_checks
+
+    problem = families()[entry["pattern"]].problem(entry["flags"], entry["dtype"],
+                                                   [min(entry["row_bucket"], max_rows), entry["hidden"]], device)
+    with torch.enable_grad():
+        run_checks(problem, entry_candidate(entry), max_rows=max_rows)
+
+
 def _kernel_record(pattern: str, candidate: dict[str, Any]) -> dict[str, Any]:
     config = {k: v for k, v in candidate.items() if k != "source"}
     if "source" in candidate:
