@@ -78,3 +78,23 @@ def test_ak_cache_ls_json_show_rm(tmp_path, capsys):
     assert cache_cli.main(["--cache-dir", str(tmp_path), "rm", "--pattern", "rms_norm"]) == 0
     assert list(cache.entries()) == []
     assert cache_cli.main(["--cache-dir", str(tmp_path), "rm", "--pattern", "rms_norm"]) == 1
+
+
+def test_ak_cache_prune(tmp_path, capsys):
+    cache = KernelCache(tmp_path, device="cpu")
+    old = _entry(64, 32)
+    old["created"] = time.time() - 10 * 86400
+    loser = _entry(128, 32)
+    loser["winner"] = {"fwd": "inductor", "train": "inductor"}
+    fresh = _entry(256, 32)
+    for e in (old, loser, fresh):
+        cache.put_entry(e)
+    stale_fp = cache.fingerprint.split("-torch")[0] + "-torch1.0.0-triton1.0.0"
+    KernelCache(tmp_path, fingerprint_=stale_fp).put_entry(_entry(64, 32))
+    other_gpu = KernelCache(tmp_path, fingerprint_="NVIDIA_H100-sm132-cc90-torch2.11.0-triton3.6.0")
+    other_gpu.put_entry(_entry(64, 32))
+    assert cache_cli.main(["--cache-dir", str(tmp_path), "prune", "--older-than", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "another torch/triton version" in out and "Inductor wins both passes" in out and "older than 7 days" in out
+    assert [e["hidden"] for _, e in cache.entries()] == [256]
+    assert not (tmp_path / stale_fp).exists() and (tmp_path / other_gpu.fingerprint).exists()

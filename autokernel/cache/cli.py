@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     rm = sub.add_parser("rm", help="delete entries")
     rm.add_argument("key", nargs="?", help="an entry key")
     rm.add_argument("--pattern", help="every entry of this pattern")
+    prune = sub.add_parser("prune", help="drop this GPU's caches for other torch/triton versions, and losers")
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="also drop entries older than this")
     sub.add_parser("wanted", help="list recorded misses")
     clear = sub.add_parser("clear", help="delete this GPU's entries and wanted table")
     clear.add_argument("--yes", action="store_true", help="do not ask")
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         from autokernel.cache import runtime
 
         runtime.invalidate(cache.root)
+    elif args.command == "prune":
+        _prune(cache, args.older_than)
     elif args.command in ("list", "ls"):
         print(f"entries in {cache.path}:")
         for key, entry in cache.entries():
@@ -108,6 +112,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleared {cache.path}")
     cache.close()
     return 0
+
+
+def _prune(cache: KernelCache, older_than_days: float | None) -> None:
+    """Drop other torch/triton versions of this GPU (a whole namespace each: never served here), entries
+    Inductor beats in both passes (those shapes become misses again, to be retuned, e.g. after an upgrade),
+    and, when asked, entries older than ``older_than_days``."""
+    import shutil
+    import time
+
+    device_part = cache.fingerprint.split("-torch")[0]
+    for other in sorted(cache.root.iterdir()) if cache.root.is_dir() else []:
+        if other.name != cache.fingerprint and other.name.split("-torch")[0] == device_part and (other / "db").is_dir():
+            shutil.rmtree(other)
+            print(f"removed {other} (another torch/triton version of this GPU)")
+    cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    for key, entry in list(cache.entries()):
+        if entry_problem(entry):
+            continue
+        if set(entry["winner"].values()) == {"inductor"}:
+            why = "Inductor wins both passes"
+        elif cutoff is not None and entry["created"] < cutoff:
+            why = f"older than {older_than_days:g} days"
+        else:
+            continue
+        cache.db.delete(key)
+        print(f"removed {key} ({why})")
+    from autokernel.cache import runtime
+
+    runtime.invalidate(cache.root)
 
 
 def _bundles(args: argparse.Namespace) -> int:
