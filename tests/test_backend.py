@@ -306,3 +306,22 @@ def test_ak_tune_rejects_bad_requests(tmp_path, capsys):
     assert cli.main(["--pattern", "rms_norm", "--shape", "4x32", "--flags", "mode=vanilla",
                      "--cache-dir", str(tmp_path), "-q"]) == 1
     assert "flag mode must be 'llama' or 'gemma'" in capsys.readouterr().out
+
+
+def test_ak_tune_warm_starts_from_the_nearest_tuned_shape(tmp_path):
+    import csv
+    import json
+
+    from autokernel.playbook.tuner import TuneRequest, tune
+
+    cache = KernelCache(tmp_path, device="cpu")
+    special = {"fwd_num_warps": 2, "fwd_rows_per_program": 2, "bwd_num_warps": 2, "bwd_programs_per_sm": 2,
+               "block_n": 0, "num_stages": 1}
+    cache.put_entry(_entry(64, hidden=32, kernel={"kind": "family", "config": special}))
+    cache.put_entry(_entry(64, hidden=4096, kernel={"kind": "family", "config": {}}))
+    result = tune(TuneRequest("rms_norm", {"mode": "llama"}, "bf16", [8, 48]), cache, torch.device("cpu"),
+                  budget_s=300)
+    with open(Path(result.run_dir) / "results.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert json.loads(rows[0]["config"]) == special and rows[0]["phase"] == "fwd"
+    assert rows[1]["phase"] == "bwd" and json.loads(rows[1]["config"])["bwd_num_warps"] == 2

@@ -198,6 +198,12 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         candidates = problem.candidates() if strategy in ("search", "both") else []
         if interpret:
             candidates = candidates[:1] + [c for c in candidates if c[0] == "bwd"][:INTERPRETER_CANDIDATES - 1]
+        warm = _nearest_tuned(cache, problem)
+        if warm is not None and candidates:
+            # Warm start: the nearest tuned shape's winner goes first in both phases, so a good baseline
+            # sets the plateau's bar from the first candidate.
+            say(f"warm start from {warm[0]}")
+            candidates = [("fwd", warm[1]), ("bwd", warm[1])] + candidates
         best: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
         stale = {"fwd": 0, "bwd": 0, "agent": 0}
         counter = {"n": 0}
@@ -289,6 +295,25 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         log.close()
         result.seconds = time.time() - t0
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
+
+
+def _nearest_tuned(cache: KernelCache, problem: Any) -> tuple[str, dict[str, Any]] | None:
+    """The config of the closest tuned shape of the same variant (hidden size first, then rows), if any."""
+    import math
+
+    from autokernel.cache.store import entry_problem
+
+    best = None
+    for key, entry in cache.entries():
+        if entry_problem(entry) or entry["pattern_key"] != problem.key or entry["kernel"]["kind"] != "family":
+            continue
+        if entry["hidden"] == problem.hidden and entry["row_bucket"] == row_bucket(problem.rows):
+            continue  # the same shape: being retuned
+        distance = (abs(math.log2(entry["hidden"] / problem.hidden)),
+                    abs(math.log2(entry["row_bucket"] / row_bucket(problem.rows))))
+        if best is None or distance < best[0]:
+            best = (distance, key, dict(entry["kernel"]["config"]))
+    return (best[1], best[2]) if best else None
 
 
 def entry_candidate(entry: dict[str, Any]) -> dict[str, Any]:
