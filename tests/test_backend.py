@@ -325,3 +325,42 @@ def test_ak_tune_warm_starts_from_the_nearest_tuned_shape(tmp_path):
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert json.loads(rows[0]["config"]) == special and rows[0]["phase"] == "fwd"
     assert rows[1]["phase"] == "bwd" and json.loads(rows[1]["config"])["bwd_num_warps"] == 2
+
+
+def test_ak_tune_resumes_after_a_kill(tmp_path):
+    """Killed mid-shape, the next ak-tune run skips what was checked, re-measures the best, and finishes."""
+    import csv
+    import os
+    import signal
+    import subprocess
+
+    args = [sys.executable, "-m", "autokernel.playbook.cli", "--pattern", "rms_norm", "--shape", "8x48",
+            "--cache-dir", str(tmp_path), "-q"]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = KernelCache(tmp_path, device="cpu")
+    deadline = time.time() + 120
+    tsv = None
+    while time.time() < deadline:
+        found = list(cache.runs_dir.glob("*/results.tsv")) if cache.runs_dir.exists() else []
+        if found and len(found[0].read_text().splitlines()) >= 3:  # header + two candidates
+            tsv = found[0]
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert tsv is not None, "the first run never logged two candidates"
+    with open(tsv) as f:
+        first = [r for r in csv.DictReader(f, delimiter="\t") if r["phase"] in ("fwd", "bwd")]
+    assert list(cache.entries()) == [] and not (tsv.parent / "done").exists()
+    assert subprocess.run(args, env=env, timeout=300).returncode == 0
+    (second_dir,) = [d for d in cache.runs_dir.iterdir() if d != tsv.parent]
+    with open(second_dir / "results.tsv") as f:
+        second = list(csv.DictReader(f, delimiter="\t"))
+    assert second[0]["phase"] == "resume" and tsv.parent.name in second[0]["detail"]
+    rerun = [r["config"] for r in second if r["phase"] in ("fwd", "bwd")]
+    done_before = {r["config"] for r in first}
+    # Each phase's best from the killed run comes back first (re-measured); nothing else is repeated.
+    best_before = len({r["phase"] for r in first if r["status"] == "ok"})
+    assert set(rerun[:best_before]) <= done_before and not set(rerun[best_before:]) & done_before
+    assert (second_dir / "done").read_text().strip() == "written" and len(list(cache.entries())) == 1

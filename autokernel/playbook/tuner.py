@@ -179,8 +179,12 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     interpret = device.type == "cpu" and interpreter_enabled()
     max_rows = INTERPRETER_ROWS if interpret else None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = cache.runs_dir / f"{stamp}-{request.pattern}-{'x'.join(map(str, request.shape))}-{request.dtype}"
+    variant = hashlib.sha256(json.dumps(request.flags, sort_keys=True).encode()).hexdigest()[:8]
+    slug = f"{request.pattern}-{'x'.join(map(str, request.shape))}-{request.dtype}-{variant}"
+    interrupted = _interrupted_run(cache.runs_dir, slug)
+    run_dir = cache.runs_dir / f"{stamp}-{slug}"
     log = _Log(run_dir / "results.tsv")
+    completed = False
     result = TuneResult(request, "no correct candidate", run_dir=str(run_dir))
     worker = Worker(request, device, max_rows, timeout_s)
     say = progress or (lambda _msg: None)
@@ -204,6 +208,24 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             # sets the plateau's bar from the first candidate.
             say(f"warm start from {warm[0]}")
             candidates = [("fwd", warm[1]), ("bwd", warm[1])] + candidates
+        skip: set[str] = set()
+        if interrupted is not None and candidates:
+            # Resume: what the killed run checked is not run again, except each phase's best so far,
+            # which is re-measured first (its times are this run's baseline).
+            old_dir, old_rows = interrupted
+            skip = {r["config"] for r in old_rows if r.get("phase") in ("fwd", "bwd")}
+            front = []
+            for phase, metric in (("fwd", "fwd_ms"), ("bwd", "train_ms")):
+                ok = [r for r in old_rows if r.get("phase") == phase and r.get("status") == "ok" and r.get(metric)]
+                if ok:
+                    front.append((phase, json.loads(min(ok, key=lambda r: float(r[metric]))["config"])))
+            log.row(n="", phase="resume", status="resumed",
+                    detail=f"from {old_dir.name}: {len(skip)} candidates already checked there")
+            say(f"resuming {old_dir.name}")
+            candidates = front + candidates
+            front_count = len(front)
+        else:
+            front_count = 0
         best: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
         stale = {"fwd": 0, "bwd": 0, "agent": 0}
         counter = {"n": 0}
@@ -240,7 +262,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             return reply
 
         fwd_winner: dict[str, Any] | None = None
-        for phase, config in candidates:
+        for index, (phase, config) in enumerate(candidates):
             passname = "fwd" if phase == "fwd" else "train"
             if time.time() - t0 > budget_s:
                 say("budget spent")
@@ -253,6 +275,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 if fwd_winner is None:
                     fwd_winner = best["fwd"][1] if "fwd" in best else problem.default_candidate()
                 config = {**config, **{k: v for k, v in fwd_winner.items() if k.startswith("fwd_")}}
+            if index >= front_count and json.dumps(config, sort_keys=True) in skip:
+                continue
             evaluate(phase, config)
         if strategy in ("agent", "both") and time.time() - t0 < budget_s:
             _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, t0 + budget_s, say, log)
@@ -262,6 +286,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         result.candidates = counter["n"]
         if final is None:
             result.detail = "every candidate failed its checks (see results.tsv)"
+            completed = True
             return result
         _ms, config, reply = final
         times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
@@ -286,6 +311,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         cache.put_entry(entry)
         result.best, result.times = config, times
         result.status = "written" if "autokernel" in winner.values() else "inductor wins"
+        completed = True
         return result
     except WorkerFailure as exc:
         result.status, result.detail = "error", str(exc)
@@ -293,8 +319,19 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     finally:
         worker.stop()
         log.close()
+        if completed:
+            (run_dir / "done").write_text(result.status + "\n")
         result.seconds = time.time() - t0
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
+
+
+def _interrupted_run(runs_dir: Path, slug: str) -> tuple[Path, list[dict[str, str]]] | None:
+    """The latest run of this request that did not finish (killed), with its results so far."""
+    runs = sorted(runs_dir.glob(f"*-{slug}")) if runs_dir.is_dir() else []
+    if not runs or (runs[-1] / "done").exists() or not (runs[-1] / "results.tsv").exists():
+        return None
+    with open(runs[-1] / "results.tsv", newline="") as f:
+        return runs[-1], list(csv.DictReader(f, delimiter="\t"))
 
 
 def _nearest_tuned(cache: KernelCache, problem: Any) -> tuple[str, dict[str, Any]] | None:
