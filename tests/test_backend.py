@@ -364,3 +364,20 @@ def test_ak_tune_resumes_after_a_kill(tmp_path):
     best_before = len({r["phase"] for r in first if r["status"] == "ok"})
     assert set(rerun[:best_before]) <= done_before and not set(rerun[best_before:]) & done_before
     assert (second_dir / "done").read_text().strip() == "written" and len(list(cache.entries())) == 1
+
+
+def test_ak_tune_gpus_shares_one_queue(tmp_path, capsys):
+    """--gpus: one worker per device taking requests from one queue (two CPU workers under the interpreter)."""
+    from autokernel.playbook import cli
+
+    cache = KernelCache(tmp_path, device="cpu")
+    for hidden in (32, 48, 40):
+        cache.record_wanted("rms_norm", pattern_key("llama", 0.0, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                            {"mode": "llama", "offset": 0.0, "weight": "bf16", "out": "bf16"}, "bf16",
+                            [4, hidden], hidden, 4)
+    assert cli.main(["--cache-dir", str(tmp_path), "--gpus", "0,1", "-q"]) == 0
+    assert cache.wanted() == [] and sorted(e["hidden"] for _, e in cache.entries()) == [32, 40, 48]
+    assert len(list(cache.runs_dir.glob("*/done"))) == 3
+    with pytest.raises(SystemExit):
+        cli.main(["--cache-dir", str(tmp_path), "--gpus", "zero"])
+    assert "--gpus takes device numbers" in capsys.readouterr().err

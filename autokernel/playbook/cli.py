@@ -11,7 +11,10 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
+
+import torch
 
 from autokernel.playbook.tuner import STRATEGIES, TuneRequest, TuneResult, set_interpreter_if_no_gpu, tune
 
@@ -52,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                         "pip install 'autokernel[agent]'); both: search, then the agent tries to beat it")
     p.add_argument("--agent-model", default=None, help="Anthropic model for the agent")
     p.add_argument("--max-turns", type=int, default=20, help="agent replies per shape (default 20)")
+    p.add_argument("--gpus", help="tune on these GPUs at once, e.g. 0,1 (one worker each, one shared queue); "
+                                  "under the interpreter, N CPU workers")
     p.add_argument("--cache-dir", help="cache root (default $AUTOKERNEL_CACHE_DIR or ~/.cache/autokernel)")
     p.add_argument("--list", action="store_true", help="print the wanted table and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
@@ -105,6 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--strategy {args.strategy}: ANTHROPIC_API_KEY is not set; the agent phase will be skipped "
               "(the search still runs for --strategy both)", file=sys.stderr)
     device = set_interpreter_if_no_gpu()
+    devices = [device]
+    if args.gpus:
+        try:
+            ids = [int(g) for g in args.gpus.split(",")]
+        except ValueError:
+            _parser().error(f"--gpus takes device numbers like 0,1, got {args.gpus!r}")
+        if device.type == "cuda":
+            bad = [g for g in ids if not 0 <= g < torch.cuda.device_count()]
+            if bad:
+                _parser().error(f"--gpus: no CUDA device {bad} (this machine has {torch.cuda.device_count()})")
+            devices = [torch.device("cuda", g) for g in ids]
+        else:
+            devices = [device] * len(ids)
     from autokernel.cache import KernelCache
 
     cache = KernelCache(args.cache_dir, device=device)
@@ -125,25 +143,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to tune: the wanted table of {cache.path} is empty "
               "(compile a model with backend='autokernel' first, or pass --pattern/--shape)")
         return 0
-    progress = _Progress(args.quiet)
+    progress = _Progress(args.quiet or len(devices) > 1)
     deadline = time.time() + args.budget * 60
-    results = []
-    for i, (key, req) in enumerate(work):
-        left = deadline - time.time()
-        if left <= 0:
-            print(f"budget spent: {len(work) - i} request(s) left in the wanted table")
-            break
-        share = left / (len(work) - i)
-        prefix = f"{i + 1}/{len(work)} {req.label()}"
-        result = tune(req, cache, device, budget_s=share, timeout_s=args.timeout,
-                      progress=lambda msg, prefix=prefix: progress(prefix, msg), strategy=args.strategy,
-                      agent_model=args.agent_model, max_turns=args.max_turns)
-        progress.done()
-        results.append(result)
-        if key is not None and result.status in ("written", "inductor wins"):
-            cache.remove_wanted(key)
-        if result.detail:
-            print(f"{req.label()}: {result.status}: {result.detail}")
+    results: list[TuneResult] = []
+    queue = list(enumerate(work))
+    lock = threading.Lock()
+
+    def serve(dev: torch.device) -> None:
+        """One device's loop: take the next request, tune it there, until the queue or the budget runs out."""
+        local = KernelCache(args.cache_dir, fingerprint_=cache.fingerprint)
+        while True:
+            with lock:
+                if not queue:
+                    break
+                i, (key, req) = queue.pop(0)
+                left = deadline - time.time()
+                share = left * len(devices) / (len(queue) + 1)
+            if left <= 0:
+                with lock:
+                    print(f"budget spent: {req.label()} left in the wanted table")
+                continue
+            prefix = f"{i + 1}/{len(work)} {req.label()}" + (f" on {dev}" if len(devices) > 1 else "")
+            result = tune(req, local, dev, budget_s=min(share, left), timeout_s=args.timeout,
+                          progress=lambda msg, prefix=prefix: progress(prefix, msg), strategy=args.strategy,
+                          agent_model=args.agent_model, max_turns=args.max_turns)
+            with lock:
+                progress.done()
+                results.append(result)
+                if key is not None and result.status in ("written", "inductor wins"):
+                    local.remove_wanted(key)
+                if result.detail:
+                    print(f"{req.label()}: {result.status}: {result.detail}")
+        local.close()
+
+    threads = [threading.Thread(target=serve, args=(dev,)) for dev in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     print(_summary(results))
     print(f"cache: {cache.path}")
     cache.close()
