@@ -381,3 +381,47 @@ def test_ak_tune_gpus_shares_one_queue(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--cache-dir", str(tmp_path), "--gpus", "zero"])
     assert "--gpus takes device numbers" in capsys.readouterr().err
+
+
+MODEL_FILE = '''
+import torch
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n1, self.n2 = torch.nn.RMSNorm(48), torch.nn.RMSNorm(48)
+        self.lin = torch.nn.Linear(48, 48)
+
+    def forward(self, x):
+        return self.n2(self.lin(self.n1(x)) + x)
+
+
+def make():
+    torch.manual_seed(0)
+    return Block().to(torch.bfloat16), (torch.randn(4, 48, dtype=torch.bfloat16, requires_grad=True),)
+'''
+
+
+def test_ak_tune_model_ranks_and_tunes(tmp_path, capsys):
+    from autokernel.playbook import cli
+
+    model_file = tmp_path / "mymodel.py"
+    model_file.write_text(MODEL_FILE)
+    assert cli.main(["--model", f"{model_file}:make", "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "2 pattern instance(s), 1 to tune" in out and "(Amdahl)" in out
+    (row,) = [line for line in out.splitlines() if line.lstrip().startswith("1  rms_norm 4x48")]
+    assert row.split()[5] == "2"  # both norms share one variant and shape: count 2
+    assert "step before tuning" in out
+    cache = KernelCache(tmp_path / "c", device="cpu")
+    assert len(list(cache.entries())) == 1 and cache.wanted() == []
+    for spec, message in ((f"{model_file}", "must look like"), (f"{tmp_path}/nope.py:make", "no file"),
+                          (f"{model_file}:nothing", "has no function 'nothing'")):
+        assert cli.main(["--model", spec, "--cache-dir", str(tmp_path / "c")]) == 2
+        assert message in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("import torch\nraise RuntimeError('model file bug')\n")
+    assert cli.main(["--model", f"{broken}:make", "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "importing" in err and "RuntimeError: model file bug" in err and "Traceback" in err

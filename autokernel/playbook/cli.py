@@ -44,6 +44,8 @@ def _flags(text: str) -> dict[str, object]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ak-tune", description="Tune kernels for the cache misses of this GPU.")
+    p.add_argument("--model", help="tune one model's misses in Amdahl order: path/to/file.py:factory, where "
+                                   "factory() returns (model, inputs)")
     p.add_argument("--pattern", help="tune one pattern instance instead of the wanted table (e.g. rms_norm)")
     p.add_argument("--shape", type=_shape, help="input shape, e.g. 8192x4096 (rows x hidden)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
@@ -126,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     from autokernel.cache import KernelCache
 
     cache = KernelCache(args.cache_dir, device=device)
+    if args.model:
+        from autokernel.playbook.model import ModelError, tune_model
+
+        try:
+            results = tune_model(args.model, cache, device, args.budget * 60, args.timeout, strategy=args.strategy,
+                                 agent_model=args.agent_model, max_turns=args.max_turns)
+        except ModelError as exc:
+            print(f"ak-tune: {exc}", file=sys.stderr)
+            return 2
+        print(_summary(results))
+        return 0 if all(r.status in ("written", "inductor wins") for r in results) else 1
     if args.pattern:
         from autokernel.lowering import families
 

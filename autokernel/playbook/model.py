@@ -1,0 +1,186 @@
+"""``ak-tune --model FILE.py:FACTORY``: tune what matters for one whole model, in Amdahl's order.
+
+The factory returns ``(model, inputs)`` (``inputs`` a dict of keyword arguments or a tuple). One
+training step runs under ``backend="autokernel"`` (its misses land in the wanted table) and is timed;
+each distinct wanted request of the model is timed as Inductor runs it and given its DRAM floor;
+the table ranks them by the step time they could save (count x (now - floor)), and they are tuned
+in that order within the budget. The step is timed again at the end.
+
+This module drives models only through public API (``torch.compile``, ``autokernel.explain``) and
+the tuner; it knows nothing of FX.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autokernel.cache import KernelCache, row_bucket
+from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, WorkerFailure, tune
+
+
+class ModelError(Exception):
+    """The --model argument could not be loaded; the message says why."""
+
+
+def load_factory(spec: str) -> Callable[[], tuple[Any, Any]]:
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise ModelError(f"--model must look like path/to/file.py:factory, got {spec!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise ModelError(f"--model: no file {file}")
+    module_spec = importlib.util.spec_from_file_location(f"autokernel_user_model_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        import traceback
+
+        raise ModelError(f"--model: importing {file} failed:\n{traceback.format_exc()}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelError(f"--model: {file} has no function {name!r}")
+    return factory
+
+
+def _call(model: Any, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def _loss(out: Any) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        loss = loss.float().square().mean()
+    return loss
+
+
+def step_ms(compiled: Any, model: Any, inputs: Any, repeats: int = 5) -> float:
+    """Median wall time of one training step (forward, loss, backward), after one warm-up step."""
+    def step():
+        _loss(_call(compiled, inputs)).backward()
+        for p in model.parameters():
+            p.grad = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class Ranked:
+    request: TuneRequest
+    count: int
+    now_ms: float | None  # forward + backward as Inductor runs it
+    floor_ms: float | None
+
+    @property
+    def gain_ms(self) -> float | None:
+        if self.now_ms is None:
+            return None
+        return self.count * (self.now_ms - (self.floor_ms or 0.0))
+
+
+def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_s: float) -> list[Ranked]:
+    """Time each request as Inductor runs it and give its floor; most step time to gain first."""
+    ranked = []
+    for request, count in requests:
+        worker = Worker(request, device, 64 if device.type == "cpu" else None, timeout_s)
+        now = floor = None
+        try:
+            reply = worker.call("inductor")
+            now = reply.get("train_ms") if reply.get("status") == "ok" else None
+            bw = worker.call("bandwidth").get("copy_gbps")
+            if bw:
+                from autokernel.lowering import families
+
+                problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
+                floor = problem.bytes_moved()["train"] / (bw * 1e9) * 1e3
+        except WorkerFailure:
+            pass
+        finally:
+            worker.stop()
+        ranked.append(Ranked(request, count, now, floor))
+    return sorted(ranked, key=lambda r: -(r.gain_ms if r.gain_ms is not None else -1.0))
+
+
+def table(ranked: list[Ranked], step: float) -> str:
+    head = f"{'#':>2}  {'pattern instance':58s} {'count':>5} {'now ms':>9} {'floor ms':>9} {'share':>6} {'gain ms':>9}"
+    lines = [head]
+    for i, r in enumerate(ranked, 1):
+        share = f"{100 * r.count * r.now_ms / step:5.1f}%" if r.now_ms else "    -"
+        lines.append(f"{i:>2}  {r.request.label()[:58]:58s} {r.count:>5} "
+                     + (f"{r.now_ms:9.4f}" if r.now_ms is not None else f"{'-':>9}")
+                     + (f" {r.floor_ms:9.4f}" if r.floor_ms is not None else f" {'-':>9}")
+                     + f" {share:>6} " + (f"{r.gain_ms:9.4f}" if r.gain_ms is not None else f"{'-':>9}"))
+    return "\n".join(lines)
+
+
+def _instance_key(pattern: str, flags: dict, dtype: str, shape: list[int]) -> tuple:
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return pattern, json.dumps(flags, sort_keys=True), dtype, shape[-1], row_bucket(rows)
+
+
+def tune_model(spec: str, cache: KernelCache, device: torch.device, budget_s: float, timeout_s: float,
+               out: Callable[[str], None] = print, **tune_kwargs: Any) -> list[TuneResult]:
+    import autokernel
+
+    t0 = time.time()
+    model, inputs = load_factory(spec)()
+    options = {"autokernel.cache_dir": str(cache.root)}
+    torch._dynamo.reset()
+    before = step_ms(torch.compile(model, backend="autokernel", options=options), model, inputs)
+    report = (autokernel.explain(model, **inputs, options=options) if isinstance(inputs, dict)
+              else autokernel.explain(model, *inputs, options=options))
+    counts: dict[tuple, int] = {}
+    for inst in report.instances:
+        if inst.status == "miss" and all(isinstance(d, int) for d in inst.shape):
+            key = _instance_key(inst.pattern, inst.flags, inst.dtype, list(inst.shape))
+            counts[key] = counts.get(key, 0) + 1
+    wanted = dict(cache.wanted())
+    requests = [(TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"]),
+                 counts.get(_instance_key(w["pattern"], w["flags"], w["dtype"], w["shape"]), 1))
+                for w in wanted.values()]
+    ranked = rank(requests, device, timeout_s)
+    gain = sum(r.gain_ms or 0.0 for r in ranked)
+    out(f"step {before:.2f} ms; {len(report.instances)} pattern instance(s), {len(ranked)} to tune; "
+        f"at the floor the step would take about {max(before - gain, 0):.2f} ms (Amdahl)")
+    out(table(ranked, before))
+    results = []
+    for r in ranked:
+        left = budget_s - (time.time() - t0)
+        if left <= 0:
+            out(f"budget spent before {r.request.label()}")
+            break
+        result = tune(r.request, cache, device, budget_s=left / max(1, len(ranked) - len(results)),
+                      timeout_s=timeout_s, **tune_kwargs)
+        results.append(result)
+        key = next((k for k, w in wanted.items() if w["shape"] == list(r.request.shape)
+                    and w["flags"] == r.request.flags and w["dtype"] == r.request.dtype), None)
+        if key is not None and result.status in ("written", "inductor wins"):
+            cache.remove_wanted(key)
+    torch._dynamo.reset()
+    after = step_ms(torch.compile(model, backend="autokernel", options=options), model, inputs)
+    note = " (Triton interpreter on CPU: these times mean nothing)" if device.type == "cpu" else ""
+    out(f"step before tuning {before:.2f} ms, after {after:.2f} ms "
+        f"(expected at the floor: {max(before - gain, 0):.2f} ms){note}")
+    sys.stdout.flush()
+    return results
