@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from autokernel.cache import KernelCache, row_bucket
-from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, WorkerFailure, tune
+from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, WorkerFailure, measure_baseline, tune
 
 
 class ModelError(Exception):
@@ -99,19 +99,16 @@ class Ranked:
 
 def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_s: float) -> list[Ranked]:
     """Time each request as Inductor runs it and give its floor; most step time to gain first."""
+    from autokernel.lowering import families
+
     ranked = []
     for request, count in requests:
         worker = Worker(request, device, 64 if device.type == "cpu" else None, timeout_s)
         now = floor = None
         try:
-            reply = worker.call("inductor")
-            now = reply.get("train_ms") if reply.get("status") == "ok" else None
-            bw = worker.call("bandwidth").get("copy_gbps")
-            if bw:
-                from autokernel.lowering import families
-
-                problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
-                floor = problem.bytes_moved()["train"] / (bw * 1e9) * 1e3
+            problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
+            floors, peer, _ = measure_baseline(worker, problem)
+            now, floor = peer["train_ms"], floors["train"]
         except WorkerFailure:
             pass
         finally:

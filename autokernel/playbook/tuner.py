@@ -189,16 +189,13 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     worker = Worker(request, device, max_rows, timeout_s)
     say = progress or (lambda _msg: None)
     try:
-        bw = None if interpret else worker.call("bandwidth").get("copy_gbps")
-        floor = {k: (v / (bw * 1e9) * 1e3 if bw else None) for k, v in problem.bytes_moved().items()}
+        floor = {k: None for k in problem.bytes_moved()}
         peer = {"fwd_ms": None, "train_ms": None}
         if not interpret:
             say("racing Inductor")
-            reply = worker.call("inductor")
-            if reply["status"] == "ok":
-                peer = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"]}
-            log.row(n=0, phase="peer", status=f"inductor {reply['status']}", fwd_ms=_fmt(peer["fwd_ms"]),
-                    train_ms=_fmt(peer["train_ms"]), detail=reply.get("detail", ""))
+            floor, peer, detail = measure_baseline(worker, problem)
+            log.row(n=0, phase="peer", status="inductor " + ("ok" if not detail else "error"),
+                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail=detail)
         candidates = problem.candidates() if strategy in ("search", "both") else []
         if interpret:
             candidates = candidates[:1] + [c for c in candidates if c[0] == "bwd"][:INTERPRETER_CANDIDATES - 1]
@@ -323,6 +320,17 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             (run_dir / "done").write_text(result.status + "\n")
         result.seconds = time.time() - t0
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
+
+
+def measure_baseline(worker: Worker, problem: Any) -> tuple[dict[str, float | None], dict[str, float | None], str]:
+    """The DRAM floor of each pass (from the measured copy bandwidth) and Inductor's times, in ms, on the
+    worker's device; the third item says what went wrong with Inductor's run, or is ''."""
+    bw = worker.call("bandwidth").get("copy_gbps")
+    floor = {k: (v / (bw * 1e9) * 1e3 if bw else None) for k, v in problem.bytes_moved().items()}
+    reply = worker.call("inductor")
+    if reply["status"] != "ok":
+        return floor, {"fwd_ms": None, "train_ms": None}, reply.get("detail", reply["status"])
+    return floor, {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"]}, ""
 
 
 def _interrupted_run(runs_dir: Path, slug: str) -> tuple[Path, list[dict[str, str]]] | None:
