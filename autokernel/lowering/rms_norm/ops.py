@@ -49,8 +49,14 @@ def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, m
                   out_dtype: torch.dtype, cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
     """The tuned configuration (and kernels, for a source entry) for this call's shape, else the
     built-in heuristic. Runs on every call: after the first call per shape bucket it is one dict read."""
-    return runtime.memo.get(_memo_key(x, weight, offset, mode, out_dtype, cache_dir)) or _choose(
-        x, weight, offset, mode, out_dtype, cache_dir)
+    memo_key = _memo_key(x, weight, offset, mode, out_dtype, cache_dir)
+    chosen = runtime.memo.get(memo_key)
+    if chosen is None:
+        hidden = x.shape[-1] if x.dim() else 1
+        key = pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype)
+        chosen = runtime.memo[memo_key] = _resolve(key, x.device, hidden, x.numel() // max(hidden, 1), x.dtype,
+                                                   cache_dir)
+    return chosen
 
 
 def _memo_key(x, weight, offset, mode, out_dtype, cache_dir) -> tuple:
@@ -58,15 +64,6 @@ def _memo_key(x, weight, offset, mode, out_dtype, cache_dir) -> tuple:
     w_dtype = weight.dtype if weight is not None else None
     rows = x.numel() // max(hidden, 1)
     return (PATTERN, cache_dir, x.device, mode, offset, x.dtype, w_dtype, out_dtype, hidden, row_bucket(rows))
-
-
-def _choose(x, weight, offset, mode, out_dtype, cache_dir) -> tuple[RmsNormConfig, SourceKernels | None]:
-    hidden = x.shape[-1] if x.dim() else 1
-    rows = x.numel() // max(hidden, 1)
-    key = pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype)
-    chosen = _resolve(key, x.device, hidden, rows, x.dtype, cache_dir)
-    runtime.memo[_memo_key(x, weight, offset, mode, out_dtype, cache_dir)] = chosen
-    return chosen
 
 
 def _launch(x, weight, offset, mode, out_dtype, cache_dir, run):
