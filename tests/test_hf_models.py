@@ -61,3 +61,19 @@ def test_llama_rms_norms_found_tuned_and_served(tmp_path, dtype, compiler):
     if dtype == torch.float32:
         for name, g in grads_c.items():
             assert_close(g, grads_e[name].double(), dtype, f"grad {name}")
+
+
+def test_ak_tune_hf_config(tmp_path, capsys):
+    """--hf-config: a causal LM from a local config.json (random weights), its misses ranked and tuned."""
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    cfg.save_pretrained(tmp_path / "cfg")
+    args = ["--hf-config", str(tmp_path / "cfg" / "config.json"), "--batch", "1", "--seq", "8",
+            "--cache-dir", str(tmp_path / "c"), "-q"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 pattern instance(s), 1 to tune" in out  # 1 layer x 2 norms + the final norm, one shape
+    assert len(list(KernelCache(tmp_path / "c", device="cpu").entries())) == 1
+    assert cli.main(["--hf-config", str(tmp_path / "none.json"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "--hf-config: no file" in capsys.readouterr().err

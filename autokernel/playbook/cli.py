@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ak-tune", description="Tune kernels for the cache misses of this GPU.")
     p.add_argument("--model", help="tune one model's misses in Amdahl order: path/to/file.py:factory, where "
                                    "factory() returns (model, inputs)")
+    p.add_argument("--hf-config", help="like --model, for the causal LM a local transformers config.json "
+                                       "describes (random weights)")
+    p.add_argument("--batch", type=int, default=1, help="--hf-config: batch size (default 1)")
+    p.add_argument("--seq", type=int, default=512, help="--hf-config: sequence length (default 512)")
     p.add_argument("--pattern", help="tune one pattern instance instead of the wanted table (e.g. rms_norm)")
     p.add_argument("--shape", type=_shape, help="input shape, e.g. 8192x4096 (rows x hidden)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
@@ -128,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     from autokernel.cache import KernelCache
 
     cache = KernelCache(args.cache_dir, device=device)
-    if args.model:
-        from autokernel.playbook.model import ModelError, tune_model
+    if args.model or args.hf_config:
+        from autokernel.playbook.model import ModelError, hf_factory, load_factory, tune_model
 
         try:
-            results = tune_model(args.model, cache, device, args.budget * 60, args.timeout, strategy=args.strategy,
+            factory = load_factory(args.model) if args.model else hf_factory(args.hf_config, args.batch, args.seq)
+            results = tune_model(factory, cache, device, args.budget * 60, args.timeout, strategy=args.strategy,
                                  agent_model=args.agent_model, max_turns=args.max_turns)
         except ModelError as exc:
             print(f"ak-tune: {exc}", file=sys.stderr)

@@ -53,6 +53,30 @@ def load_factory(spec: str) -> Callable[[], tuple[Any, Any]]:
     return factory
 
 
+def hf_factory(config_path: str, batch: int, seq: int) -> Callable[[], tuple[Any, Any]]:
+    """A factory for ``--hf-config``: the causal LM a local ``config.json`` describes, random weights, random
+    token ids as inputs and labels (nothing is downloaded)."""
+    def make() -> tuple[Any, Any]:
+        try:
+            import transformers
+        except ImportError:
+            raise ModelError("--hf-config needs transformers (pip install transformers)") from None
+        path = Path(config_path)
+        if not path.is_file():
+            raise ModelError(f"--hf-config: no file {path}")
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(path))
+        except Exception as exc:
+            raise ModelError(f"--hf-config: {path} is not a transformers config: {exc}") from None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).to(device, torch.bfloat16)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+        return model, {"input_ids": ids, "labels": ids}
+
+    return make
+
+
 def _call(model: Any, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
@@ -136,12 +160,13 @@ def _instance_key(pattern: str, flags: dict, dtype: str, shape: list[int]) -> tu
     return pattern, json.dumps(flags, sort_keys=True), dtype, shape[-1], row_bucket(rows)
 
 
-def tune_model(spec: str, cache: KernelCache, device: torch.device, budget_s: float, timeout_s: float,
-               out: Callable[[str], None] = print, **tune_kwargs: Any) -> list[TuneResult]:
+def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, device: torch.device, budget_s: float,
+               timeout_s: float, out: Callable[[str], None] = print, **tune_kwargs: Any) -> list[TuneResult]:
+    """Rank and tune the misses of ``factory()``'s model (see the module's docstring)."""
     import autokernel
 
     t0 = time.time()
-    model, inputs = load_factory(spec)()
+    model, inputs = factory()
     options = {"autokernel.cache_dir": str(cache.root)}
     torch._dynamo.reset()
     before = step_ms(torch.compile(model, backend="autokernel", options=options), model, inputs)
