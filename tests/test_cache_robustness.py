@@ -55,3 +55,30 @@ def test_concurrent_processes_lose_nothing(tmp_path):
     (wanted,) = cache.wanted()
     assert wanted[1]["count"] == 6 * 40  # every recorded miss counted, none lost to a race
     assert sorted(e["pattern_key"] for _, e in cache.entries()) == sorted(f"rms_norm/w{i}" for i in range(40))
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from autokernel.cache import KernelCache
+    cache = KernelCache(sys.argv[1], fingerprint_=sys.argv[2])
+    with cache.db.transact():  # holds SQLite's write lock
+        cache.db.set("entry/held", 1)
+        print("locked", flush=True)
+        time.sleep(3)
+""")
+
+
+def test_a_cache_locked_by_another_process_only_waits(tmp_path):
+    """Another process holding the cache's write lock for seconds delays the miss record; nothing fails."""
+    fp = KernelCache(tmp_path, device="cpu").fingerprint
+    KernelCache(tmp_path, fingerprint_=fp).db.set("warm", 1)  # create the database first
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), fp], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    torch._dynamo.reset()
+    model = HFLlama(40).to(torch.bfloat16)
+    x = torch.randn(5, 40, dtype=torch.bfloat16)
+    y = torch.compile(model, backend="autokernel", options={"autokernel.cache_dir": str(tmp_path),
+                                                            "autokernel.compiler": "aot_eager"})(x)
+    assert holder.wait(timeout=60) == 0
+    assert_close(y, model(x).double(), torch.bfloat16, "locked cache")
+    assert len(KernelCache(tmp_path, fingerprint_=fp).wanted()) == 1  # recorded once the lock was free
