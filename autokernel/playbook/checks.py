@@ -63,8 +63,8 @@ def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None
     case = problem.case(small, hidden, zero_row=True, seed=3)
     _compare(problem, problem.run(config, case), problem.reference(case), "stability", "zero row")
 
-    again = problem.run(config, target)
     first = problem.run(config, target)
+    again = problem.run(config, target)
     for name in first:
         if not torch.equal(first[name], again[name]):
             raise CheckFailed("determinism", f"{name} differs between two runs on {rows}x{hidden}")

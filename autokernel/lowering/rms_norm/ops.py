@@ -45,6 +45,15 @@ def pattern_key(mode: str, offset: float, x_dtype: torch.dtype, w_dtype: torch.d
 FWD_KERNEL, BWD_KERNEL = "rms_norm_fwd_kernel", "rms_norm_bwd_kernel"  # names a source entry defines
 
 
+def source_kernels(root: str, source: str) -> SourceKernels:
+    """The kernel pair a source text defines (loaded under ``root``); ValueError when it lacks one."""
+    module = load_source(root, source)
+    missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
+    if missing:
+        raise ValueError(f"its source defines no {' or '.join(missing)}")
+    return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+
+
 def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, mode: str,
                   out_dtype: torch.dtype, cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
     """The tuned configuration (and kernels, for a source entry) for this call's shape, else the
@@ -91,11 +100,7 @@ def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torc
             config = RmsNormConfig.from_dict(kernel.get("config") or {})
             if kernel["kind"] == "family":
                 return config, None
-            module = load_source(cache_dir, kernel["source"])
-            missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
-            if missing:
-                raise ValueError(f"its source defines no {' or '.join(missing)}")
-            return config, SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+            return config, source_kernels(cache_dir, kernel["source"])
         except Exception as exc:  # a bad entry costs the tuned kernel, never the model
             logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
                            key, hidden, exc)

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from autokernel.cache.sources import load_source
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
@@ -28,7 +27,7 @@ from autokernel.lowering.rms_norm.kernels import (
     rms_norm_fwd,
     rms_norm_reference,
 )
-from autokernel.lowering.rms_norm.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key
+from autokernel.lowering.rms_norm.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key, source_kernels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EPS = 1e-6
@@ -166,11 +165,7 @@ class RmsNormProblem:
             return cfg, None
         if self._source_dir is None:
             self._source_dir = tempfile.mkdtemp(prefix="autokernel-candidates-")
-        module = load_source(self._source_dir, candidate["source"])
-        missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
-        if missing:
-            raise ValueError(f"the source defines no {' or '.join(missing)}")
-        return cfg, SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+        return cfg, source_kernels(self._source_dir, candidate["source"])
 
     def run(self, config: dict[str, Any], case: Case) -> dict[str, torch.Tensor]:
         cfg, k = self._kernels(config)
