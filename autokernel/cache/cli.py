@@ -81,11 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ak-cache rm: nothing matches in {cache.path}", file=sys.stderr)
             return 1
         for k in doomed:
-            cache.db.delete(k)
+            cache.delete_entry(k)
             print(f"removed {k}")
-        from autokernel.cache import runtime
-
-        runtime.invalidate(cache.root)
     elif args.command == "prune":
         _prune(cache, args.older_than)
     elif args.command in ("list", "ls"):
@@ -136,11 +133,8 @@ def _prune(cache: KernelCache, older_than_days: float | None) -> None:
             why = f"older than {older_than_days:g} days"
         else:
             continue
-        cache.db.delete(key)
+        cache.delete_entry(key)
         print(f"removed {key} ({why})")
-    from autokernel.cache import runtime
-
-    runtime.invalidate(cache.root)
 
 
 def _bundles(args: argparse.Namespace) -> int:

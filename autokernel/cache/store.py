@@ -131,6 +131,13 @@ class KernelCache:
             if isinstance(key, str) and key.startswith("entry/"):
                 yield key, self.db.get(key)
 
+    def delete_entry(self, key: str) -> None:
+        """Remove one entry record (a key as :meth:`entries` yields it)."""
+        self.db.delete(key)
+        from autokernel.cache import runtime
+
+        runtime.invalidate(self.root)
+
     def get_entry(self, pattern_key: str, hidden: int, rows: int) -> Any:
         return self.db.get(_key("entry", pattern_key, hidden, row_bucket(rows)))
 
