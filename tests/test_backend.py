@@ -425,3 +425,16 @@ def test_ak_tune_model_ranks_and_tunes(tmp_path, capsys):
     assert cli.main(["--model", f"{broken}:make", "--cache-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "importing" in err and "RuntimeError: model file bug" in err and "Traceback" in err
+
+
+def test_ak_tune_model_leaves_other_models_misses_alone(tmp_path, capsys):
+    from autokernel.playbook import cli
+
+    model_file = tmp_path / "mymodel.py"
+    model_file.write_text(MODEL_FILE)
+    cache = KernelCache(tmp_path / "c", device="cpu")
+    cache.record_wanted("rms_norm", pattern_key("llama", 0.0, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                        {"mode": "llama", "offset": 0.0, "weight": "bf16", "out": "bf16"}, "bf16", [4, 96], 96, 4)
+    assert cli.main(["--model", f"{model_file}:make", "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
+    assert "1 to tune" in capsys.readouterr().out
+    assert [w["hidden"] for _, w in cache.wanted()] == [96]  # another model's miss: still wanted, untouched

@@ -177,10 +177,14 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
         if inst.status == "miss" and all(isinstance(d, int) for d in inst.shape):
             key = _instance_key(inst.pattern, inst.flags, inst.dtype, list(inst.shape))
             counts[key] = counts.get(key, 0) + 1
-    wanted = dict(cache.wanted())
-    requests = [(TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"]),
-                 counts.get(_instance_key(w["pattern"], w["flags"], w["dtype"], w["shape"]), 1))
-                for w in wanted.values()]
+    # This model's misses only (the wanted table may hold other models' too), keyed like the counts.
+    wanted_key = {}
+    requests = []
+    for key, w in cache.wanted():
+        ikey = _instance_key(w["pattern"], w["flags"], w["dtype"], w["shape"])
+        if ikey in counts:
+            wanted_key[ikey] = key
+            requests.append((TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"]), counts[ikey]))
     ranked = rank(requests, device, timeout_s)
     gain = sum(r.gain_ms or 0.0 for r in ranked)
     out(f"step {before:.2f} ms; {len(report.instances)} pattern instance(s), {len(ranked)} to tune; "
@@ -195,10 +199,9 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
         result = tune(r.request, cache, device, budget_s=left / max(1, len(ranked) - len(results)),
                       timeout_s=timeout_s, **tune_kwargs)
         results.append(result)
-        key = next((k for k, w in wanted.items() if w["shape"] == list(r.request.shape)
-                    and w["flags"] == r.request.flags and w["dtype"] == r.request.dtype), None)
-        if key is not None and result.status in ("written", "inductor wins"):
-            cache.remove_wanted(key)
+        if result.status in ("written", "inductor wins"):
+            q = r.request
+            cache.remove_wanted(wanted_key[_instance_key(q.pattern, q.flags, q.dtype, list(q.shape))])
     torch._dynamo.reset()
     after = step_ms(torch.compile(model, backend="autokernel", options=options), model, inputs)
     note = " (Triton interpreter on CPU: these times mean nothing)" if device.type == "cpu" else ""
