@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("autokernel")
@@ -52,7 +52,6 @@ class AgentRun:
     input_tokens: int = 0
     output_tokens: int = 0
     stop: str = ""
-    log: list[str] = field(default_factory=list)
 
 
 def _client() -> Any:
