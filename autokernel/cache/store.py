@@ -138,9 +138,6 @@ class KernelCache:
 
         runtime.invalidate(self.root)
 
-    def get_entry(self, pattern_key: str, hidden: int, rows: int) -> Any:
-        return self.db.get(_key("entry", pattern_key, hidden, row_bucket(rows)))
-
     # ---- wanted ----
     def record_wanted(self, pattern: str, pattern_key: str, flags: dict[str, Any], dtype: str,
                       shape: list[int], hidden: int, rows: int) -> None:

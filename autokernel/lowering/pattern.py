@@ -60,11 +60,6 @@ class Alt(Pattern):
     options: tuple[Pattern, ...]
 
 
-def maybe(wrapper: Any, inner: Pattern) -> Alt:
-    """``wrapper(inner)`` or ``inner`` alone: an optional cast, an optional offset."""
-    return Alt((wrapper(inner), inner))
-
-
 @dataclass
 class Bindings:
     values: dict[str, Any] = field(default_factory=dict)
@@ -161,11 +156,6 @@ def cast_dtype(node: Node) -> torch.dtype | None:
     if kwargs.get("device") is not None and (src is None or torch.device(kwargs["device"]) != src.device):
         return None
     return kwargs.get("dtype")
-
-
-def concrete(size: Any) -> int | None:
-    """An int for a static size, None for a symbolic one (never guards)."""
-    return size if isinstance(size, int) else None
 
 
 def size_hint(size: Any) -> int:
