@@ -1,6 +1,8 @@
 """Where does a compiled RMSNorm training step spend its time? (GPU; diagnostics, not a benchmark.)
 
-python benchmarks/profile_rms_norm.py [--shape 8192x8192]   (the cache must hold an entry for the shape)
+python benchmarks/profile_rms_norm.py [--shape 8192x8192] [--tuned]
+Without --tuned the op serves the built-in default config from a temporary cache (any GPU); with it,
+the default cache dir must hold a tuned entry for the shape.
 Times the same step three ways: the kernels called directly, the custom ops under eager autograd, and
 torch.compile(backend="autokernel"); then prints the profiler's table for the compiled step.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+from overhead_probe import hf as hf_rms_norm
+from overhead_probe import probe_cache
 from triton.testing import do_bench
 
 import autokernel
@@ -17,22 +21,17 @@ from autokernel.cache import default_cache_dir
 from autokernel.lowering.rms_norm.kernels import default_config, rms_norm_bwd, rms_norm_fwd
 
 
-def hf_rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return w * h.to(x.dtype)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8192x8192")
+    p.add_argument("--tuned", action="store_true", help="serve the default cache dir's tuned entry")
     a = p.parse_args()
     rows, hidden = map(int, a.shape.split("x"))
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     cfg = default_config(hidden, rows, x.dtype)
-    cache = str(default_cache_dir())
+    cache = str(default_cache_dir()) if a.tuned else probe_cache(rows, hidden)
 
     def direct():
         _, rstd = rms_norm_fwd(x, w, 1e-6, 0.0, "llama", x.dtype, cfg, True)
@@ -43,7 +42,7 @@ def main() -> None:
         y.backward(dy)
         x.grad = w.grad = None
 
-    compiled = torch.compile(hf_rms_norm, backend="autokernel")
+    compiled = torch.compile(hf_rms_norm, backend="autokernel", options={"autokernel.cache_dir": cache})
     inductor = torch.compile(hf_rms_norm)
 
     def step(fn):
@@ -62,7 +61,7 @@ def main() -> None:
     def op_forward_only():
         torch.ops.autokernel.rms_norm(x, w, 1e-6, 0.0, "llama", x.dtype, cache)
 
-    print(autokernel.explain(hf_rms_norm, x, w))
+    print(autokernel.explain(hf_rms_norm, x, w, options={"autokernel.cache_dir": cache}))
     rows = (("fwd+bwd kernels direct", direct), ("fwd+bwd custom ops, eager autograd", ops),
             ("fwd+bwd compiled autokernel", step(compiled)), ("fwd+bwd compiled inductor", step(inductor)),
             ("fwd custom op direct", op_forward_only), ("fwd compiled autokernel", forward_only(compiled)),
@@ -85,6 +84,7 @@ def main() -> None:
             run()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":
