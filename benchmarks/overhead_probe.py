@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+import autokernel.lowering.rms_norm as rms_norm_family
 from autokernel.cache import KernelCache, row_bucket
+from autokernel.lowering import launches_inline
 from autokernel.lowering.rms_norm.kernels import default_config, rms_norm_bwd, rms_norm_fwd
 from autokernel.lowering.rms_norm.ops import pattern_key, select_config
 
@@ -103,6 +105,13 @@ def main() -> None:
                 fn()
         return run
 
+    # The same graph with the opaque ops (what dynamic shapes get), for comparison with the inline ones.
+    rms_norm_family.launches_inline = lambda value: False
+    ak_opaque = torch.compile(hf, backend="autokernel", options={"autokernel.cache_dir": cache})
+    train(ak_opaque)()
+    no_grad(ak_opaque)()
+    rms_norm_family.launches_inline = launches_inline
+
     ops = torch.ops.autokernel
     rows = {
         "empty torch op (x.new_empty)": lambda: x.new_empty(x.shape),
@@ -119,6 +128,8 @@ def main() -> None:
         "compiled inductor fwd+bwd": train(ind),
         "compiled autokernel fwd+bwd": train(ak),
         "compiled autokernel fwd+bwd, 1 thread": single_threaded(train(ak)),
+        "compiled autokernel opaque fwd+bwd": train(ak_opaque),
+        "compiled autokernel opaque fwd, no_grad": no_grad(ak_opaque),
         "compiled inductor fwd+bwd, 1 thread": single_threaded(train(ind)),
         "compiled inductor fwd, no_grad": no_grad(ind),
         "compiled autokernel fwd, no_grad": no_grad(ak),

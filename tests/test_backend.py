@@ -438,3 +438,50 @@ def test_ak_tune_model_leaves_other_models_misses_alone(tmp_path, capsys):
     assert cli.main(["--model", f"{model_file}:make", "--cache-dir", str(tmp_path / "c"), "-q"]) == 0
     assert "1 to tune" in capsys.readouterr().out
     assert [w["hidden"] for _, w in cache.wanted()] == [96]  # another model's miss: still wanted, untouched
+
+
+@pytest.mark.parametrize("mode", ["llama", "gemma"])
+def test_inline_ops_compute_what_the_opaque_ops_compute(mode):
+    """The two flavours share their bodies; eagerly (no Inductor) they must agree bit for bit."""
+    ops = torch.ops.autokernel
+    x = torch.randn(7, 40, dtype=torch.bfloat16)
+    w = torch.randn(40, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    args = (1e-6, 0.0, mode, torch.bfloat16, "")
+    assert torch.equal(ops.rms_norm(x, w, *args), ops.rms_norm_inline(x, w, *args))
+    results = []
+    for train in (ops.rms_norm_train, ops.rms_norm_train_inline):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y, rstd = train(xg, wg, *args)
+        y.backward(dy)
+        results.append((y, rstd, xg.grad, wg.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    rstd = results[0][1]
+    back = [op(dy, x, w, rstd, 0.0, mode, torch.bfloat16, "") for op in (ops.rms_norm_backward,
+                                                                        ops.rms_norm_backward_inline)]
+    assert all(torch.equal(a, b) for a, b in zip(*back, strict=True))
+
+
+def test_a_graph_that_fails_to_compile_with_our_ops_compiles_without_them(tmp_path, monkeypatch, caplog):
+    """A cached kernel that breaks Inductor's compile (inline ops are compiled with the graph) costs the
+    tuned kernel, not the model: the graph is compiled again as Dynamo made it."""
+    backend_module = sys.modules["autokernel.backend"]  # the package; ``autokernel.backend`` is the callable
+    real_compile = backend_module._compile
+    compiled_graphs = []
+
+    def compile_refusing_our_ops(gm, example_inputs, opts):
+        compiled_graphs.append(str(gm.graph))
+        if "autokernel" in compiled_graphs[-1]:
+            raise RuntimeError("simulated kernel build failure")
+        return real_compile(gm, example_inputs, opts)
+
+    monkeypatch.setattr(backend_module, "_compile", compile_refusing_our_ops)
+    model = _model()
+    x = torch.randn(6, H, dtype=torch.bfloat16)
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(6))
+    compiled = torch.compile(model, backend="autokernel", options=_opts(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        _grads_match(model, compiled, x)
+    assert len(compiled_graphs) == 2 and "autokernel" not in compiled_graphs[1]
+    assert "compiling it without them" in caplog.text

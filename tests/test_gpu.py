@@ -141,12 +141,65 @@ def test_backend_on_cuda(module, dtype, tmp_path):
     assert_close(model.weight.grad, ref.weight.grad, dtype, "dw")
 
 
-def test_opcheck_cuda():
+@pytest.mark.parametrize("suffix", ["", "_inline"])
+def test_opcheck_cuda(suffix):
+    ops = torch.ops.autokernel
     x = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    torch.library.opcheck(torch.ops.autokernel.rms_norm_train, (x, w, 1e-6, 0.0, "llama", torch.bfloat16, ""))
-    torch.library.opcheck(torch.ops.autokernel.rms_norm, (x.detach(), w.detach(), 1e-6, 1.0, "gemma",
-                                                          torch.float32, ""))
+    torch.library.opcheck(getattr(ops, f"rms_norm_train{suffix}"), (x, w, 1e-6, 0.0, "llama", torch.bfloat16, ""))
+    torch.library.opcheck(getattr(ops, f"rms_norm{suffix}"), (x.detach(), w.detach(), 1e-6, 1.0, "gemma",
+                                                              torch.float32, ""))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_static_shapes_launch_inline_dynamic_shapes_call_the_opaque_op(dynamic, tmp_path):
+    """Static shapes: Inductor's own code launches our kernel (no op call left). Dynamic shapes: the
+    opaque op, which picks its configuration from each call's shape. Both match float64."""
+    from models import HFLlama, check_hf_llama
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = HFLlama(1024).cuda().to(torch.bfloat16)
+    x = torch.randn(4, 100, 1024, device="cuda", dtype=torch.bfloat16)
+    _fill(model, x, str(tmp_path))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="autokernel", dynamic=dynamic,
+                             options={"autokernel.cache_dir": str(tmp_path)})
+    _, code = run_and_get_code(lambda: check_hf_llama(compiled, model, x))
+    code = "\n".join(code)
+    assert ("autokernel.rms_norm_train" in code) == dynamic
+    assert ("autokernel.rms_norm_backward" in code) == dynamic
+    assert ("_rms_norm_fwd_single_kernel" in code) != dynamic
+    assert ("_rms_norm_bwd_single_kernel" in code) != dynamic
+    if dynamic:  # a second shape reuses the graph and is served at its own shape
+        check_hf_llama(compiled, model, torch.randn(2, 37, 1024, device="cuda", dtype=torch.bfloat16))
+
+
+def test_a_kernel_that_does_not_build_costs_the_kernel_not_the_model(tmp_path, caplog):
+    """An inline op's kernel is built with the graph: a source entry whose kernel does not compile makes
+    the backend compile the graph again without our ops."""
+    import logging
+
+    from models import AGENT_SOURCE, HFLlama, check_hf_llama
+
+    torch._dynamo.reset()
+    hidden, rows = 512, 64
+    model = HFLlama(hidden).cuda().to(torch.bfloat16)
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    broken = AGENT_SOURCE.replace("    cols = tl.arange(0, BLOCK_N)", "    tl.static_assert(BLOCK_N < 0)\n"
+                                  "    cols = tl.arange(0, BLOCK_N)", 1)
+    assert broken != AGENT_SOURCE
+    KernelCache(tmp_path, device=x.device).put_entry({
+        "version": 1, "pattern": "rms_norm",
+        "pattern_key": pattern_key("llama", 0.0, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        "hidden": hidden, "row_bucket": row_bucket(rows),
+        "kernel": {"kind": "source", "source": broken, "config": {}},
+        "winner": {"fwd": "autokernel", "train": "autokernel"}, "producer": {"strategy": "test"},
+        "checks": [], "created": time.time()})
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        check_hf_llama(torch.compile(model, backend="autokernel", options={"autokernel.cache_dir": str(tmp_path)}),
+                       model, x)
+    assert "compiling it without them" in caplog.text
 
 
 def test_source_entry_on_cuda(tmp_path):

@@ -60,16 +60,37 @@ def backend(gm: GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callab
             logger.warning("autokernel: analysis failed, graph left to Inductor", exc_info=True)
             report.errors.append(f"graph {report.graphs}: analysis failed: {exc!r}")
         return gm.forward
+    original = None
     if opts.enabled:
         try:
             plan = plan_graph(gm, opts, record=opts.record_misses)
             _log_plan(plan.instances, 0)
             if plan.rewrites:
+                original = _snapshot(gm)
                 apply_plan(gm, plan, opts)
                 gm.recompile()
         except Exception:
             logger.warning("autokernel: analysis or rewrite failed, graph left to Inductor as is", exc_info=True)
-    return _compile(gm, example_inputs, opts)
+            original = None
+    try:
+        return _compile(gm, example_inputs, opts)
+    except Exception:
+        # Inline ops are traced into Inductor's code, so a cached kernel that does not build fails here.
+        if original is None:
+            raise
+        logger.warning("autokernel: compiling the graph with our kernels failed; compiling it without them",
+                       exc_info=True)
+        return _compile(original, example_inputs, opts)
+
+
+def _snapshot(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm``'s graph (nodes and their meta) over the same module attributes: cheap, no tensors."""
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    graph.output(graph.graph_copy(gm.graph, {}))
+    snapshot = GraphModule(gm, graph)
+    snapshot.meta.update(gm.meta)
+    return snapshot
 
 
 @contextlib.contextmanager

@@ -35,6 +35,17 @@ class PatternFamily:
     problem: Callable[..., Any]
 
 
+def launches_inline(value: Any) -> bool:
+    """Whether an op on this (fake) tensor should be the inline flavour, whose kernels Inductor launches
+    itself: on CUDA, not under the Triton interpreter (Inductor cannot trace interpreted kernels), and
+    with every size static (an inline op picks its configuration at trace time). Otherwise the opaque
+    flavour, which picks it from the actual shape on every call."""
+    from autokernel.cache.fingerprint import interpreter_enabled
+
+    return (value.device.type == "cuda" and not interpreter_enabled()
+            and all(isinstance(s, int) for s in value.shape))
+
+
 def families() -> dict[str, PatternFamily]:
     from autokernel.lowering import rms_norm
 

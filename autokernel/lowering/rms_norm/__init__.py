@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from autokernel.lowering import PatternFamily, Replacement
+from autokernel.lowering import PatternFamily, Replacement, launches_inline
 from autokernel.lowering.pattern import Instance, node_val
 from autokernel.lowering.rms_norm import ops
 from autokernel.lowering.rms_norm.match import find_instances
@@ -20,9 +20,10 @@ def _pattern_key(inst: Instance) -> str:
 def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replacement:
     p = inst.params
     args = (inputs["x"], inputs["weight"], p["eps"], p["offset"], p["mode"], p["out_dtype"], cache_dir)
+    suffix = "_inline" if launches_inline(node_val(inst.inputs["x"])) else ""
     if train:
-        return Replacement(torch.ops.autokernel.rms_norm_train.default, args, 0)
-    return Replacement(torch.ops.autokernel.rms_norm.default, args, None)
+        return Replacement(getattr(torch.ops.autokernel, f"rms_norm_train{suffix}").default, args, 0)
+    return Replacement(getattr(torch.ops.autokernel, f"rms_norm{suffix}").default, args, None)
 
 
 def _problem(*args, **kwargs):

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 logger = logging.getLogger("autokernel")
 
@@ -474,10 +475,13 @@ def rms_norm_fwd(
     config: RmsNormConfig,
     save_rstd: bool,
     kernels: SourceKernels | None = None,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm over the last dim of ``x``. Returns ``y`` (x's shape, contiguous, ``out_dtype``) and
     ``rstd`` (float32, ``x.shape[:-1]``) or ``None`` when ``save_rstd`` is false. ``kernels``: kernels
-    from a cache entry's source, used instead of the built-in single-pass ones (see :class:`SourceKernels`)."""
+    from a cache entry's source, used instead of the built-in single-pass ones (see :class:`SourceKernels`).
+    ``traceable``: launch through ``wrap_triton``, so that under torch.compile Inductor sees the kernel
+    and launches it itself (called from a ``triton_op``)."""
     hidden = _check(x, weight, mode)
     x2 = _as_rows(x, hidden)
     rows = x2.shape[0]
@@ -496,6 +500,8 @@ def rms_norm_fwd(
     else:
         kernel = kernels.fwd if kernels is not None else _rms_norm_fwd_single_kernel
         block = _next_power_of_2(hidden)
+    if traceable:
+        kernel = wrap_triton(kernel)
     kernel[((rows + rpp - 1) // rpp,)](
         x2,
         w if w is not None else x2,  # dummy pointer, never read when HAS_WEIGHT is false
@@ -527,9 +533,11 @@ def rms_norm_bwd(
     mode: str,
     config: RmsNormConfig,
     kernels: SourceKernels | None = None,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients of :func:`rms_norm_fwd`. Returns ``dx`` (x's shape and dtype, contiguous) and ``dw``
-    (weight's dtype) or ``None`` without a weight. ``dw`` is reduced in a fixed order: deterministic."""
+    """Gradients of :func:`rms_norm_fwd` (``kernels``, ``traceable``: as there). Returns ``dx`` (x's shape
+    and dtype, contiguous) and ``dw`` (weight's dtype) or ``None`` without a weight. ``dw`` is reduced in a
+    fixed order: deterministic."""
     hidden = _check(x, weight, mode)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"rms_norm_bwd: dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
@@ -561,6 +569,8 @@ def rms_norm_bwd(
     else:
         block = _next_power_of_2(hidden)
         kernel, extra = _rms_norm_bwd_single_kernel, {"PREFETCH": block <= _PREFETCH_MAX_BLOCK}
+    if traceable:
+        kernel = wrap_triton(kernel)
     kernel[(programs,)](
         dy2,
         x2,

@@ -107,61 +107,64 @@ def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torc
     return default_config(hidden, row_bucket(rows), dtype), None
 
 
-@torch.library.custom_op("autokernel::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
-             out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
-    """Forward-only RMSNorm (nothing saved for backward): inference, no_grad, frozen inputs."""
-    y, _ = _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_fwd(
-        x, weight, eps, offset, mode, out_dtype, config, save_rstd=False, kernels=kernels))
-    return y
-
-
-@rms_norm.register_fake
-def _(x, weight, eps, offset, mode, out_dtype, cache_dir):
-    return x.new_empty(x.shape, dtype=out_dtype)
-
-
-@torch.library.custom_op("autokernel::rms_norm_train", mutates_args=())
-def rms_norm_train(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
-                   out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm that also returns ``rstd`` (float32, x.shape[:-1]) for the backward."""
+def _forward(x, weight, eps, offset, mode, out_dtype, cache_dir, save_rstd: bool, traceable: bool):
     return _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_fwd(
-        x, weight, eps, offset, mode, out_dtype, config, save_rstd=True, kernels=kernels))
+        x, weight, eps, offset, mode, out_dtype, config, save_rstd=save_rstd, kernels=kernels, traceable=traceable))
 
 
-@rms_norm_train.register_fake
-def _(x, weight, eps, offset, mode, out_dtype, cache_dir):
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("autokernel::rms_norm_backward", mutates_args=())
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-                      offset: float, mode: str, out_dtype: torch.dtype,
-                      cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """dX and dW in one pass over the rows; dW is an empty tensor when there is no weight."""
+def _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, traceable: bool):
     dx, dw = _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_bwd(
-        dy, x, weight, rstd, offset, mode, config, kernels=kernels))
+        dy, x, weight, rstd, offset, mode, config, kernels=kernels, traceable=traceable))
     return dx, dw if dw is not None else x.new_empty((0,))
 
 
-@rms_norm_backward.register_fake
-def _(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir):
-    dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
-    return x.new_empty(x.shape), dw
+def _define_ops(suffix: str, inline: bool) -> None:
+    """Define ``autokernel::rms_norm{suffix}``, ``rms_norm_train{suffix}`` and ``rms_norm_backward{suffix}``.
+
+    Two flavours of the same three ops. Opaque (``torch.library.custom_op``): Inductor calls the op, and
+    the op picks its configuration on every call from the actual shape; it serves symbolic shapes and the
+    Triton interpreter. Inline (``torch.library.triton_op``): AOTAutograd traces through the op, so
+    Inductor launches our kernels from its own generated code (a fraction of the opaque op's host cost,
+    measured in benchmarks/NOTES.md); the configuration is picked once, at trace time, which is only
+    right for static shapes.
+    """
+    define = torch.library.triton_op if inline else torch.library.custom_op
+
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
+                out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
+        return _forward(x, weight, eps, offset, mode, out_dtype, cache_dir, False, inline)[0]
+
+    def train(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
+              out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(x, weight, eps, offset, mode, out_dtype, cache_dir, True, inline)
+
+    def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+                 offset: float, mode: str, out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, inline)
+
+    forward_op = define(f"autokernel::rms_norm{suffix}", forward, mutates_args=())
+    train_op = define(f"autokernel::rms_norm_train{suffix}", train, mutates_args=())
+    backward_op = define(f"autokernel::rms_norm_backward{suffix}", backward, mutates_args=())
+    if not inline:  # a triton_op derives its fake from its body
+        forward_op.register_fake(lambda x, weight, eps, offset, mode, out_dtype, cache_dir:
+                                 x.new_empty(x.shape, dtype=out_dtype))
+        train_op.register_fake(lambda x, weight, eps, offset, mode, out_dtype, cache_dir: (
+            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)))
+        backward_op.register_fake(lambda dy, x, weight, rstd, offset, mode, out_dtype, cache_dir: (
+            x.new_empty(x.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _eps, offset, mode, out_dtype, cache_dir = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir = offset, mode, out_dtype, cache_dir
+
+    def train_backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = backward_op(dy, x, weight, rstd, ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir)
+        return dx, (dw if weight is not None else None), None, None, None, None, None
+
+    train_op.register_autograd(train_backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _eps, offset, mode, out_dtype, cache_dir = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir = offset, mode, out_dtype, cache_dir
-
-
-def _backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.autokernel.rms_norm_backward(
-        dy, x, weight, rstd, ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir
-    )
-    return dx, (dw if weight is not None else None), None, None, None, None, None
-
-
-rms_norm_train.register_autograd(_backward, setup_context=_setup_context)
+_define_ops("", inline=False)
+_define_ops("_inline", inline=True)
