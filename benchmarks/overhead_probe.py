@@ -14,6 +14,7 @@ import argparse
 import tempfile
 import threading
 import time
+import types
 
 import torch
 import triton
@@ -64,6 +65,12 @@ def probe_cache(rows: int, hidden: int) -> str:
     return cache
 
 
+def separate(fn, name: str):
+    """``fn`` with its own code object: Dynamo caches compiled graphs per code object, so two
+    torch.compile wrappers of one function with the same backend would share their graphs."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
+
+
 def hf(x, w):
     h = x.to(torch.float32)
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
@@ -107,7 +114,7 @@ def main() -> None:
 
     # The same graph with the opaque ops (what dynamic shapes get), for comparison with the inline ones.
     rms_norm_family.launches_inline = lambda value: False
-    ak_opaque = torch.compile(hf, backend="autokernel", options={"autokernel.cache_dir": cache})
+    ak_opaque = torch.compile(separate(hf, "hf_opaque"), backend="autokernel", options={"autokernel.cache_dir": cache})
     train(ak_opaque)()
     no_grad(ak_opaque)()
     rms_norm_family.launches_inline = launches_inline
