@@ -1,6 +1,6 @@
 """Pattern families: one subpackage each, holding its matcher, its ops, its kernels and its tuning problem.
 
-A family is registered here as data; the backend walks :data:`FAMILIES` in order and the first family
+A family is registered here as data; the backend walks :data:`FAMILY_MODULES` in order and the first family
 whose matcher claims a node gets it (later families see the node as taken).
 """
 
@@ -46,7 +46,13 @@ def launches_inline(value: Any) -> bool:
             and all(isinstance(s, int) for s in value.shape))
 
 
-def families() -> dict[str, PatternFamily]:
-    from autokernel.lowering import rms_norm
+# Subpackages of autokernel.lowering, one per family, in claiming order: a family that contains another's
+# pattern (add + RMSNorm contains RMSNorm) comes first.
+FAMILY_MODULES = ("rms_norm",)
 
-    return {f.name: f for f in (rms_norm.FAMILY,)}
+
+def families() -> dict[str, PatternFamily]:
+    import importlib
+
+    modules = [importlib.import_module(f"autokernel.lowering.{name}") for name in FAMILY_MODULES]
+    return {m.FAMILY.name: m.FAMILY for m in modules}
