@@ -188,18 +188,20 @@ def test_no_grad_and_inference_mode_use_the_forward_only_op(tmp_path, spy):
     assert "autokernel.rms_norm.default" in spy.graphs[0]
 
 
-def test_dynamic_shapes_add_no_guards_and_pick_config_at_run_time(tmp_path):
+@torch._dynamo.config.patch(specialize_float=True)  # eps stays a constant (see the next test)
+def test_dynamic_shapes_add_no_guards_and_pick_config_at_run_time(tmp_path, spy):
     model = _model()
     cache = KernelCache(tmp_path, device="cpu")
     cache.put_entry(_entry(8))
     from torch._dynamo.utils import counters
 
     counters.clear()
-    compiled = torch.compile(model, backend="autokernel", options=_opts(tmp_path), dynamic=True)
+    compiled = torch.compile(model, backend=spy.backend, options=_opts(tmp_path), dynamic=True)
     for rows in (8, 3, 17):
         x = torch.randn(rows, H, dtype=torch.bfloat16)
         _grads_match(model, compiled, x)
     assert counters["stats"]["unique_graphs"] == 1  # no guard of ours specialized a size
+    assert len(spy.graphs) == 1 and "autokernel.rms_norm_train.default" in spy.graphs[0]
     # Automatic dynamic: a static compile, then one recompile on a new row count, then no more.
     torch._dynamo.reset()
     counters.clear()
@@ -207,6 +209,18 @@ def test_dynamic_shapes_add_no_guards_and_pick_config_at_run_time(tmp_path):
     for rows in (8, 5, 9, 33):
         _grads_match(model, compiled, torch.randn(rows, H, dtype=torch.bfloat16))
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_eps_made_a_graph_input_is_declined_with_the_reason(tmp_path, caplog):
+    """dynamic=True turns float attributes (the model's eps) into graph inputs read with .item(): the
+    analysis must survive it and the instance is declined, saying why and what to do."""
+    model = _model()
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(8))
+    compiled = torch.compile(model, backend="autokernel", options=_opts(tmp_path), dynamic=True)
+    with caplog.at_level(logging.INFO, logger="autokernel"):
+        _grads_match(model, compiled, torch.randn(8, H, dtype=torch.bfloat16))
+    assert "eps is a graph input" in caplog.text and "specialize_float" in caplog.text
+    assert "analysis or rewrite failed" not in caplog.text
 
 
 def test_failure_inside_autokernel_falls_back_to_inductor(tmp_path, monkeypatch, caplog):

@@ -156,6 +156,7 @@ def test_opcheck_cuda(suffix):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
+@torch._dynamo.config.patch(specialize_float=True)  # else dynamic=True makes eps an input, and we decline
 def test_static_shapes_launch_inline_dynamic_shapes_call_the_opaque_op(dynamic, tmp_path):
     """Static shapes: Inductor's own code launches our kernel (no op call left). Dynamic shapes: the
     opaque op, which picks its configuration from each call's shape. Both match float64."""

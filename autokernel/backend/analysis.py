@@ -20,6 +20,8 @@ from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx
 
+from autokernel.lowering.pattern import DYNAMIC_SCALAR
+
 
 @dataclass
 class AnalysisView:
@@ -49,7 +51,13 @@ class _Recorder(Interpreter):
         tracer = get_proxy_mode().tracer
         graph = tracer.graph
         last = graph._root.prev
-        result = super().run_node(n)
+        if n.op == "call_method" and n.target == "item":
+            # A Python scalar Dynamo made a graph input (dynamic=True does this to float attributes such
+            # as eps): tracing .item() would need its value. A marker value stands in for it, so that a
+            # matcher binding it as a constant can see that it is none and decline.
+            result = DYNAMIC_SCALAR
+        else:
+            result = super().run_node(n)
         made = []
         node = graph._root.prev
         while node is not last:

@@ -135,6 +135,16 @@ def _match_args(patterns: tuple[Pattern, ...], args: tuple[Any, ...], b: Binding
 
 # ---- helpers the families share -------------------------------------------------------------
 
+# What the analysis view holds where the model reads a Python scalar that Dynamo made a graph input
+# (``.item()`` of it; dynamic=True does this to float attributes). An odd float no model writes, so
+# that a Const binding it can be told from a real constant by :func:`is_dynamic_scalar`.
+DYNAMIC_SCALAR = float.fromhex("0x1.a5c0ffeep-999")
+
+
+def is_dynamic_scalar(value: Any) -> bool:
+    return isinstance(value, float) and value == DYNAMIC_SCALAR
+
+
 def cast(inner: Pattern, name: str | None = None) -> Op:
     """A dtype conversion as the analysis view spells it (``.to``, ``.float()``, ``type_as``)."""
     return Op((aten._to_copy,), (inner,), name=name)

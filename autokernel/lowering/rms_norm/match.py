@@ -33,6 +33,7 @@ from autokernel.lowering.pattern import (
     cast,
     cast_dtype,
     dtype_name,
+    is_dynamic_scalar,
     match,
     node_val,
 )
@@ -139,6 +140,9 @@ def _check(root: Node, b) -> Instance:
         return _decline(inst, "mean with an explicit dtype")
     if "power" in b.values and b["power"] != 2:
         return _decline(inst, f"power {b['power']}, not 2")
+    if is_dynamic_scalar(b["eps"]):
+        return _decline(inst, "eps is a graph input, not a constant (dynamic=True makes float attributes "
+                              "inputs; torch._dynamo.config.specialize_float = True keeps them constants)")
     if b["eps"] < 0:
         return _decline(inst, f"negative eps {b['eps']}")
     xv = node_val(x)
