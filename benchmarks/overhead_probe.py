@@ -123,7 +123,7 @@ def main() -> None:
     rows = {
         "empty torch op (x.new_empty)": lambda: x.new_empty(x.shape),
         "triton launch, no-op kernel": lambda: _noop[(1,)](buf, 16, BLOCK=16),
-        "select_config": lambda: select_config(x, w, 0.0, "llama", x.dtype, cache),
+        "select_config": lambda: select_config(x, pattern_key("llama", 0.0, *(x.dtype,) * 3), cache),
         "rms_norm_fwd (wrapper+launch)": lambda: rms_norm_fwd(x, w, 1e-6, 0.0, "llama", x.dtype, cfg, True),
         "rms_norm_bwd (wrapper+launch)": lambda: rms_norm_bwd(dy, x, w, rstd, 0.0, "llama", cfg),
         "op rms_norm (fwd only)": lambda: ops.rms_norm(x, w, 1e-6, 0.0, "llama", x.dtype, cache),

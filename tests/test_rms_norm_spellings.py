@@ -30,7 +30,8 @@ from autokernel.playbook.tolerances import assert_close
 backend_module = importlib.import_module("autokernel.backend")  # ``autokernel.backend`` is the function
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-AK_OPS = {torch.ops.autokernel.rms_norm.default, torch.ops.autokernel.rms_norm_train.default}
+AK_OPS = {getattr(torch.ops.autokernel, name).default
+          for name in ("rms_norm", "rms_norm_train", "add_rms_norm", "add_rms_norm_train")}
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -59,7 +60,8 @@ def explain(fn, inputs, cache_dir: str) -> autokernel.Report:
 def _entry(inst: autokernel.InstanceReport) -> dict:
     f = inst.flags
     key = pattern_key(f["mode"], f["offset"], DTYPES[inst.dtype],
-                      None if f["weight"] == "none" else DTYPES[f["weight"]], DTYPES[f["out"]])
+                      None if f["weight"] == "none" else DTYPES[f["weight"]], DTYPES[f["out"]],
+                      f.get("residual", False))
     hidden = inst.shape[-1] if inst.shape else 1
     rows = math.prod(inst.shape[:-1])
     return {
@@ -491,8 +493,8 @@ def test_two_norms_and_residual(dt, cache_dir, make_hits, rewritten):
     x, r = randn(2, 3, 40, dtype=dtype, seed=0), randn(2, 3, 40, dtype=dtype, seed=1)
     found = rms(explain(model, [x, r], cache_dir))
     mode1 = "gemma" if dtype == torch.float32 else "llama"
-    assert [(i.status, i.flags["mode"], i.flags["offset"]) for i in found] == [
-        ("miss", mode1, 0.0), ("miss", "gemma", 1.0)], found
+    assert [(i.status, i.flags["mode"], i.flags["offset"], i.flags.get("residual")) for i in found] == [
+        ("miss", mode1, 0.0, True), ("miss", "gemma", 1.0, None)], found
     assert [i.status for i in rms(make_hits(model, [x, r], cache_dir))] == ["hit", "hit"]
     check_against_reference(model, compile_aot_eager(model, cache_dir), [x, r], dtype, f"block {dt}")
     assert rewritten.counts == [2]

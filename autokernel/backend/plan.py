@@ -34,6 +34,8 @@ class Rewrite:
     nodes: set[Node]  # the Dynamo nodes the replacement makes dead
     inputs: dict[str, Node | None]  # the op's tensor inputs, as Dynamo nodes
     train: bool
+    # Instance.side_outputs, as the Dynamo nodes holding each value (no-op casts make several)
+    side_roots: dict[str, tuple[Node, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,7 +44,15 @@ class GraphPlan:
     rewrites: list[Rewrite] = field(default_factory=list)
 
 
-def _dynamo_region(view: AnalysisView, inst: Instance) -> tuple[Node, set[Node], dict[str, Node | None]] | str:
+@dataclass
+class _Region:
+    root: Node
+    nodes: set[Node]
+    inputs: dict[str, Node | None]
+    side_roots: dict[str, tuple[Node, ...]]
+
+
+def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
     """The Dynamo nodes behind an aten match, or why the match cannot be cut out of the Dynamo graph."""
     nodes = view.dynamo_nodes_of(inst.nodes)
     matched = set(inst.nodes)
@@ -52,17 +62,25 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> tuple[Node, set[Node],
                  if a not in matched and a.users and isinstance(node_val(a), torch.Tensor)]
         if extra:
             return f"{d.name} computes more than the pattern ({extra[0].name})"
-    # Several Dynamo nodes hold the root's value when no-op casts follow it: the last one is the root.
-    roots = [d for d in nodes if view.output_of.get(d) is inst.root]
-    if not roots:
-        return "the pattern's output is not the value of a Dynamo node"
-    root = max(roots, key=_position(next(iter(nodes)).graph))
+    position = _position(next(iter(nodes)).graph)
+    provided: dict[str, tuple[Node, ...]] = {}
+    for name, aten_node in (("output", inst.root), *inst.side_outputs.items()):
+        # Several Dynamo nodes hold a value when no-op casts follow it: for the output the last one
+        # provides it (the casts are part of the pattern); a side output replaces them all.
+        holders = tuple(sorted((d for d in nodes if view.output_of.get(d) is aten_node), key=position))
+        if not holders:
+            return f"the pattern's {name} is not the value of a Dynamo node"
+        provided[name] = holders
+    root = provided.pop("output")[-1]
+    side = {d for holders in provided.values() for d in holders}
     for d in nodes:
-        if d is root:
+        if d is root or d in side:
             continue
         outside = [u for u in d.users if u not in nodes]
         if outside:
             return f"intermediate {d.name} is also used by {outside[0].name}"
+    # The op goes where its first output was; every input must exist by then.
+    first = min([root, *side], key=position)
     inputs: dict[str, Node | None] = {}
     for name, a in inst.inputs.items():
         if a is None:
@@ -71,8 +89,10 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> tuple[Node, set[Node],
         d = view.producer.get(a)
         if d is None or d in nodes:
             return f"input {name} is not the value of a Dynamo node outside the pattern"
+        if position(d) > position(first):
+            return f"input {name} is computed after the pattern's first output"
         inputs[name] = d
-    return root, nodes, inputs
+    return _Region(root, nodes, inputs, provided)
 
 
 def _shape_numbers(shape: tuple[Any, ...]) -> tuple[int, int, list[int]]:
@@ -99,6 +119,9 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             plan.instances.append(inst)
             if inst.status == "declined":
                 continue
+            # The family owns these nodes from here on, hit or miss: a later family matching part of
+            # them (softmax inside cross-entropy's log_softmax) neither takes nor reports them.
+            claimed.update(inst.nodes)
             x = node_val(inst.inputs.get("x")) if inst.inputs.get("x") is not None else node_val(inst.root)
             device = x.device
             if not kernels_can_run_on(device):
@@ -108,8 +131,7 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             if isinstance(region, str):
                 inst.status, inst.reason = "declined", region
                 continue
-            root, nodes, inputs = region
-            example = root.meta.get("example_value")
+            example = region.root.meta.get("example_value")
             train = bool(getattr(example, "requires_grad", False))
             inst.requires_grad = train
             key = family.pattern_key(inst)
@@ -138,8 +160,8 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             inst.status = "hit"
             raced = "" if entry.get("raced", True) else " (interpreter entry, not raced against Inductor)"
             inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}"
-            plan.rewrites.append(Rewrite(family, inst, root, nodes, inputs, train))
-            claimed.update(inst.nodes)
+            plan.rewrites.append(Rewrite(family, inst, region.root, region.nodes, region.inputs, train,
+                                         region.side_roots))
     for cache in caches.values():
         cache.close()
     return plan
@@ -184,19 +206,26 @@ def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
     replaced: dict[Node, Node] = {}  # an instance's input may be another instance's (erased) output
     for rw, rep, result in sorted(staged, key=lambda s: _position(graph)(s[0].root)):
         args = tuple(replaced.get(a, a) if isinstance(a, Node) else a for a in rep.args)
-        with graph.inserting_before(rw.root):
+        provided = [((rw.root,), rep.output_index)] + [(rw.side_roots[name], index)
+                                                      for name, index in rep.side_output_indices.items()]
+        with graph.inserting_before(min((d for ds, _ in provided for d in ds), key=_position(graph))):
             call = graph.call_function(rep.op, args)
-            value = call
-            if rep.output_index is not None:
-                value = graph.call_function(operator.getitem, (call, rep.output_index))
-        call.meta["example_value"] = result
-        if rep.output_index is not None:
-            value.meta["example_value"] = result[rep.output_index]
+            call.meta["example_value"] = result
+            values = []
+            for old_nodes, index in provided:
+                value = call
+                if index is not None:
+                    value = graph.call_function(operator.getitem, (call, index))
+                    value.meta["example_value"] = result[index]
+                values.append((old_nodes, value))
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in rw.root.meta:
-                call.meta[key] = value.meta[key] = rw.root.meta[key]
-        rw.root.replace_all_uses_with(value)
-        replaced[rw.root] = value
+                for node in (call, *(v for _, v in values)):
+                    node.meta[key] = rw.root.meta[key]
+        for old_nodes, value in values:
+            for old_node in old_nodes:
+                old_node.replace_all_uses_with(value)
+                replaced[old_node] = value
         for d in sorted(rw.nodes, key=_position(graph), reverse=True):
             graph.erase_node(d)
     graph.lint()

@@ -7,7 +7,7 @@ whose matcher claims a node gets it (later families see the node as taken).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.fx import Graph, Node
@@ -22,6 +22,7 @@ class Replacement:
     op: Any  # an OpOverload of torch.ops.autokernel
     args: tuple[Any, ...]
     output_index: int | None  # the op returns a tuple and the pattern's value is this element
+    side_output_indices: dict[str, int] = field(default_factory=dict)  # Instance.side_outputs -> element
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ def launches_inline(value: Any) -> bool:
             and all(isinstance(s, int) for s in value.shape))
 
 
-# Subpackages of autokernel.lowering, one per family, in claiming order: a family that contains another's
-# pattern (add + RMSNorm contains RMSNorm) comes first.
+# Subpackages of autokernel.lowering, one per family, in claiming order: a family whose pattern contains
+# another's comes first (cross-entropy's log_softmax is not softmax's to take).
 FAMILY_MODULES = ("rms_norm",)
 
 

@@ -207,3 +207,6 @@ class Instance:
     status: str = "miss"
     reason: str = ""
     source: str = ""
+    # Values of inner nodes that the op also returns because code outside the match reads them
+    # (add + RMSNorm: the sum, which the residual stream carries on): name -> aten node.
+    side_outputs: dict[str, Node] = field(default_factory=dict)

@@ -14,16 +14,22 @@ def _pattern_key(inst: Instance) -> str:
     p = inst.params
     w = inst.inputs["weight"]
     return ops.pattern_key(p["mode"], p["offset"], node_val(inst.inputs["x"]).dtype,
-                           node_val(w).dtype if w is not None else None, p["out_dtype"])
+                           node_val(w).dtype if w is not None else None, p["out_dtype"], "residual" in inst.inputs)
 
 
 def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replacement:
     p = inst.params
-    args = (inputs["x"], inputs["weight"], p["eps"], p["offset"], p["mode"], p["out_dtype"], cache_dir)
+    scalars = (p["eps"], p["offset"], p["mode"], p["out_dtype"], cache_dir)
     suffix = "_inline" if launches_inline(node_val(inst.inputs["x"])) else ""
+    ak = torch.ops.autokernel
+    if "residual" in inst.inputs:  # add + RMSNorm: (y, h[, rstd])
+        args = (inputs["x"], inputs["residual"], inputs["weight"], *scalars)
+        op = getattr(ak, f"add_rms_norm_train{suffix}" if train else f"add_rms_norm{suffix}")
+        return Replacement(op.default, args, 0, {"h": 1})
+    args = (inputs["x"], inputs["weight"], *scalars)
     if train:
-        return Replacement(getattr(torch.ops.autokernel, f"rms_norm_train{suffix}").default, args, 0)
-    return Replacement(getattr(torch.ops.autokernel, f"rms_norm{suffix}").default, args, None)
+        return Replacement(getattr(ak, f"rms_norm_train{suffix}").default, args, 0)
+    return Replacement(getattr(ak, f"rms_norm{suffix}").default, args, None)
 
 
 def _problem(*args, **kwargs):

@@ -74,8 +74,15 @@ def _rms_norm_fwd_single_kernel(
     SAVE_RSTD: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    R=None,
+    H=None,
+    stride_r=0,
+    stride_h=0,
+    HAS_RESIDUAL: tl.constexpr = False,
 ):
-    """One program normalizes ``ROWS_PER_PROGRAM`` consecutive rows, each held whole in registers."""
+    """One program normalizes ``ROWS_PER_PROGRAM`` consecutive rows, each held whole in registers.
+    With ``HAS_RESIDUAL`` the row normalized is ``h = x + r`` (rounded to x's dtype, as eager's add),
+    which is also stored to ``H``."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -93,6 +100,11 @@ def _rms_norm_fwd_single_kernel(
         # 64-bit row offsets: rows * stride can pass 2**31 for large activations.
         row64 = tl.cast(row, tl.int64)
         x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            res = tl.load(R + row64 * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            h = (x + res).to(X.dtype.element_ty)
+            tl.store(H + row64 * stride_h + cols, h, mask=mask)
+            x = h.to(tl.float32)
         # Masked lanes hold 0, so they add nothing to the sum; divide by the true width.
         r = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         n = x * r
@@ -125,8 +137,14 @@ def _rms_norm_fwd_chunked_kernel(
     SAVE_RSTD: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    R=None,
+    H=None,
+    stride_r=0,
+    stride_h=0,
+    HAS_RESIDUAL: tl.constexpr = False,
 ):
-    """Like the single-pass kernel, but the row is read in ``BLOCK_N``-wide chunks, twice."""
+    """Like the single-pass kernel, but the row is read in ``BLOCK_N``-wide chunks, twice. With
+    ``HAS_RESIDUAL`` the first pass stores ``h`` and the second reads it back."""
     pid = tl.program_id(0)
     cols0 = tl.arange(0, BLOCK_N)
     eps = tl.cast(eps, tl.float32)
@@ -146,13 +164,22 @@ def _rms_norm_fwd_chunked_kernel(
             cols = start + cols0
             mask = cols < width
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                res = tl.load(R + row64 * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+                h = (x + res).to(X.dtype.element_ty)
+                # Same pointers and block layout as pass 2's load: each thread reads back what it wrote.
+                tl.store(H + row64 * stride_h + cols, h, mask=mask)
+                x = h.to(tl.float32)
             acc += x * x
         r = tl.math.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
         # Pass 2: normalize and scale.
         for start in range(0, width, BLOCK_N):
             cols = start + cols0
             mask = cols < width
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
             n = x * r
             if LLAMA:
                 n = n.to(X.dtype.element_ty).to(tl.float32)
@@ -184,8 +211,12 @@ def _rms_norm_bwd_single_kernel(
     LLAMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,
+    DH=None,
+    stride_dh=0,
+    HAS_DH: tl.constexpr = False,
 ):
-    """Persistent backward: program ``pid`` takes rows ``pid, pid + P, ...``, writes one partial dW row."""
+    """Persistent backward: program ``pid`` takes rows ``pid, pid + P, ...``, writes one partial dW row.
+    With ``HAS_DH`` (add + RMSNorm: ``X`` is ``h``), the gradient ``h`` gets from its other users is added."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -222,6 +253,8 @@ def _rms_norm_bwd_single_kernel(
         # Masked lanes have n == 0 and g == 0, so they drop out of the dot product.
         c = tl.sum(g * n, axis=0) / n_cols
         dx = r * (g - n * c)
+        if HAS_DH:
+            dx += tl.load(DH + row64 * stride_dh + cols, mask=col_mask, other=0.0).to(tl.float32)
         tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
         if HAS_WEIGHT:
             if LLAMA:
@@ -249,9 +282,13 @@ def _rms_norm_bwd_chunked_kernel(
     HAS_WEIGHT: tl.constexpr,
     LLAMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DH=None,
+    stride_dh=0,
+    HAS_DH: tl.constexpr = False,
 ):
-    """Persistent, chunked backward. ``DW_PARTIAL`` must be zero-filled: each program read-modify-writes
-    its own row of it, chunk by chunk, so no other program ever touches that memory."""
+    """Persistent, chunked backward (``HAS_DH``: as in the single-pass one). ``DW_PARTIAL`` must be
+    zero-filled: each program read-modify-writes its own row of it, chunk by chunk, so no other program
+    ever touches that memory."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols0 = tl.arange(0, BLOCK_N)
@@ -288,6 +325,8 @@ def _rms_norm_bwd_chunked_kernel(
             else:
                 g = dy
             dx = r * (g - n * c)
+            if HAS_DH:
+                dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if HAS_WEIGHT:
                 if LLAMA:
@@ -314,7 +353,9 @@ class SourceKernels(NamedTuple):
     SAVE_RSTD, ROWS_PER_PROGRAM, BLOCK_N)`` on a grid of ``cdiv(rows, ROWS_PER_PROGRAM)`` and ``bwd(DY, X,
     W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset, HAS_WEIGHT, LLAMA,
     BLOCK_N)`` on the persistent grid, writing one float32 partial dW row per program. Rows wider than
-    one block still go to the built-in chunked kernels."""
+    one block still go to the built-in chunked kernels. For add + RMSNorm (a ``residual`` flag in the
+    pattern key) both also take the built-in kernels' trailing residual parameters (``R, H, stride_r,
+    stride_h, HAS_RESIDUAL`` and ``DH, stride_dh, HAS_DH``)."""
 
     fwd: Any
     bwd: Any
@@ -482,16 +523,46 @@ def rms_norm_fwd(
     from a cache entry's source, used instead of the built-in single-pass ones (see :class:`SourceKernels`).
     ``traceable``: launch through ``wrap_triton``, so that under torch.compile Inductor sees the kernel
     and launches it itself (called from a ``triton_op``)."""
+    y, rstd, _ = _fwd(x, None, weight, eps, offset, mode, out_dtype, config, save_rstd, kernels, traceable)
+    return y, rstd
+
+
+def add_rms_norm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    offset: float,
+    mode: str,
+    out_dtype: torch.dtype,
+    config: RmsNormConfig,
+    save_rstd: bool,
+    kernels: SourceKernels | None = None,
+    traceable: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Add + RMSNorm: ``h = x + residual`` (rounded to x's dtype) and RMSNorm of ``h``, in one pass.
+    Returns ``y``, ``h`` (x's shape and dtype, contiguous) and ``rstd`` (as :func:`rms_norm_fwd`)."""
+    if tuple(residual.shape) != tuple(x.shape) or residual.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: residual must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                         f"got {tuple(residual.shape)} {residual.dtype}")
+    y, rstd, h = _fwd(x, residual, weight, eps, offset, mode, out_dtype, config, save_rstd, kernels, traceable)
+    return y, h, rstd
+
+
+def _fwd(x, residual, weight, eps, offset, mode, out_dtype, config, save_rstd, kernels, traceable):
     hidden = _check(x, weight, mode)
     x2 = _as_rows(x, hidden)
     rows = x2.shape[0]
     y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device) if save_rstd else None
+    h = torch.empty((rows, hidden), dtype=x.dtype, device=x.device) if residual is not None else None
+    shaped = (y.view(x.shape), rstd.view(x.shape[:-1]) if rstd is not None else None,
+              h.view(x.shape) if h is not None else None)
     if rows == 0 or hidden == 0:
         if rstd is not None:
             # Mean over an empty row is NaN, as in eager.
             rstd.fill_(float("nan"))
-        return y.view(x.shape), (rstd.view(x.shape[:-1]) if rstd is not None else None)
+        return shaped
     cfg = effective_config(config, hidden)
     w = weight.contiguous() if weight is not None else None
     rpp = cfg.fwd_rows_per_program
@@ -500,6 +571,13 @@ def rms_norm_fwd(
     else:
         kernel = kernels.fwd if kernels is not None else _rms_norm_fwd_single_kernel
         block = _next_power_of_2(hidden)
+    extra = {}
+    if kernels is None or cfg.chunked or residual is not None:
+        # The residual parameters, always passed to the built-in kernels (Inductor's launcher for an
+        # inline op wants every argument spelled out); a source kernel gets them for add + RMSNorm only.
+        r2 = _as_rows(residual, hidden) if residual is not None else x2
+        extra = {"R": r2, "H": h if h is not None else y, "stride_r": r2.stride(0),
+                 "stride_h": h.stride(0) if h is not None else 0, "HAS_RESIDUAL": residual is not None}
     if traceable:
         kernel = wrap_triton(kernel)
     kernel[((rows + rpp - 1) // rpp,)](
@@ -520,8 +598,9 @@ def rms_norm_fwd(
         BLOCK_N=block,
         num_warps=cfg.fwd_num_warps,
         num_stages=cfg.num_stages,
+        **extra,
     )
-    return y.view(x.shape), (rstd.view(x.shape[:-1]) if rstd is not None else None)
+    return shaped
 
 
 def rms_norm_bwd(
@@ -534,13 +613,16 @@ def rms_norm_bwd(
     config: RmsNormConfig,
     kernels: SourceKernels | None = None,
     traceable: bool = False,
+    dh: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`rms_norm_fwd` (``kernels``, ``traceable``: as there). Returns ``dx`` (x's shape
     and dtype, contiguous) and ``dw`` (weight's dtype) or ``None`` without a weight. ``dw`` is reduced in a
-    fixed order: deterministic."""
+    fixed order: deterministic. For add + RMSNorm, ``x`` is ``h`` and ``dh`` the gradient ``h`` receives
+    from its other users; ``dx`` then includes it (and is the gradient of both addends)."""
     hidden = _check(x, weight, mode)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"rms_norm_bwd: dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
+    for name, t in (("dy", dy), ("dh", dh)):
+        if t is not None and tuple(t.shape) != tuple(x.shape):
+            raise ValueError(f"rms_norm_bwd: {name} shape {tuple(t.shape)} != x shape {tuple(x.shape)}")
     x2 = _as_rows(x, hidden)
     dy2 = _as_rows(dy, hidden)
     rows = x2.shape[0]
@@ -552,6 +634,7 @@ def rms_norm_bwd(
     if rows == 0 or hidden == 0:
         dw = torch.zeros_like(weight) if weight is not None else None
         return dx.view(x.shape), dw
+    dh2 = _as_rows(dh, hidden) if dh is not None else None
     cfg = effective_config(config, hidden)
     w = weight.contiguous() if weight is not None else None
     programs = min(rows, _sm_count(x.device) * cfg.bwd_programs_per_sm)
@@ -562,13 +645,17 @@ def rms_norm_bwd(
         partial = alloc((programs, hidden), dtype=torch.float32, device=x.device)
     else:
         partial = dx  # dummy pointer, never touched when HAS_WEIGHT is false
+    # The dh parameters: always for the built-in kernels, for a source kernel only with add + RMSNorm.
+    residual_args = {"DH": dh2 if dh2 is not None else dx, "stride_dh": dh2.stride(0) if dh2 is not None else 0,
+                     "HAS_DH": dh2 is not None}
     if cfg.chunked:
-        kernel, block, extra = _rms_norm_bwd_chunked_kernel, cfg.block_n, {}
+        kernel, block, extra = _rms_norm_bwd_chunked_kernel, cfg.block_n, residual_args
     elif kernels is not None:
-        kernel, block, extra = kernels.bwd, _next_power_of_2(hidden), {}
+        kernel, block, extra = kernels.bwd, _next_power_of_2(hidden), residual_args if dh is not None else {}
     else:
         block = _next_power_of_2(hidden)
-        kernel, extra = _rms_norm_bwd_single_kernel, {"PREFETCH": block <= _PREFETCH_MAX_BLOCK}
+        kernel = _rms_norm_bwd_single_kernel
+        extra = {"PREFETCH": block <= _PREFETCH_MAX_BLOCK, **residual_args}
     if traceable:
         kernel = wrap_triton(kernel)
     kernel[(programs,)](

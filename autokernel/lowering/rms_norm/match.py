@@ -9,6 +9,8 @@ The spellings below all reach the same few aten ops; each is one alternative of 
 - ``F.rms_norm`` / ``nn.RMSNorm`` (decomposed: weight multiplied in float32) -> mode ``gemma``;
   on CUDA the single op ``aten._fused_rms_norm``
 - no weight; operands commuted; ``h / sqrt(v + eps)``; eps a literal or a module attribute.
+- any of these applied to ``h = x + residual`` where ``h`` is read elsewhere too: add + RMSNorm, one
+  op that also returns ``h`` (flag ``residual``).
 
 The checker declines (never rewrites) what differs in math: a mean over another dim, a sum where a
 mean belongs, a power other than 2, a weight that is not one value per channel, intermediates that
@@ -187,6 +189,35 @@ def _internal_users_ok(inst: Instance) -> str | None:
     return None
 
 
+def _absorb_residual_add(inst: Instance, claimed: set[Node]) -> None:
+    """Add + RMSNorm: when ``x`` is ``a + b`` of two tensors of its shape and dtype and the sum is read
+    elsewhere too (the residual stream of a pre-norm block), the op takes ``a`` and ``b``, computes the
+    sum itself and returns it as side output ``h``: one pass over the rows instead of two, and in the
+    backward the gradient ``h`` gets from its other readers is added in the same pass. When the norm is
+    the sum's only reader, nothing is gained (the backward would get a zero gradient for ``h`` to read)
+    and the add stays Inductor's."""
+    x = inst.inputs["x"]
+    if x.op != "call_function" or x.target is not aten.add.Tensor or x in claimed or x.kwargs.get("alpha", 1) != 1:
+        return
+    if len(x.args) != 2 or not all(isinstance(a, Node) for a in x.args):
+        return
+    xv = node_val(x)
+    for a in x.args:
+        av = node_val(a)
+        if not isinstance(av, torch.Tensor) or av.dtype != xv.dtype or av.dim() != xv.dim():
+            return
+        if not all(statically_known_true(p == q) for p, q in zip(av.shape, xv.shape, strict=True)):
+            return
+    inside = set(inst.nodes)
+    if not any(u not in inside for u in x.users):
+        return
+    a, b = x.args
+    inst.nodes = (*inst.nodes, x)
+    inst.inputs = {"x": a, "residual": b, "weight": inst.inputs["weight"]}
+    inst.side_outputs = {"h": x}
+    inst.flags["residual"] = True
+
+
 def find_instances(graph: Graph) -> list[Instance]:
     """Every RMSNorm in ``graph`` (outermost spelling first), accepted or declined with a reason."""
     accepted: list[Instance] = []
@@ -208,6 +239,7 @@ def find_instances(graph: Graph) -> list[Instance]:
                 if inst.status == "declined":
                     first_decline = first_decline or inst
                     continue
+                _absorb_residual_add(inst, claimed)
                 accepted.append(inst)
                 claimed.update(inst.nodes)
                 break

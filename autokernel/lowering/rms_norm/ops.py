@@ -23,6 +23,7 @@ from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
     SourceKernels,
+    add_rms_norm_fwd,
     default_config,
     rms_norm_bwd,
     rms_norm_fwd,
@@ -35,11 +36,12 @@ MODES = ("llama", "gemma")
 
 
 def pattern_key(mode: str, offset: float, x_dtype: torch.dtype, w_dtype: torch.dtype | None,
-                out_dtype: torch.dtype) -> str:
-    """The variant part of the cache key: everything but the shape that changes the kernel."""
+                out_dtype: torch.dtype, residual: bool = False) -> str:
+    """The variant part of the cache key: everything but the shape that changes the kernel.
+    ``residual``: add + RMSNorm (the norm of ``x + residual``, whose sum is an output too)."""
     w = dtype_name(w_dtype) if w_dtype is not None else "none"
-    return f"{PATTERN}/mode={mode},offset={float(offset):g},x={dtype_name(x_dtype)},w={w},out={dtype_name(out_dtype)}"
-
+    key = f"{PATTERN}/mode={mode},offset={float(offset):g},x={dtype_name(x_dtype)},w={w},out={dtype_name(out_dtype)}"
+    return key + ",residual=1" if residual else key
 
 
 FWD_KERNEL, BWD_KERNEL = "rms_norm_fwd_kernel", "rms_norm_bwd_kernel"  # names a source entry defines
@@ -54,31 +56,28 @@ def source_kernels(root: str, source: str) -> SourceKernels:
     return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
 
 
-def select_config(x: torch.Tensor, weight: torch.Tensor | None, offset: float, mode: str,
-                  out_dtype: torch.dtype, cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
-    """The tuned configuration (and kernels, for a source entry) for this call's shape, else the
-    built-in heuristic. Runs on every call: after the first call per shape bucket it is one dict read."""
-    memo_key = _memo_key(x, weight, offset, mode, out_dtype, cache_dir)
+def select_config(x: torch.Tensor, key: str, cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
+    """The tuned configuration (and kernels, for a source entry) for variant ``key`` (:func:`pattern_key`)
+    at this call's shape, else the built-in heuristic. Runs on every call of an opaque op: after the
+    first call per shape bucket it is one dict read."""
+    memo_key = _memo_key(x, key, cache_dir)
     chosen = runtime.memo.get(memo_key)
     if chosen is None:
         hidden = x.shape[-1] if x.dim() else 1
-        key = pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype)
         chosen = runtime.memo[memo_key] = _resolve(key, x.device, hidden, x.numel() // max(hidden, 1), x.dtype,
                                                    cache_dir)
     return chosen
 
 
-def _memo_key(x, weight, offset, mode, out_dtype, cache_dir) -> tuple:
+def _memo_key(x: torch.Tensor, key: str, cache_dir: str) -> tuple:
     hidden = x.shape[-1] if x.dim() else 1
-    w_dtype = weight.dtype if weight is not None else None
-    rows = x.numel() // max(hidden, 1)
-    return (PATTERN, cache_dir, x.device, mode, offset, x.dtype, w_dtype, out_dtype, hidden, row_bucket(rows))
+    return (key, cache_dir, x.device, hidden, row_bucket(x.numel() // max(hidden, 1)))
 
 
-def _launch(x, weight, offset, mode, out_dtype, cache_dir, run):
+def _launch(x, key, cache_dir, run):
     """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
     compile on this GPU, say), log it once and serve this shape with the built-in default from now on."""
-    config, kernels = select_config(x, weight, offset, mode, out_dtype, cache_dir)
+    config, kernels = select_config(x, key, cache_dir)
     try:
         return run(config, kernels)
     except Exception as exc:
@@ -87,7 +86,7 @@ def _launch(x, weight, offset, mode, out_dtype, cache_dir, run):
             raise
         logger.warning("autokernel: the cached rms_norm kernel for %s failed (%s: %s); using the built-in default",
                        tuple(x.shape), type(exc).__name__, exc)
-        runtime.memo[_memo_key(x, weight, offset, mode, out_dtype, cache_dir)] = (default, None)
+        runtime.memo[_memo_key(x, key, cache_dir)] = (default, None)
         return run(default, None)
 
 
@@ -107,50 +106,84 @@ def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torc
     return default_config(hidden, row_bucket(rows), dtype), None
 
 
-def _forward(x, weight, eps, offset, mode, out_dtype, cache_dir, save_rstd: bool, traceable: bool):
-    return _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_fwd(
-        x, weight, eps, offset, mode, out_dtype, config, save_rstd=save_rstd, kernels=kernels, traceable=traceable))
+def _key(x, weight, offset, mode, out_dtype, residual) -> str:
+    return pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype,
+                       residual is not None)
 
 
-def _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, traceable: bool):
-    dx, dw = _launch(x, weight, offset, mode, out_dtype, cache_dir, lambda config, kernels: rms_norm_bwd(
-        dy, x, weight, rstd, offset, mode, config, kernels=kernels, traceable=traceable))
+def _forward(x, residual, weight, eps, offset, mode, out_dtype, cache_dir, save_rstd: bool, traceable: bool):
+    """(y, rstd) for RMSNorm; (y, h, rstd) for add + RMSNorm (``residual`` given)."""
+    key = _key(x, weight, offset, mode, out_dtype, residual)
+    if residual is None:
+        return _launch(x, key, cache_dir, lambda config, kernels: rms_norm_fwd(
+            x, weight, eps, offset, mode, out_dtype, config, save_rstd, kernels, traceable))
+    return _launch(x, key, cache_dir, lambda config, kernels: add_rms_norm_fwd(
+        x, residual, weight, eps, offset, mode, out_dtype, config, save_rstd, kernels, traceable))
+
+
+def _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh, residual: bool, traceable: bool):
+    key = pattern_key(mode, offset, x.dtype, weight.dtype if weight is not None else None, out_dtype, residual)
+    dx, dw = _launch(x, key, cache_dir, lambda config, kernels: rms_norm_bwd(
+        dy, x, weight, rstd, offset, mode, config, kernels=kernels, traceable=traceable, dh=dh))
     return dx, dw if dw is not None else x.new_empty((0,))
 
 
 def _define_ops(suffix: str, inline: bool) -> None:
-    """Define ``autokernel::rms_norm{suffix}``, ``rms_norm_train{suffix}`` and ``rms_norm_backward{suffix}``.
+    """Define, under ``autokernel::``, ``rms_norm{suffix}`` (forward only), ``rms_norm_train{suffix}``
+    (also returns rstd; differentiable) and ``rms_norm_backward{suffix}``, and the add + RMSNorm pair
+    ``add_rms_norm{suffix}`` / ``add_rms_norm_train{suffix}`` (also return ``h = x + residual``), whose
+    backward is ``rms_norm_backward{suffix}`` with ``dh`` and ``residual=True``.
 
-    Two flavours of the same three ops. Opaque (``torch.library.custom_op``): Inductor calls the op, and
-    the op picks its configuration on every call from the actual shape; it serves symbolic shapes and the
-    Triton interpreter. Inline (``torch.library.triton_op``): AOTAutograd traces through the op, so
-    Inductor launches our kernels from its own generated code (a fraction of the opaque op's host cost,
-    measured in benchmarks/NOTES.md); the configuration is picked once, at trace time, which is only
-    right for static shapes.
+    Two flavours of the same ops. Opaque (``torch.library.custom_op``): Inductor calls the op, and the op
+    picks its configuration on every call from the actual shape; it serves symbolic shapes and the Triton
+    interpreter. Inline (``torch.library.triton_op``): AOTAutograd traces through the op, so Inductor
+    launches our kernels from its own generated code (a fraction of the opaque op's host cost, measured
+    in benchmarks/NOTES.md); the configuration is picked once, at trace time, which is only right for
+    static shapes.
     """
     define = torch.library.triton_op if inline else torch.library.custom_op
 
     def forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
                 out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
-        return _forward(x, weight, eps, offset, mode, out_dtype, cache_dir, False, inline)[0]
+        return _forward(x, None, weight, eps, offset, mode, out_dtype, cache_dir, False, inline)[0]
 
     def train(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, mode: str,
               out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward(x, weight, eps, offset, mode, out_dtype, cache_dir, True, inline)
+        return _forward(x, None, weight, eps, offset, mode, out_dtype, cache_dir, True, inline)
+
+    def add_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float,
+                    mode: str, out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(x, residual, weight, eps, offset, mode, out_dtype, cache_dir, False, inline)[:2]
+
+    def add_train(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float,
+                  mode: str, out_dtype: torch.dtype,
+                  cache_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(x, residual, weight, eps, offset, mode, out_dtype, cache_dir, True, inline)
 
     def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-                 offset: float, mode: str, out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, inline)
+                 offset: float, mode: str, out_dtype: torch.dtype, cache_dir: str, dh: torch.Tensor | None = None,
+                 residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh, residual, inline)
 
     forward_op = define(f"autokernel::rms_norm{suffix}", forward, mutates_args=())
     train_op = define(f"autokernel::rms_norm_train{suffix}", train, mutates_args=())
+    add_forward_op = define(f"autokernel::add_rms_norm{suffix}", add_forward, mutates_args=())
+    add_train_op = define(f"autokernel::add_rms_norm_train{suffix}", add_train, mutates_args=())
     backward_op = define(f"autokernel::rms_norm_backward{suffix}", backward, mutates_args=())
     if not inline:  # a triton_op derives its fake from its body
+        def rstd_like(x):
+            return x.new_empty(x.shape[:-1], dtype=torch.float32)
+
         forward_op.register_fake(lambda x, weight, eps, offset, mode, out_dtype, cache_dir:
                                  x.new_empty(x.shape, dtype=out_dtype))
         train_op.register_fake(lambda x, weight, eps, offset, mode, out_dtype, cache_dir: (
-            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)))
-        backward_op.register_fake(lambda dy, x, weight, rstd, offset, mode, out_dtype, cache_dir: (
+            x.new_empty(x.shape, dtype=out_dtype), rstd_like(x)))
+        add_forward_op.register_fake(lambda x, residual, weight, eps, offset, mode, out_dtype, cache_dir: (
+            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape)))
+        add_train_op.register_fake(lambda x, residual, weight, eps, offset, mode, out_dtype, cache_dir: (
+            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape), rstd_like(x)))
+        backward_op.register_fake(lambda dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh=None,
+                                  residual=False: (
             x.new_empty(x.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))))
 
     def setup_context(ctx, inputs, output):
@@ -163,7 +196,19 @@ def _define_ops(suffix: str, inline: bool) -> None:
         dx, dw = backward_op(dy, x, weight, rstd, ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir)
         return dx, (dw if weight is not None else None), None, None, None, None, None
 
+    def add_setup_context(ctx, inputs, output):
+        _x, _residual, weight, _eps, offset, mode, out_dtype, cache_dir = inputs
+        ctx.save_for_backward(output[1], weight, output[2])  # the norm's input is h
+        ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir = offset, mode, out_dtype, cache_dir
+
+    def add_train_backward(ctx, dy, dh, _drstd):
+        h, weight, rstd = ctx.saved_tensors
+        dx, dw = backward_op(dy, h, weight, rstd, ctx.offset, ctx.mode, ctx.out_dtype, ctx.cache_dir, dh, True)
+        # h = x + residual: both addends get h's whole gradient.
+        return dx, dx, (dw if weight is not None else None), None, None, None, None, None
+
     train_op.register_autograd(train_backward, setup_context=setup_context)
+    add_train_op.register_autograd(add_train_backward, setup_context=add_setup_context)
 
 
 _define_ops("", inline=False)

@@ -22,6 +22,7 @@ from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
     SourceKernels,
+    add_rms_norm_fwd,
     default_config,
     rms_norm_bwd,
     rms_norm_fwd,
@@ -38,6 +39,8 @@ class Case:
     x: torch.Tensor
     weight: torch.Tensor | None
     dy: torch.Tensor
+    residual: torch.Tensor | None = None  # add + RMSNorm: the second addend
+    dh: torch.Tensor | None = None  # add + RMSNorm: the gradient h gets from its other readers
 
 
 def _dtype(name: str, what: str) -> torch.dtype:
@@ -61,6 +64,7 @@ class RmsNormProblem:
         wname = flags.get("weight", dtype)
         self.w_dtype = None if wname == "none" else _dtype(wname, "flag weight")
         self.out_dtype = _dtype(flags.get("out", dtype), "flag out")
+        self.residual = bool(flags.get("residual", False))
         if len(shape) < 1 or any(int(s) < 1 for s in shape):
             raise ValueError(f"rms_norm problem: shape must be positive sizes, got {shape}")
         self.hidden = int(shape[-1])
@@ -70,13 +74,16 @@ class RmsNormProblem:
         self.flags = {"mode": self.mode, "offset": self.offset,
                       "weight": dtype_name(self.w_dtype) if self.w_dtype else "none",
                       "out": dtype_name(self.out_dtype)}
-        self.key = pattern_key(self.mode, self.offset, self.dtype, self.w_dtype, self.out_dtype)
+        if self.residual:
+            self.flags["residual"] = True
+        self.key = pattern_key(self.mode, self.offset, self.dtype, self.w_dtype, self.out_dtype, self.residual)
         self._cases: dict[tuple, Case] = {}
         self._source_dir: str | None = None
         self._refs: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def describe(self) -> str:
-        return f"rms_norm {self.rows}x{self.hidden} {dtype_name(self.dtype)} mode={self.mode} offset={self.offset:g}"
+        what = "add_rms_norm" if self.residual else "rms_norm"
+        return f"{what} {self.rows}x{self.hidden} {dtype_name(self.dtype)} mode={self.mode} offset={self.offset:g}"
 
     # ---- candidates --------------------------------------------------------------------------
     def default_candidate(self) -> dict[str, Any]:
@@ -142,7 +149,11 @@ class RmsNormProblem:
             dy = torch.randn(rows, hidden + pad, generator=g).to(self.out_dtype).to(self.device)[:, :hidden]
             if not noncontiguous:
                 x, dy = x.contiguous(), dy.contiguous()
-            self._cases[key] = Case(x, w, dy)
+            residual = dh = None
+            if self.residual:
+                residual = (torch.randn(rows, hidden, generator=g) * scale).to(self.dtype).to(self.device)
+                dh = torch.randn(rows, hidden, generator=g).to(self.dtype).to(self.device)
+            self._cases[key] = Case(x, w, dy, residual, dh)
         return self._cases[key]
 
     def reference(self, case: Case) -> dict[str, torch.Tensor]:
@@ -150,9 +161,18 @@ class RmsNormProblem:
         if key not in self._refs:
             x = case.x.detach().clone().requires_grad_(True)
             w = case.weight.detach().clone().requires_grad_(True) if case.weight is not None else None
-            y = rms_norm_reference(x, w, EPS, self.offset, self.mode, self.out_dtype)
-            y.backward(case.dy.double())
-            ref = {"y": y.detach(), "dx": x.grad}
+            if case.residual is None:
+                y = rms_norm_reference(x, w, EPS, self.offset, self.mode, self.out_dtype)
+                y.backward(case.dy.double())
+                ref = {"y": y.detach(), "dx": x.grad}
+            else:
+                res = case.residual.detach().clone().requires_grad_(True)
+                exact = x.double() + res.double()
+                # Eager adds in x's dtype: round the sum, with the exact sum's gradient (straight through).
+                h = exact + (exact.to(self.dtype).double() - exact).detach()
+                y = rms_norm_reference(h, w, EPS, self.offset, self.mode, self.out_dtype)
+                torch.autograd.backward([y, h], [case.dy.double(), case.dh.double()])
+                ref = {"y": y.detach(), "h": h.detach(), "dx": x.grad, "dresidual": res.grad}
             if w is not None:
                 ref["dw"] = w.grad
             self._refs[key] = ref
@@ -167,11 +187,22 @@ class RmsNormProblem:
             self._source_dir = tempfile.mkdtemp(prefix="autokernel-candidates-")
         return cfg, source_kernels(self._source_dir, candidate["source"])
 
+    def _forward(self, cfg: RmsNormConfig, k: SourceKernels | None, case: Case, save_rstd: bool):
+        """(y, rstd, the norm's input: x, or h for add + RMSNorm)."""
+        if case.residual is None:
+            y, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, save_rstd, k)
+            return y, rstd, case.x
+        y, h, rstd = add_rms_norm_fwd(case.x, case.residual, case.weight, EPS, self.offset, self.mode,
+                                      self.out_dtype, cfg, save_rstd, k)
+        return y, rstd, h
+
     def run(self, config: dict[str, Any], case: Case) -> dict[str, torch.Tensor]:
         cfg, k = self._kernels(config)
-        y, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True, k)
-        dx, dw = rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg, k)
+        y, rstd, h = self._forward(cfg, k, case, True)
+        dx, dw = rms_norm_bwd(case.dy, h, case.weight, rstd, self.offset, self.mode, cfg, k, dh=case.dh)
         out = {"y": y, "dx": dx}
+        if case.residual is not None:
+            out.update(h=h, dresidual=dx)
         if dw is not None:
             out["dw"] = dw
         return out
@@ -188,16 +219,20 @@ class RmsNormProblem:
         cfg, k = self._kernels(config)
 
         def fwd():
-            return rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, False, k)
+            return self._forward(cfg, k, case, False)
 
         def train():
-            _, rstd = rms_norm_fwd(case.x, case.weight, EPS, self.offset, self.mode, self.out_dtype, cfg, True, k)
-            return rms_norm_bwd(case.dy, case.x, case.weight, rstd, self.offset, self.mode, cfg, k)
+            _, rstd, h = self._forward(cfg, k, case, True)
+            return rms_norm_bwd(case.dy, h, case.weight, rstd, self.offset, self.mode, cfg, k, dh=case.dh)
 
         return {"fwd": fwd, "train": train}
 
-    def eager(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """This variant as a model writes it; what Inductor compiles in the race."""
+    def eager(self, x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None = None):
+        """This variant as a model writes it; what Inductor compiles in the race. Add + RMSNorm returns
+        ``(y, h)``."""
+        if residual is not None:
+            s = x + residual
+            return self.eager(s, weight), s
         h = x.to(torch.float32)
         n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
         if weight is None:
@@ -211,14 +246,18 @@ class RmsNormProblem:
         """Forward and forward+backward callables of a compiled :meth:`eager` (Inductor's race entry)."""
         x = case.x.detach().clone().requires_grad_(True)
         w = case.weight.detach().clone().requires_grad_(True) if case.weight is not None else None
+        res = case.residual.detach().clone().requires_grad_(True) if case.residual is not None else None
 
         def fwd():
             with torch.no_grad():
-                return compiled(case.x, case.weight)
+                return compiled(case.x, case.weight, case.residual)
 
         def train():
-            y = compiled(x, w)
-            y.backward(case.dy)
+            if res is None:
+                compiled(x, w).backward(case.dy)
+            else:
+                torch.autograd.backward(compiled(x, w, res), [case.dy, case.dh])
+                res.grad = None
             x.grad = None
             if w is not None:
                 w.grad = None
@@ -226,12 +265,14 @@ class RmsNormProblem:
         return {"fwd": fwd, "train": train}
 
     def bytes_moved(self) -> dict[str, int]:
-        """Fewest bytes that must cross DRAM: fwd reads x, writes y; bwd reads x and dy, writes dx."""
+        """Fewest bytes that must cross DRAM: fwd reads x, writes y; bwd reads x and dy, writes dx. Add +
+        RMSNorm: fwd also reads the residual and writes h; bwd also reads dh."""
         n = self.rows * self.hidden
         xb, ob = self.dtype.itemsize, self.out_dtype.itemsize
         wb = self.hidden * self.w_dtype.itemsize if self.w_dtype else 0
-        fwd = n * (xb + ob) + wb
-        bwd = n * (xb + ob + xb) + 2 * wb
+        extra = 2 * xb if self.residual else 0
+        fwd = n * (xb + ob + extra) + wb
+        bwd = n * (xb + ob + xb + extra // 2) + 2 * wb
         return {"fwd": fwd, "train": fwd + bwd}
 
     # ---- for the agent ---------------------------------------------------------------------
@@ -245,7 +286,9 @@ class RmsNormProblem:
             "title": f"{self.describe()}, forward and backward",
             "semantics": (kernels.__doc__ or "").strip(),
             "variant": f"mode={self.mode} (llama: round n to x's dtype before the weight), offset={self.offset}, "
-                       f"x {dtype_name(self.dtype)}, weight {self.flags['weight']}, out {self.flags['out']}",
+                       f"x {dtype_name(self.dtype)}, weight {self.flags['weight']}, out {self.flags['out']}"
+                       + (", add + RMSNorm: normalizes h = x + residual and stores h (HAS_RESIDUAL); the "
+                          "backward adds dh (HAS_DH)" if self.residual else ""),
             "contract": (f"Define {FWD_KERNEL} and {BWD_KERNEL}. " + (kernels.SourceKernels.__doc__ or "")).strip(),
             "config_keys": "fwd_num_warps, fwd_rows_per_program, bwd_num_warps, bwd_programs_per_sm, num_stages",
             "builtin_source": inspect.getsource(kernels),
