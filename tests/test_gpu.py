@@ -235,7 +235,8 @@ def test_add_rms_norm_kernels_real_sizes(rows, hidden, dtype):
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     problem = RmsNormProblem({"mode": "llama", "residual": True}, name, [rows, hidden], "cuda")
     case = problem.case(rows, hidden, seed=rows)
-    for candidate in problem.candidates()[:1] + [c for _, c in problem.candidates() if c.get("block_n")][:1]:
+    candidates = [c for _, c in problem.candidates()]
+    for candidate in candidates[:1] + [c for c in candidates if c.get("block_n")][:1]:
         out = problem.run(candidate, case)
         ref = problem.reference(case)
         for k in out:
