@@ -94,6 +94,164 @@ def rms_norm_liger() -> Callable[..., Any]:
     return lambda x, w: liger_rms_norm(x, w, RMS_EPS, 0.0, "llama", False)
 
 
+def swiglu_silu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's elementwise part as HF Llama's MLP writes it: ``act_fn(gate_proj(x)) * up_proj(x)``."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    m, n = shape  # [tokens, intermediate] of gate (and up)
+    gate = torch.randn(m, n, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    up = torch.randn(m, n, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return [gate, up]
+
+
+def swiglu_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return 3 * m * n * itemsize  # read gate and up, write y
+
+
+def swiglu_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    # bwd: read gate, up and dy, write dgate and dup (the activation recomputed, not saved)
+    return swiglu_bytes_fwd(shape, itemsize) + 5 * m * n * itemsize
+
+
+def swiglu_liger() -> Callable[..., Any]:
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return LigerSiLUMulFunction.apply
+
+
+def softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, as attention and most models write it."""
+    return torch.nn.functional.softmax(x, dim=-1)
+
+
+def softmax_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    m, n = shape
+    # Spread like attention scores, so the max shift and the exp both matter.
+    return [(4 * torch.randn(m, n, generator=gen, dtype=torch.float32)).to(device=device, dtype=dtype)]
+
+
+def softmax_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return 2 * m * n * itemsize  # read x, write y
+
+
+def softmax_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return softmax_bytes_fwd(shape, itemsize) + 3 * m * n * itemsize  # bwd: read y and dy, write dx
+
+
+def softmax_liger() -> Callable[..., Any]:
+    from liger_kernel.ops.softmax import LigerSoftmaxFunction
+
+    return LigerSoftmaxFunction.apply
+
+
+def cross_entropy_hf(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy as HF's causal-LM loss computes it: float32 from bf16 logits, ignore_index -100, mean."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
+
+
+def cross_entropy_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    m, n = shape
+    logits = (2 * torch.randn(m, n, generator=gen, dtype=torch.float32)).to(device=device, dtype=dtype)
+    labels = torch.randint(0, n, (m,), generator=gen)
+    labels[::16] = -100  # a few ignored tokens (padding, prompt)
+    return [logits, labels.to(device)]
+
+
+def cross_entropy_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return m * n * itemsize + 8 * m  # read the logits and the int64 labels
+
+
+def cross_entropy_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return cross_entropy_bytes_fwd(shape, itemsize) + m * n * itemsize  # write the logits' gradient
+
+
+def cross_entropy_liger() -> Callable[..., Any]:
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    # Liger takes the bf16 logits and computes in float32 itself (what its HF patch does).
+    return lambda logits, labels: liger_cross_entropy(logits, labels, ignore_index=-100)
+
+
+LN_EPS = 1e-5
+
+
+def layer_norm_eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LayerNorm as nn.LayerNorm runs it (eps 1e-5, weight and bias)."""
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, LN_EPS)
+
+
+def layer_norm_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    m, n = shape
+    x = torch.randn(m, n, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float32)).to(device=device, dtype=dtype)
+    b = (0.1 * torch.randn(n, generator=gen, dtype=torch.float32)).to(device=device, dtype=dtype)
+    return [x, w, b]
+
+
+def layer_norm_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return (m * n + m * n + 2 * n) * itemsize  # read x, write y, read w and b
+
+
+def layer_norm_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    bwd = (3 * m * n + 3 * n) * itemsize  # read x and dy, write dx; read w, write dw and db
+    return layer_norm_bytes_fwd(shape, itemsize) + bwd
+
+
+def layer_norm_liger() -> Callable[..., Any]:
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, LN_EPS)
+
+
+def add_rms_norm_hf(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's edge: the residual sum, normalized, and carried on."""
+    h = x + residual
+    return rms_norm_hf(h, w), h
+
+
+def add_rms_norm_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    x, w = rms_norm_inputs(shape, dtype, device, gen)
+    residual = torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return [x, residual, w]
+
+
+def add_rms_norm_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    return (4 * m * n + n) * itemsize  # read x and residual, write y and h, read w
+
+
+def add_rms_norm_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, n = shape
+    # bwd: read h, dy and dh, write dx (also the residual's gradient), read w, write dw
+    return add_rms_norm_bytes_fwd(shape, itemsize) + (4 * m * n + 2 * n) * itemsize
+
+
+def add_rms_norm_liger() -> Callable[..., Any]:
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+
+    return lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, RMS_EPS, 0.0, "llama", False)
+
+
 @dataclass(frozen=True)
 class PatternSpec:
     eager: Callable[..., Any]
@@ -106,6 +264,9 @@ class PatternSpec:
     smoke_shapes: tuple[str, ...]
     dtype: str = "bf16"
     notes: dict[str, str] = field(default_factory=dict)
+    # ak-tune's --pattern/--flags for this spec when they are not just its name (add_rms_norm is a variant
+    # of the rms_norm family)
+    tune_args: tuple[str, ...] = ()
 
 
 PATTERNS: dict[str, PatternSpec] = {
@@ -121,6 +282,79 @@ PATTERNS: dict[str, PatternSpec] = {
         notes={
             "eager": "HF LlamaRMSNorm, eps 1e-6",
             "liger": "liger_rms_norm(x, w, eps, 0.0, 'llama', False)",
+        },
+    ),
+    "add_rms_norm": PatternSpec(
+        eager=add_rms_norm_hf,
+        make_inputs=add_rms_norm_inputs,
+        grad_inputs=(0, 1, 2),
+        bytes_fwd=add_rms_norm_bytes_fwd,
+        bytes_fwd_bwd=add_rms_norm_bytes_fwd_bwd,
+        liger=add_rms_norm_liger,
+        shapes=("8192x4096", "8192x8192", "2048x4096"),
+        smoke_shapes=("4x32",),
+        notes={
+            "eager": "h = x + residual; (HF LlamaRMSNorm(h), h), eps 1e-6",
+            "liger": "LigerFusedAddRMSNormFunction.apply(x, residual, w, eps, 0.0, 'llama', False)",
+        },
+        tune_args=("--pattern", "rms_norm", "--flags", "residual=1"),
+    ),
+    "swiglu": PatternSpec(
+        eager=swiglu_silu,
+        make_inputs=swiglu_inputs,
+        grad_inputs=(0, 1),
+        bytes_fwd=swiglu_bytes_fwd,
+        bytes_fwd_bwd=swiglu_bytes_fwd_bwd,
+        liger=swiglu_liger,
+        shapes=("8192x14336", "8192x11008", "4096x8192"),
+        smoke_shapes=("4x48",),
+        notes={
+            "eager": "F.silu(gate) * up (HF LlamaMLP's elementwise part); shape = [tokens, intermediate] of gate",
+            "liger": "LigerSiLUMulFunction.apply(gate, up); its backward writes the grads into the saved inputs",
+        },
+    ),
+    "softmax": PatternSpec(
+        eager=softmax_last,
+        make_inputs=softmax_inputs,
+        grad_inputs=(0,),
+        bytes_fwd=softmax_bytes_fwd,
+        bytes_fwd_bwd=softmax_bytes_fwd_bwd,
+        liger=softmax_liger,
+        shapes=("8192x8192", "4096x256", "4096x1024", "4096x4096", "4096x16384", "4096x32768"),
+        smoke_shapes=("4x40",),
+        notes={
+            "eager": "F.softmax(x, dim=-1), x = 4 * randn",
+            "liger": "LigerSoftmaxFunction.apply(x)",
+        },
+    ),
+    "cross_entropy": PatternSpec(
+        eager=cross_entropy_hf,
+        make_inputs=cross_entropy_inputs,
+        grad_inputs=(0,),
+        bytes_fwd=cross_entropy_bytes_fwd,
+        bytes_fwd_bwd=cross_entropy_bytes_fwd_bwd,
+        liger=cross_entropy_liger,
+        shapes=("8192x32000", "8192x128256", "4096x32000"),
+        smoke_shapes=("16x64",),
+        notes={
+            "eager": "F.cross_entropy(logits.float(), labels, ignore_index=-100), every 16th label -100",
+            "liger": "liger_cross_entropy(logits, labels, ignore_index=-100) on the bf16 logits; in fwd+bwd it "
+                     "overwrites the logits with their gradient, so impls measured after it on the same inputs "
+                     "check against changed logits: time it in a run of its own (--impls liger)",
+        },
+    ),
+    "layer_norm": PatternSpec(
+        eager=layer_norm_eager,
+        make_inputs=layer_norm_inputs,
+        grad_inputs=(0, 1, 2),
+        bytes_fwd=layer_norm_bytes_fwd,
+        bytes_fwd_bwd=layer_norm_bytes_fwd_bwd,
+        liger=layer_norm_liger,
+        shapes=("8192x4096", "8192x8192", "2048x1024", "2048x16384"),
+        smoke_shapes=("4x40",),
+        notes={
+            "eager": "F.layer_norm(x, (H,), w, b, 1e-5) (nn.LayerNorm)",
+            "liger": "LigerLayerNormFunction.apply(x, w, b, 1e-5)",
         },
     ),
 }
@@ -161,6 +395,30 @@ def time_ms(fn: Callable[[], Any], ctx: Ctx) -> float:
         sync(ctx.device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def gpu_ms(step: Callable[[], Any], ctx: Ctx) -> float | None:
+    """GPU time of one ``step``: captured once in a CUDA graph and replayed, so the host's launch and
+    Python cost drops out (what the step costs inside a model whose GPU work hides the host). The
+    replay reads one input set: do_bench flushes L2 between replays. None where capture fails."""
+    if ctx.device.type != "cuda" or ctx.smoke:
+        return None
+    try:
+        side = torch.cuda.Stream(ctx.device)
+        side.wait_stream(torch.cuda.current_stream(ctx.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(ctx.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = time_ms(graph.replay, ctx)
+        del graph
+        return ms
+    except Exception as e:  # a peer that syncs or allocates on the host in its step cannot be captured
+        print(f"[gpu_ms] capture failed: {short_error(e)}", flush=True)
+        return None
 
 
 def copy_gbps(ctx: Ctx) -> float:
@@ -246,7 +504,8 @@ def explain_cache(spec: PatternSpec, inputs: Sequence[torch.Tensor]) -> tuple[st
 
 
 def run_tune(pattern: str, case: str, dtype: str, ctx: Ctx) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "autokernel.playbook.cli", "--pattern", pattern, "--shape", case]
+    cmd = [sys.executable, "-m", "autokernel.playbook.cli", *(PATTERNS[pattern].tune_args or ("--pattern", pattern))]
+    cmd += ["--shape", case]
     cmd += ["--dtype", dtype]
     if ctx.tune_budget is not None:
         cmd += ["--budget", f"{ctx.tune_budget:g}"]
@@ -364,6 +623,8 @@ def measure(
             sync(ctx.device)
             peak = round((torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20, 1)
         row["ms"] = time_ms(step, ctx)
+        if not graphs:
+            row["gpu_ms"] = gpu_ms(step, ctx)
     row["peak_mib"] = peak
     return row
 
@@ -390,12 +651,18 @@ def bench_pattern(
             try:
                 sets, grads = make_sets(spec, shape, dtype, pass_, nbytes, ctx)
                 ref = run_once(spec.eager, sets[0], grads[0] if grads else None, spec)
+                # Liger's swiglu backward writes the grads into its saved inputs: every impl is checked on
+                # these values, restored before each.
+                checked = [t.detach().clone() for t in sets[0]]
             except Exception as e:  # report it and go on with the next case
                 print(f"[{name} {case} {pass_}] inputs/reference failed: {short_error(e)}", flush=True)
                 for impl in args.impl_list:
                     rows.append({**base, "impl": impl, "ms": None, "peak_mib": None, "error": short_error(e)})
                 continue
             for impl in args.impl_list:
+                with torch.no_grad():
+                    for t, c in zip(sets[0], checked, strict=True):
+                        t.copy_(c)
                 row: dict[str, Any] = {**base, "impl": impl}
                 if impl in ("autokernel", "autokernel-cudagraphs"):
                     row.update(tune_info)
@@ -425,13 +692,18 @@ def bench_pattern(
     return rows
 
 
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms >= 1 else f"{ms:.4f}" if ms >= 0.01 else f"{ms:.3g}"
+
+
 def fmt_cell(row: dict[str, Any] | None) -> str:
     if row is None:
         return "—"
     if row.get("ms") is None:
         return "error"
-    ms = row["ms"]
-    s = f"{ms:.3f}" if ms >= 1 else f"{ms:.4f}" if ms >= 0.01 else f"{ms:.3g}"
+    s = _fmt_ms(row["ms"])
+    if row.get("gpu_ms") is not None and row["impl"] != "floor":
+        s += f" [{_fmt_ms(row['gpu_ms'])}]"
     if row.get("peak_mib") is not None and row["impl"] != "floor":
         s += f" / {row['peak_mib']:.0f} MiB"
     if row.get("ok") is False:
@@ -460,15 +732,16 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- command: `{meta['command']}`",
         f"- copy bandwidth (read+write): {meta['copy_gbps']:.1f} GB/s",
         "",
-        "ms (median) / peak MiB above the inputs. `(miss)`: autokernel had no cached kernel, so the time is"
+        "ms (median) [GPU ms: the same step replayed from a CUDA graph, host cost excluded] / peak MiB above"
+        " the inputs. `(miss)`: autokernel had no cached kernel, so the time is"
         " Inductor's fallback. `(WRONG)`: output differs from eager. vs best peer: best correct peer's ms /"
         " autokernel's ms (>1 = autokernel faster). `+graphs`: mode=\"reduce-overhead\" (CUDA graph"
         " replay: host-side cost drops out).",
         "",
         "| case | pass | "
         + " | ".join(c[1] for c in cols)
-        + " | autokernel % of floor | autokernel vs best peer |",
-        "|---|---|" + "---|" * (len(cols) + 2),
+        + " | autokernel % of floor | autokernel vs best peer | same, GPU time |",
+        "|---|---|" + "---|" * (len(cols) + 3),
     ]
     keys: list[tuple[str, str]] = []
     for r in rows:
@@ -478,15 +751,17 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for case, pass_ in keys:
         by = {r["impl"]: r for r in rows if r["case"] == case and r["pass"] == pass_}
         ak = by.get("autokernel")
-        pct = vs = "—"
+        pct = "—"
+        vs = {"ms": "—", "gpu_ms": "—"}
         if ak and ak.get("ms"):
             pct = f"{ak['floor_pct']:.0f}%" if ak.get("floor_pct") is not None else "—"
-            peers = [(by[p]["ms"], p) for p in PEERS if p in by and by[p].get("ms") and by[p].get("ok")]
-            if peers:
-                best_ms, best = min(peers)
-                vs = f"{best_ms / ak['ms']:.2f}x ({best})"
+            for key in vs:
+                peers = [(by[p][key], p) for p in PEERS if p in by and by[p].get(key) and by[p].get("ok")]
+                if peers and ak.get(key):
+                    best_ms, best = min(peers)
+                    vs[key] = f"{best_ms / ak[key]:.2f}x ({best})"
         cells = [fmt_cell(by.get(c[0])) for c in cols]
-        lines.append(f"| {case} | {pass_} | " + " | ".join(cells) + f" | {pct} | {vs} |")
+        lines.append(f"| {case} | {pass_} | " + " | ".join(cells) + f" | {pct} | {vs['ms']} | {vs['gpu_ms']} |")
         for impl, r in by.items():
             if r.get("error"):
                 notes.append(f"- {case} {pass_} {impl}: error: {r['error']}")

@@ -1,0 +1,432 @@
+"""Triton cross-entropy with the logits' gradient computed in the forward pass (the Liger approach).
+
+Notation, for one row ``x`` of ``C`` logits with label ``y`` and label smoothing ``e`` (everything in
+float32 inside the kernels; ``M = max(x)``, ``S = sum_j exp(x_j - M)``, so ``lse = M + log S``)::
+
+    ignored row (y == ignore_index):  loss = 0, grad = 0
+    loss = lse - (1 - e) * x_y - (e / C) * sum_j x_j
+         = log S + (1 - e) * (M - x_y) + e * (M - mean_j x_j)
+    p_j  = exp((x_j - M) - log S)
+    grad_j = (p_j - e / C - (1 - e) * [j == y]) * s      s = 1 / n_valid for reduction 'mean', else 1
+
+``n_valid`` is the number of rows that are not ignored (counted on the device: no host sync). The
+loss of reduction 'mean' is ``sum(loss) / n_valid`` (NaN when every row is ignored, as in PyTorch),
+'sum' is ``sum(loss)``, 'none' the per-row losses; the per-row losses are reduced by ``torch.sum``
+after the kernel, in a fixed order: deterministic. ``x - M`` is exact in float32 (``M`` is one of the
+``x``), which keeps ``p`` accurate for logits of magnitude 1e4, where ``x - lse`` would lose 1e-3.
+
+Forward: one program per row. A row that fits in one block is read once and held in registers. A wider
+row is walked in ``BLOCK_N``-wide chunks with an online max (one reduction per chunk) and per-lane sums
+of exponentials rescaled as the max grows (one exp per element); when the gradient is wanted, the row
+is walked again to write ``grad`` (that second read hits L2 when few rows are in flight: one per SM).
+
+Backward: ``dlogits = grad * dloss`` (``dloss`` a scalar for 'mean'/'sum', one value per row for
+'none'), read on the device by a 2-D grid of (row, column block) programs; the inline op leaves this
+product to Inductor instead (see :func:`cross_entropy_bwd`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+logger = logging.getLogger("autokernel")
+
+REDUCTIONS = ("mean", "sum", "none")
+MAX_BLOCK = 32768
+_VALID_WARPS = (1, 2, 4, 8, 16, 32)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    X,
+    LABELS,
+    LOSS,
+    DX,
+    N_VALID,
+    stride_x,
+    stride_dx,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    HAS_GRAD: tl.constexpr,
+    MEAN: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program per row: the row's loss, and with ``HAS_GRAD`` its gradient. A row that fits in one
+    block (``SINGLE``: ``n_cols <= BLOCK_N``) is read once and kept in registers; a wider one is read in
+    chunks, twice."""
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride passes 2**31 for 8192 x 128256 logits
+    x_row = X + row * stride_x
+    dx_row = DX + row * stride_dx
+    cols0 = tl.arange(0, BLOCK_N)
+    label = tl.load(LABELS + row).to(tl.int64)
+    # Scalars arrive as Python floats; pin them to fp32 so the arithmetic below never widens.
+    eps = tl.cast(label_smoothing, tl.float32)
+    if label != ignore_index:
+        if SINGLE:
+            mask = cols0 < n_cols
+            x = tl.load(x_row + cols0, mask=mask, other=float("-inf")).to(tl.float32)
+            row_max = tl.max(x, axis=0)
+            e = tl.exp(x - row_max)  # masked lanes: exp(-inf) = 0
+            sum_e = tl.sum(e, axis=0)
+            if SMOOTHING:
+                sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
+        else:
+            # Pass 1: a running max per chunk (one reduction per chunk) and per-lane sums of exp(x - max),
+            # rescaled when the max grows: one exp per element.
+            row_max = tl.full([], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sx = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                cols = start + cols0
+                mask = cols < n_cols
+                x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(row_max, tl.max(x, axis=0))
+                # While every logit so far is -inf (a masked vocabulary prefix), shift by 0, not by -inf:
+                # exp(-inf - -inf) would be NaN.
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(row_max - shift) + tl.exp(x - shift)
+                row_max = m_new
+                if SMOOTHING:
+                    sx += tl.where(mask, x, 0.0)
+            sum_e = tl.sum(s, axis=0)
+            if SMOOTHING:
+                sum_x = tl.sum(sx, axis=0)
+        log_s = tl.log(sum_e)
+        # Labels outside [0, C) are not checked (that would need a host sync); the mask keeps the read
+        # inside the row.
+        x_y = tl.load(x_row + label, mask=(label >= 0) & (label < n_cols), other=0.0).to(tl.float32)
+        loss = log_s + (1.0 - eps) * (row_max - x_y)
+        if SMOOTHING:
+            loss += eps * (row_max - sum_x / n_cols)
+        tl.store(LOSS + row, loss)
+        if HAS_GRAD:
+            scale = 1.0
+            if MEAN:
+                scale = 1.0 / tl.load(N_VALID).to(tl.float32)
+            smooth = eps / n_cols
+            if SINGLE:
+                g = tl.where(cols0 == label, e / sum_e - (1.0 - eps), e / sum_e) - smooth
+                tl.store(dx_row + cols0, (g * scale).to(DX.dtype.element_ty), mask=mask)
+            else:
+                # Pass 2: the gradient, chunk by chunk (the row mostly comes from L2 this time).
+                for start in range(0, n_cols, BLOCK_N):
+                    cols = start + cols0
+                    mask = cols < n_cols
+                    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    g = tl.exp((x - row_max) - log_s) - smooth
+                    g = tl.where(cols == label, g - (1.0 - eps), g)
+                    tl.store(dx_row + cols, (g * scale).to(DX.dtype.element_ty), mask=mask)
+    else:
+        tl.store(LOSS + row, 0.0)
+        if HAS_GRAD:
+            zero = tl.zeros([BLOCK_N], dtype=DX.dtype.element_ty)
+            for start in range(0, n_cols, BLOCK_N):
+                cols = start + cols0
+                tl.store(dx_row + cols, zero, mask=cols < n_cols)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    G,
+    DLOSS,
+    DX,
+    stride_g,
+    stride_dx,
+    n_cols,
+    PER_ROW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``dx[row, cols] = g[row, cols] * dloss`` for one (row, column block)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    if PER_ROW:
+        d = tl.load(DLOSS + row).to(tl.float32)
+    else:
+        d = tl.load(DLOSS).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + row * stride_dx + cols, (g * d).to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_power_of_two(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+class SourceKernels(NamedTuple):
+    """Kernels a cache entry brings as source text (written by the tuning agent), in place of the built-in
+    pair. The contract is the built-in kernels' parameter lists: ``fwd(X, LABELS, LOSS, DX, N_VALID,
+    stride_x, stride_dx, n_cols, ignore_index, label_smoothing, HAS_GRAD, MEAN, SMOOTHING, SINGLE, BLOCK_N)`` on a
+    grid of ``(rows,)`` writing one float32 loss per row (0 for ignored rows) and, with ``HAS_GRAD``, the
+    gradient row; ``bwd(G, DLOSS, DX, stride_g, stride_dx, n_cols, PER_ROW, BLOCK_N)`` on a grid of
+    ``(rows, cdiv(n_cols, BLOCK_N))``."""
+
+    fwd: Any
+    bwd: Any
+
+
+@dataclass(frozen=True)
+class CrossEntropyConfig:
+    """Launch parameters of the three launches: the forward kernel computing the loss alone (``fwd_*``),
+    the same kernel also writing the gradient (``train_*``: it moves twice the bytes, so its best chunk
+    and warps differ), and the backward's scaling kernel (``bwd_*``). Block widths are powers of two."""
+
+    fwd_num_warps: int = 16
+    fwd_block_n: int = 8192
+    train_num_warps: int = 32
+    train_block_n: int = 16384
+    bwd_num_warps: int = 8
+    bwd_block_n: int = 4096
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            # bool is an int subclass; True as a warp count is a bug, not a 1.
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"CrossEntropyConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
+        for name in ("fwd_num_warps", "train_num_warps", "bwd_num_warps"):
+            if getattr(self, name) not in _VALID_WARPS:
+                raise ValueError(f"CrossEntropyConfig.{name} must be one of {_VALID_WARPS}, got {getattr(self, name)}")
+        for name in ("fwd_block_n", "train_block_n", "bwd_block_n"):
+            v = getattr(self, name)
+            if not _is_power_of_two(v) or v > MAX_BLOCK:
+                raise ValueError(f"CrossEntropyConfig.{name} must be a power of two <= {MAX_BLOCK}, got {v}")
+        if self.num_stages <= 0:
+            raise ValueError(f"CrossEntropyConfig.num_stages must be > 0, got {self.num_stages}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CrossEntropyConfig:
+        """Build a config from :meth:`to_dict`'s output; missing keys take their defaults.
+
+        Raises ``ValueError`` naming the offending key or value.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"CrossEntropyConfig.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"CrossEntropyConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _next_power_of_2(n: int) -> int:
+    # Plain Python: triton.next_power_of_2 is a jit-wrapped helper costing microseconds per call here.
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def default_config(vocab: int, rows: int, dtype: torch.dtype) -> CrossEntropyConfig:
+    """A heuristic starting point (register counts from ptxas for sm_90, bf16).
+
+    Rows up to ``MAX_BLOCK`` wide are held whole in one block, about 32 elements per thread (32 warps at
+    32768: 64 registers, so one row per SM). Wider rows are chunked: the loss alone in 8192-wide chunks
+    (16 warps, 53 registers: two rows per SM), the gradient-writing kernel in 16384-wide chunks over 32
+    warps (50 registers: one row per SM), which keeps the rows in flight (132 x 256 KB at a 128256 bf16
+    vocabulary) within the 50 MB L2 that its second read of each row relies on.
+
+    ``rows`` and ``dtype`` are accepted so that a tuned table can key on them; the heuristic ignores them.
+    """
+    del rows, dtype
+    block = _next_power_of_2(vocab)
+    bwd_block = min(4096, block)
+    bwd = {"bwd_num_warps": min(8, max(1, bwd_block // 512)), "bwd_block_n": bwd_block}
+    if block <= MAX_BLOCK:
+        warps = min(32, max(1, block // 1024))
+        return CrossEntropyConfig(fwd_num_warps=warps, fwd_block_n=block, train_num_warps=warps,
+                                  train_block_n=block, **bwd)
+    return CrossEntropyConfig(fwd_num_warps=16, fwd_block_n=8192, train_num_warps=32, train_block_n=16384, **bwd)
+
+
+@functools.lru_cache(maxsize=256)  # configs are frozen dataclasses; this runs on every launch
+def effective_config(config: CrossEntropyConfig, vocab: int) -> CrossEntropyConfig:
+    """Shrink block widths to the row (a chunk wider than the row only wastes lanes), so that a cached
+    config runs on any vocabulary size."""
+    block = _next_power_of_2(vocab)
+    widths = ("fwd_block_n", "train_block_n", "bwd_block_n")
+    if all(getattr(config, w) <= block for w in widths):
+        return config
+    return CrossEntropyConfig(**{**config.to_dict(), **{w: min(getattr(config, w), block) for w in widths}})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launch wrappers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[int, int]:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"cross_entropy: logits must be [..., classes] with classes > 0, got {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"cross_entropy: logits must be floating point, got {logits.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(f"cross_entropy: labels must be int64 or int32 class indices, got {labels.dtype}")
+    vocab = logits.shape[-1]
+    rows = logits.numel() // vocab
+    if labels.numel() != rows:
+        raise ValueError(f"cross_entropy: labels hold {labels.numel()} elements for {rows} rows of logits "
+                         f"{tuple(logits.shape)}")
+    return rows, vocab
+
+
+def _reduce(loss_rows: torch.Tensor, n_valid: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+    if reduction == "mean":
+        # 0 / 0 = NaN when every row is ignored, as PyTorch's mean.
+        loss = loss_rows.sum() / n_valid
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows
+    return loss.to(out_dtype)
+
+
+def cross_entropy_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    out_dtype: torch.dtype,
+    config: CrossEntropyConfig,
+    with_grad: bool,
+    kernels: SourceKernels | None = None,
+    traceable: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy of ``logits`` (``[..., C]``, flattened to rows) against ``labels`` (one per row).
+
+    Returns the loss (a scalar for 'mean'/'sum', ``[rows]`` for 'none', in ``out_dtype``) and, with
+    ``with_grad``, the gradient of that loss with respect to ``logits`` (logits' shape and dtype,
+    contiguous), else ``None``. ``kernels``: kernels from a cache entry's source (see
+    :class:`SourceKernels`). ``traceable``: launch through ``wrap_triton`` (called from a ``triton_op``).
+    """
+    rows, vocab = _check(logits, labels, reduction)
+    x2 = logits if logits.stride(-1) == 1 else logits.contiguous()
+    x2 = x2.reshape(rows, vocab)
+    y = labels.reshape(-1).contiguous()
+    loss_rows = torch.empty((rows,), dtype=torch.float32, device=logits.device)
+    grad = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device) if with_grad else None
+    # Counted on the device: the kernel reads it, so 'mean' needs no host sync.
+    n_valid = (y != ignore_index).sum()
+    if rows > 0:
+        cfg = effective_config(config, vocab)
+        block = cfg.train_block_n if grad is not None else cfg.fwd_block_n
+        kernel = kernels.fwd if kernels is not None else _cross_entropy_fwd_kernel
+        if traceable:
+            kernel = wrap_triton(kernel)
+        kernel[(rows,)](
+            x2,
+            y,
+            loss_rows,
+            grad if grad is not None else loss_rows,  # dummy pointer, never written without HAS_GRAD
+            n_valid,
+            x2.stride(0),
+            grad.stride(0) if grad is not None else 0,
+            vocab,
+            int(ignore_index),
+            float(label_smoothing),
+            HAS_GRAD=grad is not None,
+            MEAN=reduction == "mean",
+            SMOOTHING=label_smoothing != 0.0,
+            SINGLE=vocab <= block,
+            BLOCK_N=block,
+            num_warps=cfg.train_num_warps if grad is not None else cfg.fwd_num_warps,
+            num_stages=cfg.num_stages,
+        )
+    loss = _reduce(loss_rows, n_valid, reduction, out_dtype)
+    return loss, (grad.view(logits.shape) if grad is not None else None)
+
+
+def cross_entropy_bwd(
+    dloss: torch.Tensor,
+    grad: torch.Tensor,
+    reduction: str,
+    config: CrossEntropyConfig,
+    kernels: SourceKernels | None = None,
+    traceable: bool = False,
+) -> torch.Tensor:
+    """``grad * dloss``: the logits' gradient for the upstream gradient ``dloss`` of the loss (a scalar
+    for 'mean'/'sum', one value per row for 'none'). Returns a new tensor of ``grad``'s shape and dtype.
+    ``traceable`` (the inline op): the same product in torch ops, for Inductor to generate and fuse."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy_bwd: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if grad.dim() < 1 or grad.shape[-1] == 0:
+        raise ValueError(f"cross_entropy_bwd: grad must be [..., classes], got {tuple(grad.shape)}")
+    vocab = grad.shape[-1]
+    rows = grad.numel() // vocab
+    per_row = reduction == "none"
+    want = rows if per_row else 1
+    if dloss.numel() != want:
+        raise ValueError(f"cross_entropy_bwd: dloss has {dloss.numel()} elements, expected {want} "
+                         f"(reduction {reduction!r})")
+    if traceable:
+        # Inline op (Inductor traces it): a plain pointwise multiply, which Inductor generates itself and may
+        # compute in place in ``grad`` (a saved tensor, donated to the backward graph), where a Triton kernel
+        # of ours would need a second logits-sized buffer.
+        scale = dloss.reshape(-1, 1) if per_row else dloss.reshape(())
+        return (grad.float() * scale.float()).to(grad.dtype)
+    g2 = (grad if grad.stride(-1) == 1 else grad.contiguous()).reshape(rows, vocab)
+    d = dloss.reshape(-1).contiguous()
+    dx = torch.empty((rows, vocab), dtype=grad.dtype, device=grad.device)
+    if rows > 0:
+        cfg = effective_config(config, vocab)
+        kernel = kernels.bwd if kernels is not None else _cross_entropy_bwd_kernel
+        if traceable:
+            kernel = wrap_triton(kernel)
+        kernel[(rows, triton.cdiv(vocab, cfg.bwd_block_n))](
+            g2,
+            d,
+            dx,
+            g2.stride(0),
+            dx.stride(0),
+            vocab,
+            PER_ROW=per_row,
+            BLOCK_N=cfg.bwd_block_n,
+            num_warps=cfg.bwd_num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return dx.view(grad.shape)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------
+
+
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
+    """Float64 cross-entropy with the kernels' semantics (logits flattened to ``[rows, C]``, labels to
+    ``[rows]``); differentiable, so autograd gives the reference gradient."""
+    rows, vocab = _check(logits, labels, reduction)
+    return torch.nn.functional.cross_entropy(
+        logits.double().reshape(rows, vocab), labels.reshape(-1), ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing)

@@ -1,0 +1,185 @@
+"""Cross-entropy as ``torch.ops.autokernel`` custom ops: the forward-only op, the training op and its backward.
+
+The ops are functional (no input mutation, outputs never alias inputs) and pick their kernel
+configuration at run time from the actual shape, through the in-memory table of the disk cache.
+
+The training op returns ``(loss, grad)``: the gradient of the loss with respect to the logits, computed
+in the same pass as the loss, so the backward never reads the logits again; the backward op only
+scales ``grad`` by the incoming gradient of the loss. The price of being functional: ``grad`` is a new
+tensor of the logits' size, alive from the forward to the backward (Liger writes it over the logits
+instead), and the backward writes the scaled copy. Math: see ``kernels``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from autokernel.cache import row_bucket, runtime
+from autokernel.cache.sources import load_source
+from autokernel.lowering.cross_entropy.kernels import (
+    CrossEntropyConfig,
+    SourceKernels,
+    cross_entropy_bwd,
+    cross_entropy_fwd,
+    default_config,
+)
+from autokernel.lowering.pattern import dtype_name
+
+logger = logging.getLogger("autokernel")
+
+PATTERN = "cross_entropy"
+
+
+def pattern_key(reduction: str, ignore_index: int, label_smoothing: float, x_dtype: torch.dtype,
+                out_dtype: torch.dtype) -> str:
+    """The variant part of the cache key: everything but the shape that changes the kernel.
+
+    ``upcast``: the model computes the loss in a wider dtype than the logits (``logits.float()``)."""
+    upcast = int(out_dtype != x_dtype)
+    return (f"{PATTERN}/reduction={reduction},ignore_index={int(ignore_index)},"
+            f"smoothing={float(label_smoothing):g},x={dtype_name(x_dtype)},upcast={upcast}")
+
+
+FWD_KERNEL, BWD_KERNEL = "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"  # names a source entry defines
+
+
+def source_kernels(root: str, source: str) -> SourceKernels:
+    """The kernel pair a source text defines (loaded under ``root``); ValueError when it lacks one."""
+    module = load_source(root, source)
+    missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
+    if missing:
+        raise ValueError(f"its source defines no {' or '.join(missing)}")
+    return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+
+
+def _shape(t: torch.Tensor) -> tuple[int, int]:
+    vocab = t.shape[-1] if t.dim() else 1
+    return vocab, t.numel() // max(vocab, 1)
+
+
+def _memo_key(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir) -> tuple:
+    vocab, rows = _shape(logits)
+    return (PATTERN, cache_dir, logits.device, reduction, ignore_index, label_smoothing, logits.dtype, out_dtype,
+            vocab, row_bucket(rows))
+
+
+def select_config(logits: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float,
+                  out_dtype: torch.dtype, cache_dir: str) -> tuple[CrossEntropyConfig, SourceKernels | None]:
+    """The tuned configuration (and kernels, for a source entry) for this call's shape, else the
+    built-in heuristic. Runs on every call: after the first call per shape bucket it is one dict read."""
+    memo_key = _memo_key(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir)
+    chosen = runtime.memo.get(memo_key)
+    if chosen is None:
+        vocab, rows = _shape(logits)
+        key = pattern_key(reduction, ignore_index, label_smoothing, logits.dtype, out_dtype)
+        chosen = runtime.memo[memo_key] = _resolve(key, logits.device, vocab, rows, logits.dtype, cache_dir)
+    return chosen
+
+
+def _resolve(key: str, device: torch.device, vocab: int, rows: int, dtype: torch.dtype,
+             cache_dir: str) -> tuple[CrossEntropyConfig, SourceKernels | None]:
+    entry = runtime.lookup(cache_dir, device, key, vocab, rows) if cache_dir else None
+    if entry is not None:
+        kernel = entry["kernel"]
+        try:
+            config = CrossEntropyConfig.from_dict(kernel.get("config") or {})
+            if kernel["kind"] == "family":
+                return config, None
+            return config, source_kernels(cache_dir, kernel["source"])
+        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
+            logger.warning("autokernel: cache entry for %s V=%d is unusable (%s); using the default configuration",
+                           key, vocab, exc)
+    return default_config(vocab, row_bucket(rows), dtype), None
+
+
+def _launch(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir, run):
+    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
+    compile on this GPU, say), log it once and serve this shape with the built-in default from now on."""
+    config, kernels = select_config(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir)
+    try:
+        return run(config, kernels)
+    except Exception as exc:
+        vocab, rows = _shape(logits)
+        default = default_config(vocab, row_bucket(rows), logits.dtype)
+        if kernels is None and config == default:
+            raise
+        logger.warning("autokernel: the cached cross_entropy kernel for %s failed (%s: %s); using the built-in "
+                       "default", tuple(logits.shape), type(exc).__name__, exc)
+        runtime.memo[_memo_key(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir)] = (
+            default, None)
+        return run(default, None)
+
+
+def _forward(logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, with_grad: bool,
+             traceable: bool):
+    return _launch(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir,
+                   lambda config, kernels: cross_entropy_fwd(
+                       logits, labels, ignore_index, label_smoothing, reduction, out_dtype, config, with_grad,
+                       kernels=kernels, traceable=traceable))
+
+
+def _backward(dloss, grad, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, traceable: bool):
+    # The configuration is keyed on the logits; ``grad`` has their shape and dtype.
+    return _launch(grad, reduction, ignore_index, label_smoothing, out_dtype, cache_dir,
+                   lambda config, kernels: cross_entropy_bwd(dloss, grad, reduction, config, kernels=kernels,
+                                                             traceable=traceable))
+
+
+def _loss_like(logits: torch.Tensor, labels: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+    shape = (labels.numel(),) if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=out_dtype)
+
+
+def _define_ops(suffix: str, inline: bool) -> None:
+    """Define ``autokernel::cross_entropy{suffix}``, ``cross_entropy_train{suffix}`` and
+    ``cross_entropy_backward{suffix}``.
+
+    Two flavours of the same three ops, as for RMSNorm (see ``autokernel.lowering.rms_norm.ops``): opaque
+    (``torch.library.custom_op``; picks its configuration on every call, serves symbolic shapes and the
+    Triton interpreter) and inline (``torch.library.triton_op``; Inductor launches the kernels from its own
+    generated code, configuration picked at trace time: static shapes only).
+    """
+    define = torch.library.triton_op if inline else torch.library.custom_op
+
+    def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                reduction: str, out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
+        return _forward(logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, False,
+                        inline)[0]
+
+    def train(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+              reduction: str, out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, True,
+                        inline)
+
+    def backward(dloss: torch.Tensor, grad: torch.Tensor, ignore_index: int, label_smoothing: float,
+                 reduction: str, out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
+        return _backward(dloss, grad, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, inline)
+
+    forward_op = define(f"autokernel::cross_entropy{suffix}", forward, mutates_args=())
+    train_op = define(f"autokernel::cross_entropy_train{suffix}", train, mutates_args=())
+    backward_op = define(f"autokernel::cross_entropy_backward{suffix}", backward, mutates_args=())
+    if not inline:  # a triton_op derives its fake from its body
+        forward_op.register_fake(lambda logits, labels, ignore_index, label_smoothing, reduction, out_dtype,
+                                 cache_dir: _loss_like(logits, labels, reduction, out_dtype))
+        train_op.register_fake(lambda logits, labels, ignore_index, label_smoothing, reduction, out_dtype,
+                               cache_dir: (_loss_like(logits, labels, reduction, out_dtype),
+                                           torch.empty_like(logits, memory_format=torch.contiguous_format)))
+        backward_op.register_fake(lambda dloss, grad, ignore_index, label_smoothing, reduction, out_dtype,
+                                  cache_dir: torch.empty_like(grad, memory_format=torch.contiguous_format))
+
+    def setup_context(ctx, inputs, output):
+        _logits, _labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir = inputs
+        ctx.save_for_backward(output[1])
+        ctx.args = (ignore_index, label_smoothing, reduction, out_dtype, cache_dir)
+
+    def train_backward(ctx, dloss, _dgrad):
+        (grad,) = ctx.saved_tensors
+        return backward_op(dloss, grad, *ctx.args), None, None, None, None, None, None
+
+    train_op.register_autograd(train_backward, setup_context=setup_context)
+
+
+_define_ops("", inline=False)
+_define_ops("_inline", inline=True)

@@ -1,0 +1,157 @@
+"""Softmax and log-softmax as ``torch.ops.autokernel`` custom ops: the forward-only op, the training op and
+its backward.
+
+The ops are functional (no input mutation, outputs never alias inputs) and pick their kernel
+configuration at run time from the actual shape, through the in-memory table of the disk cache:
+the backend never branches on symbolic sizes, so it adds no guards, and a recompile for a new shape
+needs no new decision.
+
+Math (over the last dim, in float32; ``y`` in ``out_dtype``, ``dx`` in x's dtype):
+
+- ``softmax``: ``y = exp(x - max) / sum(exp(x - max))``; backward ``dx = y * (dy - sum(dy * y))``;
+- ``log_softmax``: ``y = x - max - log(sum(exp(x - max)))``; backward ``dx = dy - exp(y) * sum(dy)``.
+
+The backward needs ``y`` only, the forward's own output: the training op saves nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from autokernel.cache import row_bucket, runtime
+from autokernel.cache.sources import load_source
+from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.softmax.kernels import (
+    SoftmaxConfig,
+    SourceKernels,
+    default_config,
+    softmax_bwd,
+    softmax_fwd,
+)
+
+logger = logging.getLogger("autokernel")
+
+PATTERN = "softmax"
+OPS = ("softmax", "log_softmax")  # the values of the variant flag ``op``
+
+
+def pattern_key(log: bool, x_dtype: torch.dtype, out_dtype: torch.dtype) -> str:
+    """The variant part of the cache key: everything but the shape that changes the kernel."""
+    return f"{PATTERN}/op={OPS[bool(log)]},x={dtype_name(x_dtype)},out={dtype_name(out_dtype)}"
+
+
+FWD_KERNEL, BWD_KERNEL = "softmax_fwd_kernel", "softmax_bwd_kernel"  # names a source entry defines
+
+
+def source_kernels(root: str, source: str) -> SourceKernels:
+    """The kernel pair a source text defines (loaded under ``root``); ValueError when it lacks one."""
+    module = load_source(root, source)
+    missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
+    if missing:
+        raise ValueError(f"its source defines no {' or '.join(missing)}")
+    return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+
+
+def _shape(t: torch.Tensor) -> tuple[int, int]:
+    hidden = t.shape[-1] if t.dim() else 1
+    return hidden, t.numel() // max(hidden, 1)
+
+
+def select_config(t: torch.Tensor, log: bool, x_dtype: torch.dtype, out_dtype: torch.dtype,
+                  cache_dir: str) -> tuple[SoftmaxConfig, SourceKernels | None]:
+    """The tuned configuration (and kernels, for a source entry) for this call's shape (``t`` is ``x`` in the
+    forward, ``y`` in the backward: same shape), else the built-in heuristic. Runs on every call: after the
+    first call per shape bucket it is one dict read."""
+    memo_key = _memo_key(t, log, x_dtype, out_dtype, cache_dir)
+    chosen = runtime.memo.get(memo_key)
+    if chosen is None:
+        hidden, rows = _shape(t)
+        chosen = runtime.memo[memo_key] = _resolve(pattern_key(log, x_dtype, out_dtype), t.device, hidden, rows,
+                                                   x_dtype, cache_dir)
+    return chosen
+
+
+def _memo_key(t: torch.Tensor, log: bool, x_dtype: torch.dtype, out_dtype: torch.dtype, cache_dir: str) -> tuple:
+    hidden, rows = _shape(t)
+    return (PATTERN, cache_dir, t.device, bool(log), x_dtype, out_dtype, hidden, row_bucket(rows))
+
+
+def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
+             cache_dir: str) -> tuple[SoftmaxConfig, SourceKernels | None]:
+    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
+    if entry is not None:
+        kernel = entry["kernel"]
+        try:
+            config = SoftmaxConfig.from_dict(kernel.get("config") or {})
+            if kernel["kind"] == "family":
+                return config, None
+            return config, source_kernels(cache_dir, kernel["source"])
+        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
+            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
+                           key, hidden, exc)
+    return default_config(hidden, row_bucket(rows), dtype), None
+
+
+def _launch(t: torch.Tensor, log: bool, x_dtype: torch.dtype, out_dtype: torch.dtype, cache_dir: str, run):
+    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
+    compile on this GPU, say), log it and serve this shape with the built-in default from now on."""
+    config, kernels = select_config(t, log, x_dtype, out_dtype, cache_dir)
+    try:
+        return run(config, kernels)
+    except Exception as exc:
+        hidden, rows = _shape(t)
+        default = default_config(hidden, row_bucket(rows), x_dtype)
+        if kernels is None and config == default:
+            raise
+        logger.warning("autokernel: the cached softmax kernel for %s failed (%s: %s); using the built-in default",
+                       tuple(t.shape), type(exc).__name__, exc)
+        runtime.memo[_memo_key(t, log, x_dtype, out_dtype, cache_dir)] = (default, None)
+        return run(default, None)
+
+
+def _define_ops(suffix: str, inline: bool) -> None:
+    """Define ``autokernel::softmax{suffix}``, ``softmax_train{suffix}`` and ``softmax_backward{suffix}``.
+
+    Two flavours of the same three ops, as for RMSNorm (``autokernel/lowering/rms_norm/ops.py``). Opaque
+    (``torch.library.custom_op``): Inductor calls the op, and the op picks its configuration on every call
+    from the actual shape; it serves symbolic shapes and the Triton interpreter. Inline
+    (``torch.library.triton_op``): AOTAutograd traces through the op, so Inductor launches our kernels from
+    its own generated code; the configuration is picked once, at trace time, which is only right for static
+    shapes. The forward-only and training ops compute the same thing; only the training op has an autograd
+    formula (which saves ``y``).
+    """
+    define = torch.library.triton_op if inline else torch.library.custom_op
+
+    def forward(x: torch.Tensor, log: bool, out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
+        return _launch(x, log, x.dtype, out_dtype, cache_dir, lambda config, kernels: softmax_fwd(
+            x, log, out_dtype, config, kernels=kernels, traceable=inline))
+
+    def backward(dy: torch.Tensor, y: torch.Tensor, log: bool, x_dtype: torch.dtype,
+                 cache_dir: str) -> torch.Tensor:
+        return _launch(y, log, x_dtype, y.dtype, cache_dir, lambda config, kernels: softmax_bwd(
+            dy, y, log, x_dtype, config, kernels=kernels, traceable=inline))
+
+    forward_op = define(f"autokernel::softmax{suffix}", forward, mutates_args=())
+    train_op = define(f"autokernel::softmax_train{suffix}", forward, mutates_args=())
+    backward_op = define(f"autokernel::softmax_backward{suffix}", backward, mutates_args=())
+    if not inline:  # a triton_op derives its fake from its body
+        for op in (forward_op, train_op):
+            op.register_fake(lambda x, log, out_dtype, cache_dir: x.new_empty(x.shape, dtype=out_dtype))
+        backward_op.register_fake(lambda dy, y, log, x_dtype, cache_dir: y.new_empty(y.shape, dtype=x_dtype))
+
+    def setup_context(ctx, inputs, output):
+        x, log, _out_dtype, cache_dir = inputs
+        ctx.save_for_backward(output)
+        ctx.log, ctx.x_dtype, ctx.cache_dir = log, x.dtype, cache_dir
+
+    def train_backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return backward_op(dy, y, ctx.log, ctx.x_dtype, ctx.cache_dir), None, None, None
+
+    train_op.register_autograd(train_backward, setup_context=setup_context)
+
+
+_define_ops("", inline=False)
+_define_ops("_inline", inline=True)

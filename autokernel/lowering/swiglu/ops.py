@@ -1,0 +1,169 @@
+"""The gated MLP activation as ``torch.ops.autokernel`` custom ops: forward-only op, training op, backward.
+
+``y = act(gate) * up`` with ``act`` silu (SwiGLU), gelu or gelu tanh (GeGLU). The ops take ``x`` and
+``up``: with layout "separate" ``x`` is gate; with "gate_up" / "up_gate" ``x`` holds gate and up as the
+halves of its last dim (``up`` is None) and the backward returns the one gradient of ``x``.
+
+The ops are functional (no input mutation, outputs never alias inputs) and pick their kernel
+configuration at run time from the actual shape, through the in-memory table of the disk cache. The
+training op saves only its inputs: the backward recomputes the activation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from autokernel.cache import row_bucket, runtime
+from autokernel.cache.sources import load_source
+from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.swiglu.kernels import (
+    SourceKernels,
+    SwigluConfig,
+    default_config,
+    swiglu_bwd,
+    swiglu_fwd,
+)
+
+logger = logging.getLogger("autokernel")
+
+PATTERN = "swiglu"
+FWD_KERNEL, BWD_KERNEL = "swiglu_fwd_kernel", "swiglu_bwd_kernel"  # names a source entry defines
+
+
+def pattern_key(act: str, layout: str, dtype: torch.dtype) -> str:
+    """The variant part of the cache key: everything but the shape that changes the kernel."""
+    return f"{PATTERN}/act={act},layout={layout},dtype={dtype_name(dtype)}"
+
+
+def gate_width(x: torch.Tensor, layout: str) -> int:
+    """The width of gate's rows (the cache's hidden size): x's last dim, or half of it for one tensor."""
+    return x.shape[-1] if layout == "separate" else x.shape[-1] // 2
+
+
+def source_kernels(root: str, source: str) -> SourceKernels:
+    """The kernel pair a source text defines (loaded under ``root``); ValueError when it lacks one."""
+    module = load_source(root, source)
+    missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
+    if missing:
+        raise ValueError(f"its source defines no {' or '.join(missing)}")
+    return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+
+
+def _shape_of(x: torch.Tensor, layout: str) -> tuple[int, int]:
+    hidden = gate_width(x, layout) if x.dim() else 1
+    return hidden, (x.numel() // max(x.shape[-1], 1) if x.dim() else 1)
+
+
+def _memo_key(x: torch.Tensor, act: str, layout: str, cache_dir: str) -> tuple:
+    hidden, rows = _shape_of(x, layout)
+    return (PATTERN, cache_dir, x.device, act, layout, x.dtype, hidden, row_bucket(rows))
+
+
+def select_config(x: torch.Tensor, act: str, layout: str,
+                  cache_dir: str) -> tuple[SwigluConfig, SourceKernels | None]:
+    """The tuned configuration (and kernels, for a source entry) for this call's shape, else the built-in
+    heuristic. Runs on every call: after the first call per shape bucket it is one dict read."""
+    memo_key = _memo_key(x, act, layout, cache_dir)
+    chosen = runtime.memo.get(memo_key)
+    if chosen is None:
+        hidden, rows = _shape_of(x, layout)
+        chosen = runtime.memo[memo_key] = _resolve(pattern_key(act, layout, x.dtype), x.device, hidden, rows,
+                                                   x.dtype, cache_dir)
+    return chosen
+
+
+def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
+             cache_dir: str) -> tuple[SwigluConfig, SourceKernels | None]:
+    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
+    if entry is not None:
+        kernel = entry["kernel"]
+        try:
+            config = SwigluConfig.from_dict(kernel.get("config") or {})
+            if kernel["kind"] == "family":
+                return config, None
+            return config, source_kernels(cache_dir, kernel["source"])
+        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
+            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
+                           key, hidden, exc)
+    return default_config(hidden, row_bucket(rows), dtype), None
+
+
+def _launch(x: torch.Tensor, act: str, layout: str, cache_dir: str, run):
+    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
+    compile on this GPU, say), log it once and serve this shape with the built-in default from now on."""
+    config, kernels = select_config(x, act, layout, cache_dir)
+    try:
+        return run(config, kernels)
+    except Exception as exc:
+        hidden, rows = _shape_of(x, layout)
+        default = default_config(hidden, row_bucket(rows), x.dtype)
+        if kernels is None and config == default:
+            raise
+        logger.warning("autokernel: the cached swiglu kernel for %s failed (%s: %s); using the built-in default",
+                       tuple(x.shape), type(exc).__name__, exc)
+        runtime.memo[_memo_key(x, act, layout, cache_dir)] = (default, None)
+        return run(default, None)
+
+
+def _forward(x, up, act, layout, cache_dir, traceable: bool) -> torch.Tensor:
+    return _launch(x, act, layout, cache_dir, lambda config, kernels: swiglu_fwd(
+        x, up, act, layout, config, kernels=kernels, traceable=traceable))
+
+
+def _backward(dy, x, up, act, layout, cache_dir, traceable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dup = _launch(x, act, layout, cache_dir, lambda config, kernels: swiglu_bwd(
+        dy, x, up, act, layout, config, kernels=kernels, traceable=traceable))
+    return dx, dup if dup is not None else x.new_empty((0,))
+
+
+def _out_shape(x: torch.Tensor, layout: str) -> tuple:
+    return tuple(x.shape) if layout == "separate" else (*x.shape[:-1], x.shape[-1] // 2)
+
+
+def _define_ops(suffix: str, inline: bool) -> None:
+    """Define ``autokernel::swiglu{suffix}``, ``swiglu_train{suffix}`` and ``swiglu_backward{suffix}``.
+
+    Two flavours of the same three ops, as for RMSNorm (see ``autokernel.lowering.rms_norm.ops``): opaque
+    (``custom_op``, configuration picked on every call; symbolic shapes, the interpreter) and inline
+    (``triton_op``, traced through, so Inductor launches our kernels from its own code; static shapes)."""
+    define = torch.library.triton_op if inline else torch.library.custom_op
+
+    def forward(x: torch.Tensor, up: torch.Tensor | None, act: str, layout: str, cache_dir: str) -> torch.Tensor:
+        return _forward(x, up, act, layout, cache_dir, inline)
+
+    def train(x: torch.Tensor, up: torch.Tensor | None, act: str, layout: str, cache_dir: str) -> torch.Tensor:
+        return _forward(x, up, act, layout, cache_dir, inline)
+
+    def backward(dy: torch.Tensor, x: torch.Tensor, up: torch.Tensor | None, act: str, layout: str,
+                 cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backward(dy, x, up, act, layout, cache_dir, inline)
+
+    forward_op = define(f"autokernel::swiglu{suffix}", forward, mutates_args=())
+    train_op = define(f"autokernel::swiglu_train{suffix}", train, mutates_args=())
+    backward_op = define(f"autokernel::swiglu_backward{suffix}", backward, mutates_args=())
+    if not inline:  # a triton_op derives its fake from its body
+        def fake_forward(x, up, act, layout, cache_dir):
+            return x.new_empty(_out_shape(x, layout))
+
+        forward_op.register_fake(fake_forward)
+        train_op.register_fake(fake_forward)
+        backward_op.register_fake(lambda dy, x, up, act, layout, cache_dir: (
+            x.new_empty(x.shape), up.new_empty(up.shape) if up is not None else x.new_empty((0,))))
+
+    def setup_context(ctx, inputs, output):
+        x, up, act, layout, cache_dir = inputs
+        ctx.save_for_backward(x, up)
+        ctx.act, ctx.layout, ctx.cache_dir = act, layout, cache_dir
+
+    def train_backward(ctx, dy):
+        x, up = ctx.saved_tensors
+        dx, dup = backward_op(dy, x, up, ctx.act, ctx.layout, ctx.cache_dir)
+        return dx, (dup if up is not None else None), None, None, None
+
+    train_op.register_autograd(train_backward, setup_context=setup_context)
+
+
+_define_ops("", inline=False)
+_define_ops("_inline", inline=True)
