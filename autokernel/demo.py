@@ -68,7 +68,7 @@ def main() -> int:
     where = "the Triton interpreter (CPU)" if device == "cpu" else torch.cuda.get_device_name()
     print(f"autokernel demo on {where}; cache: {cache_dir}\n")
 
-    print("1. What the backend finds in the block (empty cache: every RMSNorm is a miss):")
+    print("1. What the backend finds in the block (empty cache: every pattern instance is a miss):")
     print(autokernel.explain(model, x, options=options), "\n")
 
     print("2. Compile and run: the misses go to Inductor and are recorded in the wanted table.")
@@ -80,7 +80,7 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "autokernel.playbook.cli", "--budget", "5"], check=True, env=env)
 
     torch._dynamo.reset()
-    print("\n4. The same model again: now every RMSNorm is served by a tuned Triton kernel.")
+    print("\n4. The same model again: now every instance is served by a tuned Triton kernel.")
     report = autokernel.explain(model, x, options=options)
     print(report, "\n")
     compiled = torch.compile(model, backend="autokernel", options=options)

@@ -210,3 +210,25 @@ class Instance:
     # Values of inner nodes that the op also returns because code outside the match reads them
     # (add + RMSNorm: the sum, which the residual stream carries on): name -> aten node.
     side_outputs: dict[str, Node] = field(default_factory=dict)
+
+
+def decline(inst: Instance, reason: str) -> Instance:
+    """Mark ``inst`` declined (never rewritten), saying why."""
+    inst.status, inst.reason = "declined", reason
+    return inst
+
+
+def internal_users_problem(inst: Instance) -> str | None:
+    """Why ``inst`` cannot be cut out of its graph when code outside the match reads one of its inner
+    nodes (other than its root and its side outputs), else None."""
+    inside = set(inst.nodes)
+    side = set(inst.side_outputs.values())
+    for node in inst.nodes:
+        if node is inst.root or node in side:
+            continue
+        for user in node.users:
+            # Dead nodes don't count (the analysis view is not dead-code eliminated: a fused op's unused
+            # output, nll_loss_forward's total_weight, still has its getitem).
+            if user not in inside and (user.users or user.op != "call_function"):
+                return f"intermediate {node.name} is also used by {user.name}"
+    return None

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from autokernel.lowering.launch import next_power_of_2
+
 logger = logging.getLogger("autokernel")
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -234,11 +236,6 @@ class CrossEntropyConfig:
         return cls(**d)
 
 
-def _next_power_of_2(n: int) -> int:
-    # Plain Python: triton.next_power_of_2 is a jit-wrapped helper costing microseconds per call here.
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def default_config(vocab: int, rows: int, dtype: torch.dtype) -> CrossEntropyConfig:
     """A heuristic starting point (register counts from ptxas for sm_90, bf16).
 
@@ -251,7 +248,7 @@ def default_config(vocab: int, rows: int, dtype: torch.dtype) -> CrossEntropyCon
     ``rows`` and ``dtype`` are accepted so that a tuned table can key on them; the heuristic ignores them.
     """
     del rows, dtype
-    block = _next_power_of_2(vocab)
+    block = next_power_of_2(vocab)
     bwd_block = min(4096, block)
     bwd = {"bwd_num_warps": min(8, max(1, bwd_block // 512)), "bwd_block_n": bwd_block}
     if block <= MAX_BLOCK:
@@ -265,7 +262,7 @@ def default_config(vocab: int, rows: int, dtype: torch.dtype) -> CrossEntropyCon
 def effective_config(config: CrossEntropyConfig, vocab: int) -> CrossEntropyConfig:
     """Shrink block widths to the row (a chunk wider than the row only wastes lanes), so that a cached
     config runs on any vocabulary size."""
-    block = _next_power_of_2(vocab)
+    block = next_power_of_2(vocab)
     widths = ("fwd_block_n", "train_block_n", "bwd_block_n")
     if all(getattr(config, w) <= block for w in widths):
         return config

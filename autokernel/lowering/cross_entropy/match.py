@@ -33,7 +33,9 @@ from autokernel.lowering.pattern import (
     aten,
     cast,
     cast_dtype,
+    decline,
     dtype_name,
+    internal_users_problem,
     match,
     node_val,
 )
@@ -74,11 +76,6 @@ NLL2D = Op((operator.getitem,), (Op((aten.nll_loss2d_forward,), (Op(FLATTEN_OPS,
                                                                    Var("labels")), name="nll"), Const("index")))
 
 
-def _decline(inst: Instance, reason: str) -> Instance:
-    inst.status, inst.reason = "declined", reason
-    return inst
-
-
 def _instance(root: Node, b, reduction: str, ignore_index: int, smoothing: float) -> Instance:
     x, logp = b["x"], b["logp"]
     xv, inner = node_val(x), node_val(logp.args[0])
@@ -98,30 +95,30 @@ def _check_logp(inst: Instance, b) -> Instance:
     x, logp = b["x"], b["logp"]
     xv, inner = node_val(x), node_val(logp.args[0])
     if not isinstance(xv, torch.Tensor) or not isinstance(inner, torch.Tensor):
-        return _decline(inst, "logits are not a tensor")
+        return decline(inst, "logits are not a tensor")
     if inner.dim() != 2:
-        return _decline(inst, f"logits of rank {inner.dim()} (the op takes [rows, classes])")
+        return decline(inst, f"logits of rank {inner.dim()} (the op takes [rows, classes])")
     if b["dim"] not in (1, -1):
-        return _decline(inst, f"log-softmax over dim {b['dim']}, not the class dim")
+        return decline(inst, f"log-softmax over dim {b['dim']}, not the class dim")
     if logp.target.overloadpacket is aten._log_softmax and len(logp.args) > 2 and logp.args[2]:
-        return _decline(inst, "log-softmax with half_to_float")
+        return decline(inst, "log-softmax with half_to_float")
     if logp.kwargs.get("dtype") is not None:
-        return _decline(inst, "log-softmax with an explicit dtype")
+        return decline(inst, "log-softmax with an explicit dtype")
     if xv.dtype not in FLOATS or inner.dtype not in FLOATS:
-        return _decline(inst, f"logits dtype {inner.dtype} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"logits dtype {inner.dtype} (supported: fp32, fp16, bf16)")
     upcast = b.get("upcast")
     if upcast is not None and cast_dtype(upcast) != torch.float32:
-        return _decline(inst, f"casts the logits to {cast_dtype(upcast)}, not float32")
+        return decline(inst, f"casts the logits to {cast_dtype(upcast)}, not float32")
     flatten = b.get("flatten")
     if flatten is not None:
         # A flatten of the leading dims only: the class dim must stay the last dim, whole.
         if xv.dim() < 1 or not statically_known_true(xv.shape[-1] == inner.shape[-1]):
-            return _decline(inst, f"a view of {tuple(xv.shape)} to {tuple(inner.shape)} is not a flatten to rows")
+            return decline(inst, f"a view of {tuple(xv.shape)} to {tuple(inner.shape)} is not a flatten to rows")
     labels = node_val(b.get("labels"))
     if not isinstance(labels, torch.Tensor) or labels.dtype not in LABEL_DTYPES:
-        return _decline(inst, "targets are not int64/int32 class indices")
+        return decline(inst, "targets are not int64/int32 class indices")
     if labels.dim() != 1:
-        return _decline(inst, f"labels of rank {labels.dim()}")
+        return decline(inst, f"labels of rank {labels.dim()}")
     inst.status = "miss"
     return inst
 
@@ -139,11 +136,11 @@ def _check_nll(root: Node, b, smoothing: float = 0.0) -> Instance:
     reduction = REDUCTION_CODES.get(code, "none")
     inst = _instance(root, b, reduction, ignore_index, smoothing)
     if b.get("index", 0) != 0:
-        return _decline(inst, "uses total_weight of nll_loss_forward")
+        return decline(inst, "uses total_weight of nll_loss_forward")
     if weight is not None:
-        return _decline(inst, "class weights (weight=)")
+        return decline(inst, "class weights (weight=)")
     if code not in REDUCTION_CODES:
-        return _decline(inst, f"unknown reduction code {code}")
+        return decline(inst, f"unknown reduction code {code}")
     return _check_logp(inst, b)
 
 
@@ -159,41 +156,29 @@ def _check_smoothed(root: Node, b) -> Instance:
     reduction = inst.params["reduction"]
     shape_reduction = "mean" if "smooth_mean" in b.values else "sum" if "smooth_total" in b.values else "none"
     if shape_reduction != reduction:
-        return _decline(inst, f"smoothing term reduced as {shape_reduction!r}, the loss as {reduction!r}")
+        return decline(inst, f"smoothing term reduced as {shape_reduction!r}, the loss as {reduction!r}")
     if not isinstance(classes, int) or isinstance(smooth_coef, bool) or not isinstance(smooth_coef, (int, float)):
         # Under dynamic shapes e / C is a symbolic expression.
-        return _decline(inst, "label smoothing over a symbolic number of classes")
+        return decline(inst, "label smoothing over a symbolic number of classes")
     if not 0.0 < eps <= 1.0 or not math.isclose(smooth_coef, eps / classes, rel_tol=1e-6):
-        return _decline(inst, f"coefficients {nll_coef:g} and {smooth_coef:g} are not (1 - e, e / {classes})")
+        return decline(inst, f"coefficients {nll_coef:g} and {smooth_coef:g} are not (1 - e, e / {classes})")
     if b["smooth_ignore"] != inst.params["ignore_index"] or b["fill"] != 0:
-        return _decline(inst, "smoothing term masks other rows than the ignored ones")
+        return decline(inst, "smoothing term masks other rows than the ignored ones")
     dims = b["smooth_dims"]
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
     if dims not in ([1], [-1]):
-        return _decline(inst, f"smoothing term sums over dims {dims}, not the class dim")
+        return decline(inst, f"smoothing term sums over dims {dims}, not the class dim")
     return inst
 
 
 def _check_probs(root: Node, b) -> Instance:
     inst = _instance(root, b, "mean", -100, 0.0)
-    return _decline(inst, "probabilities as targets (only class indices are served)")
+    return decline(inst, "probabilities as targets (only class indices are served)")
 
 
 def _check_nll2d(root: Node, b) -> Instance:
     inst = _instance(root, b, "mean", -100, 0.0)
-    return _decline(inst, "class dim of a >2-D tensor (flatten the logits to [rows, classes])")
-
-
-def _internal_users_ok(inst: Instance) -> str | None:
-    inside = set(inst.nodes)
-    for node in inst.nodes:
-        if node is inst.root:
-            continue
-        for user in node.users:
-            # Dead nodes don't count: nll_loss_forward's total_weight has an unused getitem.
-            if user not in inside and (user.users or user.op != "call_function"):
-                return f"intermediate {node.name} is also used by {user.name}"
-    return None
+    return decline(inst, "class dim of a >2-D tensor (flatten the logits to [rows, classes])")
 
 
 PATTERNS = ((SMOOTHED, _check_smoothed), (NLL, _check_nll), (PROBS, _check_probs), (NLL2D, _check_nll2d))
@@ -215,9 +200,9 @@ def find_instances(graph: Graph) -> list[Instance]:
                     continue
                 inst = check(root, b)
                 if inst.status != "declined":
-                    problem = _internal_users_ok(inst)
+                    problem = internal_users_problem(inst)
                     if problem:
-                        _decline(inst, problem)
+                        decline(inst, problem)
                 if inst.status == "declined":
                     first_decline = first_decline or inst
                     continue

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.rms_norm.kernels import _as_rows, _next_power_of_2, _sm_count
+from autokernel.lowering.launch import as_rows, next_power_of_2, sm_count
 
 logger = logging.getLogger("autokernel")
 
@@ -422,7 +422,7 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> LayerNormConfi
     """A heuristic starting point: about 8-16 elements per thread, chunked when the row is too wide.
     (``dtype`` is accepted so that a tuned table can key on it; the heuristic does not need it.)"""
     del dtype
-    block = _next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     if block > MAX_SINGLE_PASS_BLOCK:
         return LayerNormConfig(fwd_num_warps=8, bwd_num_warps=8, bwd_programs_per_sm=2, block_n=_DEFAULT_CHUNK)
     warps = min(16, max(1, block // 512))
@@ -443,7 +443,7 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> LayerNormConfi
 def effective_config(config: LayerNormConfig, hidden: int) -> LayerNormConfig:
     """A config valid for rows of width ``hidden``, so a cached config runs on any shape: single pass on
     a row too wide for one block -> chunked; one chunk covering the whole row -> single pass."""
-    block = _next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     if not config.chunked and block > MAX_SINGLE_PASS_BLOCK:
         logger.debug("layer_norm: hidden %d too wide for a single pass; chunks of %d", hidden, _DEFAULT_CHUNK)
         return LayerNormConfig(**{**config.to_dict(), "block_n": _DEFAULT_CHUNK})
@@ -490,7 +490,7 @@ def layer_norm_fwd(
     norm_shape = _check(x, weight, bias, norm_ndim, mode)
     hidden = math.prod(norm_shape)
     lead = tuple(x.shape[: x.dim() - norm_ndim])
-    x2 = _as_rows(x, hidden)
+    x2 = as_rows(x, hidden)
     rows = x2.shape[0]
     y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
     mean = rstd = None
@@ -522,7 +522,7 @@ def layer_norm_fwd(
             ROUNDED=mode == "rounded",
             SAVE_STATS=save_stats,
             ROWS_PER_PROGRAM=rpp,
-            BLOCK_N=cfg.block_n if cfg.chunked else _next_power_of_2(hidden),
+            BLOCK_N=cfg.block_n if cfg.chunked else next_power_of_2(hidden),
             num_warps=cfg.fwd_num_warps,
             num_stages=cfg.num_stages,
         )
@@ -555,8 +555,8 @@ def layer_norm_bwd(
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"layer_norm_bwd: dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
     hidden = math.prod(norm_shape)
-    x2 = _as_rows(x, hidden)
-    dy2 = _as_rows(dy, hidden)
+    x2 = as_rows(x, hidden)
+    dy2 = as_rows(dy, hidden)
     rows = x2.shape[0]
     for name, t in (("mean", mean), ("rstd", rstd)):
         if t.numel() != rows:
@@ -568,7 +568,7 @@ def layer_norm_bwd(
         return (dx.view(x.shape), torch.zeros_like(weight) if weight is not None else None,
                 torch.zeros_like(bias) if bias is not None else None)
     cfg = effective_config(config, hidden)
-    programs = min(rows, _sm_count(x.device) * cfg.bwd_programs_per_sm)
+    programs = min(rows, sm_count(x.device) * cfg.bwd_programs_per_sm)
     # The chunked kernel accumulates into its partial rows, so they start from zero; the single-pass kernel
     # writes its rows whole.
     alloc = torch.zeros if cfg.chunked else torch.empty
@@ -577,7 +577,7 @@ def layer_norm_bwd(
     if cfg.chunked:
         kernel, extra = _layer_norm_bwd_chunked_kernel, {"BLOCK_N": cfg.block_n}
     else:
-        block = _next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
         kernel, extra = _layer_norm_bwd_single_kernel, {"BLOCK_N": block, "PREFETCH": block <= _PREFETCH_MAX_BLOCK}
     if traceable:
         kernel = wrap_triton(kernel)

@@ -34,11 +34,12 @@ from autokernel.lowering.pattern import (
     aten,
     cast,
     cast_dtype,
+    decline,
     dtype_name,
+    internal_users_problem,
     match,
     node_val,
 )
-from autokernel.lowering.rms_norm.match import _decline, _internal_users_ok
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -100,25 +101,25 @@ def _check_common(inst: Instance, x: Node, w, bias) -> Instance:
     xv = node_val(x)
     norm_ndim = inst.params["norm_ndim"]
     if not isinstance(xv, torch.Tensor) or xv.dim() < norm_ndim:
-        return _decline(inst, f"input is not a tensor of rank >= {norm_ndim}")
+        return decline(inst, f"input is not a tensor of rank >= {norm_ndim}")
     if xv.dtype not in FLOATS:
-        return _decline(inst, f"input dtype {xv.dtype} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"input dtype {xv.dtype} (supported: fp32, fp16, bf16)")
     if inst.params["out_dtype"] not in FLOATS:
-        return _decline(inst, f"output dtype {inst.params['out_dtype']} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"output dtype {inst.params['out_dtype']} (supported: fp32, fp16, bf16)")
     if inst.params["eps"] < 0:
-        return _decline(inst, f"negative eps {inst.params['eps']}")
+        return decline(inst, f"negative eps {inst.params['eps']}")
     norm_shape = xv.shape[xv.dim() - norm_ndim:]
     for name, what, t in (("weight", "multiplier", w), ("bias", "added term", bias)):
         if t is None:
             continue
         tv = node_val(t)
         if not isinstance(tv, torch.Tensor) or tv.dim() != norm_ndim:
-            return _decline(inst, f"{what} is not a per-channel {name} of the normalized shape")
+            return decline(inst, f"{what} is not a per-channel {name} of the normalized shape")
         if tv.dtype not in FLOATS:
-            return _decline(inst, f"{name} dtype {tv.dtype}")
+            return decline(inst, f"{name} dtype {tv.dtype}")
         # statically_known_true: comparing symbolic sizes with == would install a guard.
         if not all(statically_known_true(a == n) for a, n in zip(tv.shape, norm_shape, strict=True)):
-            return _decline(inst, f"{name} of shape {tuple(tv.shape)} for a normalized shape {tuple(norm_shape)}")
+            return decline(inst, f"{name} of shape {tuple(tv.shape)} for a normalized shape {tuple(norm_shape)}")
     inst.status = "miss"
     return inst
 
@@ -177,20 +178,20 @@ def _check(root: Node, b) -> Instance:
     inst = _instance(root, b, x, w, bias, b["eps"], ndim if isinstance(ndim, int) else 1,
                      "rounded" if rounded else "fp32")
     if isinstance(ndim, str):
-        return _decline(inst, ndim)
+        return decline(inst, ndim)
     variance = b["var"] if b.get("var") is not None else b["varmean"]
     vdim = _trailing_dims(variance, rank)
     if vdim != ndim:
-        return _decline(inst, f"variance over other dims than the mean ({variance.args[1]} vs {mean.args[1]})")
+        return decline(inst, f"variance over other dims than the mean ({variance.args[1]} vs {mean.args[1]})")
     if b.get("var") is not None:
         correction = variance.kwargs.get("correction", 1)
         if correction is None or correction != 0:
-            return _decline(inst, f"unbiased variance (correction {1 if correction is None else correction})")
+            return decline(inst, f"unbiased variance (correction {1 if correction is None else correction})")
     if b.get("power", 2) != 2:
-        return _decline(inst, f"power {b['power']}, not 2")
+        return decline(inst, f"power {b['power']}, not 2")
     problem = _check_casts(b, x, midcast)
     if problem:
-        return _decline(inst, problem)
+        return decline(inst, problem)
     return _check_common(inst, x, w, bias)
 
 
@@ -204,15 +205,15 @@ def _check_fused(root: Node, b) -> Instance:
     number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
     inst = _instance(root, b, x, w, bias, eps if number else 0.0, len(b["normalized_shape"]), "fp32")
     if not number:
-        return _decline(inst, f"eps {eps!r} is not a number")
+        return decline(inst, f"eps {eps!r} is not a number")
     xv = node_val(x)
     if isinstance(xv, torch.Tensor) and not all(
             statically_known_true(a == n) for a, n in
             zip(xv.shape[max(xv.dim() - len(b["normalized_shape"]), 0):], b["normalized_shape"], strict=False)):
-        return _decline(inst, f"normalized shape {b['normalized_shape']} is not x's trailing shape")
+        return decline(inst, f"normalized shape {b['normalized_shape']} is not x's trailing shape")
     problem = _check_casts(b, x, None)
     if problem:
-        return _decline(inst, problem)
+        return decline(inst, problem)
     return _check_common(inst, x, w, bias)
 
 
@@ -233,9 +234,9 @@ def find_instances(graph: Graph) -> list[Instance]:
                     continue
                 inst = check(root, b)
                 if inst.status != "declined":
-                    problem = _internal_users_ok(inst)
+                    problem = internal_users_problem(inst)
                     if problem:
-                        _decline(inst, problem)
+                        decline(inst, problem)
                 if inst.status != "declined":
                     found = inst
                     break

@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from autokernel.lowering.launch import as_rows, next_power_of_2, sm_count
+
 logger = logging.getLogger("autokernel")
 
 MODES = ("llama", "gemma")
@@ -424,7 +426,7 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
     ``dtype`` is accepted so that a tuned table can key on it; the heuristic itself does not need it.
     """
     del dtype
-    block = _next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     if block > MAX_SINGLE_PASS_BLOCK:
         # Rows this wide spill registers in one block; stream them in chunks instead.
         return RmsNormConfig(
@@ -452,11 +454,6 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
     )
 
 
-def _next_power_of_2(n: int) -> int:
-    # Plain Python: triton.next_power_of_2 is a jit-wrapped helper costing microseconds per call here.
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=256)  # configs are frozen dataclasses; this runs on every launch
 def effective_config(config: RmsNormConfig, hidden: int) -> RmsNormConfig:
     """Return a config that is valid for rows of width ``hidden``, so a cached config runs on any shape.
@@ -464,7 +461,7 @@ def effective_config(config: RmsNormConfig, hidden: int) -> RmsNormConfig:
     * single pass on a row wider than ``MAX_SINGLE_PASS_BLOCK`` -> chunked with a default chunk width;
     * chunked with one chunk covering the whole row -> single pass (same block, one read instead of two).
     """
-    block = _next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     if not config.chunked and block > MAX_SINGLE_PASS_BLOCK:
         logger.debug(
             "rms_norm: hidden %d too wide for a single pass; using chunks of %d", hidden, _DEFAULT_CHUNK
@@ -473,14 +470,6 @@ def effective_config(config: RmsNormConfig, hidden: int) -> RmsNormConfig:
     if config.chunked and config.block_n >= block:
         return RmsNormConfig(**{**config.to_dict(), "block_n": 0})
     return config
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # CPU (the Triton interpreter): a small fixed count so the persistent loop is still exercised.
-    return 4
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -497,13 +486,6 @@ def _check(x: torch.Tensor, weight: torch.Tensor | None, mode: str) -> int:
     if weight is not None and tuple(weight.shape) != (hidden,):
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({hidden},)")
     return hidden
-
-
-def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """View ``t`` as ``[rows, hidden]`` with unit column stride (row stride free)."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, hidden)
 
 
 def rms_norm_fwd(
@@ -551,7 +533,7 @@ def add_rms_norm_fwd(
 
 def _fwd(x, residual, weight, eps, offset, mode, out_dtype, config, save_rstd, kernels, traceable):
     hidden = _check(x, weight, mode)
-    x2 = _as_rows(x, hidden)
+    x2 = as_rows(x, hidden)
     rows = x2.shape[0]
     y = torch.empty((rows, hidden), dtype=out_dtype, device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device) if save_rstd else None
@@ -570,12 +552,12 @@ def _fwd(x, residual, weight, eps, offset, mode, out_dtype, config, save_rstd, k
         kernel, block = _rms_norm_fwd_chunked_kernel, cfg.block_n
     else:
         kernel = kernels.fwd if kernels is not None else _rms_norm_fwd_single_kernel
-        block = _next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
     extra = {}
     if kernels is None or cfg.chunked or residual is not None:
         # The residual parameters, always passed to the built-in kernels (Inductor's launcher for an
         # inline op wants every argument spelled out); a source kernel gets them for add + RMSNorm only.
-        r2 = _as_rows(residual, hidden) if residual is not None else x2
+        r2 = as_rows(residual, hidden) if residual is not None else x2
         extra = {"R": r2, "H": h if h is not None else y, "stride_r": r2.stride(0),
                  "stride_h": h.stride(0) if h is not None else 0, "HAS_RESIDUAL": residual is not None}
     if traceable:
@@ -623,8 +605,8 @@ def rms_norm_bwd(
     for name, t in (("dy", dy), ("dh", dh)):
         if t is not None and tuple(t.shape) != tuple(x.shape):
             raise ValueError(f"rms_norm_bwd: {name} shape {tuple(t.shape)} != x shape {tuple(x.shape)}")
-    x2 = _as_rows(x, hidden)
-    dy2 = _as_rows(dy, hidden)
+    x2 = as_rows(x, hidden)
+    dy2 = as_rows(dy, hidden)
     rows = x2.shape[0]
     rstd1 = rstd.reshape(-1)
     if rstd1.numel() != rows:
@@ -634,10 +616,10 @@ def rms_norm_bwd(
     if rows == 0 or hidden == 0:
         dw = torch.zeros_like(weight) if weight is not None else None
         return dx.view(x.shape), dw
-    dh2 = _as_rows(dh, hidden) if dh is not None else None
+    dh2 = as_rows(dh, hidden) if dh is not None else None
     cfg = effective_config(config, hidden)
     w = weight.contiguous() if weight is not None else None
-    programs = min(rows, _sm_count(x.device) * cfg.bwd_programs_per_sm)
+    programs = min(rows, sm_count(x.device) * cfg.bwd_programs_per_sm)
     if w is not None:
         # The chunked kernel accumulates into the buffer, so it starts from zero; the single-pass kernel
         # overwrites its row whole.
@@ -651,9 +633,9 @@ def rms_norm_bwd(
     if cfg.chunked:
         kernel, block, extra = _rms_norm_bwd_chunked_kernel, cfg.block_n, residual_args
     elif kernels is not None:
-        kernel, block, extra = kernels.bwd, _next_power_of_2(hidden), residual_args if dh is not None else {}
+        kernel, block, extra = kernels.bwd, next_power_of_2(hidden), residual_args if dh is not None else {}
     else:
-        block = _next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
         kernel = _rms_norm_bwd_single_kernel
         extra = {"PREFETCH": block <= _PREFETCH_MAX_BLOCK, **residual_args}
     if traceable:

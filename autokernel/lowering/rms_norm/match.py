@@ -34,7 +34,9 @@ from autokernel.lowering.pattern import (
     aten,
     cast,
     cast_dtype,
+    decline,
     dtype_name,
+    internal_users_problem,
     is_dynamic_scalar,
     match,
     node_val,
@@ -78,11 +80,6 @@ FUSED = Alt((
 ))
 
 
-def _decline(inst: Instance, reason: str) -> Instance:
-    inst.status, inst.reason = "declined", reason
-    return inst
-
-
 def _last_dim(dims, rank: int) -> bool:
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
     return len(dims) == 1 and isinstance(dims[0], int) and dims[0] % max(rank, 1) == rank - 1
@@ -103,20 +100,20 @@ def _instance(root: Node, b, x: Node, w: Node | None, eps, offset: float, mode: 
 def _check_common(inst: Instance, x: Node, w: Node | None) -> Instance:
     xv = node_val(x)
     if not isinstance(xv, torch.Tensor) or xv.dim() < 1:
-        return _decline(inst, "input is not a tensor of rank >= 1")
+        return decline(inst, "input is not a tensor of rank >= 1")
     if xv.dtype not in FLOATS:
-        return _decline(inst, f"input dtype {xv.dtype} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"input dtype {xv.dtype} (supported: fp32, fp16, bf16)")
     if inst.params["out_dtype"] not in FLOATS:
-        return _decline(inst, f"output dtype {inst.params['out_dtype']} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"output dtype {inst.params['out_dtype']} (supported: fp32, fp16, bf16)")
     if w is not None:
         wv = node_val(w)
         if not isinstance(wv, torch.Tensor) or wv.dim() != 1:
-            return _decline(inst, "multiplier is not a 1-D per-channel weight")
+            return decline(inst, "multiplier is not a 1-D per-channel weight")
         if wv.dtype not in FLOATS:
-            return _decline(inst, f"weight dtype {wv.dtype}")
+            return decline(inst, f"weight dtype {wv.dtype}")
         # statically_known_true: comparing symbolic sizes with == would install a guard.
         if not statically_known_true(wv.shape[0] == xv.shape[-1]):
-            return _decline(inst, f"weight of size {wv.shape[0]} for rows of {xv.shape[-1]}")
+            return decline(inst, f"weight of size {wv.shape[0]} for rows of {xv.shape[-1]}")
     inst.status = "miss"
     return inst
 
@@ -132,32 +129,32 @@ def _check(root: Node, b) -> Instance:
     sq = mean.args[0]
     rank = node_val(sq).dim()
     if mean.target.overloadpacket is aten.sum:
-        return _decline(inst, "sums the squares instead of averaging them")
+        return decline(inst, "sums the squares instead of averaging them")
     if len(mean.args) < 2 or not _last_dim(mean.args[1], rank):
         dims = mean.args[1] if len(mean.args) > 1 else "all"
-        return _decline(inst, f"mean over dim {dims}, not the last dim")
+        return decline(inst, f"mean over dim {dims}, not the last dim")
     if not (len(mean.args) > 2 and mean.args[2]) and not mean.kwargs.get("keepdim"):
-        return _decline(inst, "mean without keepdim")
+        return decline(inst, "mean without keepdim")
     if mean.kwargs.get("dtype") is not None:
-        return _decline(inst, "mean with an explicit dtype")
+        return decline(inst, "mean with an explicit dtype")
     if "power" in b.values and b["power"] != 2:
-        return _decline(inst, f"power {b['power']}, not 2")
+        return decline(inst, f"power {b['power']}, not 2")
     if is_dynamic_scalar(b["eps"]):
-        return _decline(inst, "eps is a graph input, not a constant (dynamic=True makes float attributes "
+        return decline(inst, "eps is a graph input, not a constant (dynamic=True makes float attributes "
                               "inputs; torch._dynamo.config.specialize_float = True keeps them constants)")
     if b["eps"] < 0:
-        return _decline(inst, f"negative eps {b['eps']}")
+        return decline(inst, f"negative eps {b['eps']}")
     xv = node_val(x)
     upcast = b.get("upcast")
     if upcast is not None and cast_dtype(upcast) not in (torch.float32, xv.dtype):
-        return _decline(inst, f"computes in {cast_dtype(upcast)}, not float32")
+        return decline(inst, f"computes in {cast_dtype(upcast)}, not float32")
     midcast = b.get("midcast")
     if midcast is not None and cast_dtype(midcast) != xv.dtype:
-        return _decline(inst, f"casts the normalized value to {cast_dtype(midcast)}, not the input dtype")
+        return decline(inst, f"casts the normalized value to {cast_dtype(midcast)}, not the input dtype")
     if b.get("outcast") is not None and cast_dtype(b["outcast"]) is None:
-        return _decline(inst, "output conversion changes more than the dtype")
+        return decline(inst, "output conversion changes more than the dtype")
     if b.get("wcast") is not None and cast_dtype(b["wcast"]) not in FLOATS:
-        return _decline(inst, "weight conversion changes more than the dtype")
+        return decline(inst, "weight conversion changes more than the dtype")
     return _check_common(inst, x, w)
 
 
@@ -170,23 +167,10 @@ def _check_fused(root: Node, b) -> Instance:
         eps = torch.finfo(xv.dtype).eps
     inst = _instance(root, b, x, w, eps if eps is not None else 0.0, 0.0, "gemma")
     if b.get("index", 0) != 0:
-        return _decline(inst, "uses rstd of the fused op")
+        return decline(inst, "uses rstd of the fused op")
     if len(b["normalized_shape"]) != 1:
-        return _decline(inst, "normalizes over several trailing dims")
+        return decline(inst, "normalizes over several trailing dims")
     return _check_common(inst, x, w)
-
-
-def _internal_users_ok(inst: Instance) -> str | None:
-    inside = set(inst.nodes)
-    for node in inst.nodes:
-        if node is inst.root:
-            continue
-        for user in node.users:
-            # Dead nodes don't count (the analysis view is not dead-code eliminated: a fused op's unused
-            # rstd output still has its getitem).
-            if user not in inside and (user.users or user.op != "call_function"):
-                return f"intermediate {node.name} is also used by {user.name}"
-    return None
 
 
 def _absorb_residual_add(inst: Instance, claimed: set[Node]) -> None:
@@ -233,9 +217,9 @@ def find_instances(graph: Graph) -> list[Instance]:
                     continue
                 inst = check(root, b)
                 if inst.status != "declined":
-                    problem = _internal_users_ok(inst)
+                    problem = internal_users_problem(inst)
                     if problem:
-                        _decline(inst, problem)
+                        decline(inst, problem)
                 if inst.status == "declined":
                     first_decline = first_decline or inst
                     continue

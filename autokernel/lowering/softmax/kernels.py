@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.rms_norm.kernels import _as_rows, _next_power_of_2
+from autokernel.lowering.launch import as_rows, next_power_of_2
 
 logger = logging.getLogger("autokernel")
 
@@ -293,7 +293,7 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> SoftmaxConfig:
     ``dtype`` is accepted so that a tuned table can key on it; the heuristic itself does not need it.
     """
     del dtype
-    block = _next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     if block > MAX_SINGLE_PASS_BLOCK:
         return SoftmaxConfig(fwd_num_warps=8, bwd_num_warps=8, fwd_block_n=_DEFAULT_CHUNK, bwd_block_n=_DEFAULT_CHUNK)
     # 16 float32 lanes per thread in the forward (32 registers in the backward, which holds y and dy).
@@ -312,7 +312,7 @@ def effective_config(config: SoftmaxConfig, hidden: int) -> SoftmaxConfig:
     Per pass: single pass on a row wider than ``MAX_SINGLE_PASS_BLOCK`` -> chunks of a default width;
     chunks that cover the whole row in one -> single pass (same block, one read instead of two).
     """
-    block = _next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     changes = {}
     for name in ("fwd_block_n", "bwd_block_n"):
         v = getattr(config, name)
@@ -355,14 +355,14 @@ def softmax_fwd(
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if y.numel() == 0:
         return y
-    x2 = _as_rows(x, hidden)
+    x2 = as_rows(x, hidden)
     rows = x2.shape[0]
     cfg = effective_config(config, hidden)
     rpp = cfg.fwd_rows_per_program
     if cfg.fwd_block_n:
         kernel, block = _softmax_fwd_chunked_kernel, cfg.fwd_block_n
     else:
-        kernel, block = (kernels.fwd if kernels is not None else _softmax_fwd_single_kernel), _next_power_of_2(hidden)
+        kernel, block = (kernels.fwd if kernels is not None else _softmax_fwd_single_kernel), next_power_of_2(hidden)
     if traceable:
         kernel = wrap_triton(kernel)
     kernel[((rows + rpp - 1) // rpp,)](
@@ -393,15 +393,15 @@ def softmax_bwd(
     dx = torch.empty(y.shape, dtype=x_dtype, device=y.device)
     if dx.numel() == 0:
         return dx
-    y2 = _as_rows(y, hidden)
-    dy2 = _as_rows(dy, hidden)
+    y2 = as_rows(y, hidden)
+    dy2 = as_rows(dy, hidden)
     rows = y2.shape[0]
     cfg = effective_config(config, hidden)
     rpp = cfg.bwd_rows_per_program
     if cfg.bwd_block_n:
         kernel, block = _softmax_bwd_chunked_kernel, cfg.bwd_block_n
     else:
-        kernel, block = (kernels.bwd if kernels is not None else _softmax_bwd_single_kernel), _next_power_of_2(hidden)
+        kernel, block = (kernels.bwd if kernels is not None else _softmax_bwd_single_kernel), next_power_of_2(hidden)
     if traceable:
         kernel = wrap_triton(kernel)
     kernel[((rows + rpp - 1) // rpp,)](

@@ -36,11 +36,12 @@ from autokernel.lowering.pattern import (
     aten,
     cast,
     cast_dtype,
+    decline,
     dtype_name,
+    internal_users_problem,
     match,
     node_val,
 )
-from autokernel.lowering.rms_norm.match import _decline, _internal_users_ok
 from autokernel.lowering.softmax.ops import OPS, PATTERN
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,60 +90,60 @@ def _check(root: Node, b) -> Instance:
         shape=tuple(xv.shape) if isinstance(xv, torch.Tensor) else (), requires_grad=False,
     )
     if not isinstance(xv, torch.Tensor) or xv.dim() < 1:
-        return _decline(inst, "input is not a tensor of rank >= 1")
+        return decline(inst, "input is not a tensor of rank >= 1")
     if xv.dtype not in FLOATS:
-        return _decline(inst, f"input dtype {xv.dtype} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"input dtype {xv.dtype} (supported: fp32, fp16, bf16)")
     if outv.dtype not in FLOATS:
-        return _decline(inst, f"output dtype {outv.dtype} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"output dtype {outv.dtype} (supported: fp32, fp16, bf16)")
     rank = xv.dim()
     if softmax is not None:
         if not _is_last([b["dim"]], rank):
-            return _decline(inst, f"softmax over dim {b['dim']}, not the last dim")
+            return decline(inst, f"softmax over dim {b['dim']}, not the last dim")
     elif lse is not None:
         dims = _dims(lse)
         if dims is None or not _is_last(dims, rank):
-            return _decline(inst, f"logsumexp over dim {dims if dims is not None else 'all'}, not the last dim")
+            return decline(inst, f"logsumexp over dim {dims if dims is not None else 'all'}, not the last dim")
         if not _keepdim(lse):
-            return _decline(inst, "logsumexp without keepdim")
+            return decline(inst, "logsumexp without keepdim")
         if b["lse_sub"].kwargs.get("alpha", 1) != 1:
-            return _decline(inst, f"subtracts {b['lse_sub'].kwargs['alpha']} times the logsumexp")
+            return decline(inst, f"subtracts {b['lse_sub'].kwargs['alpha']} times the logsumexp")
         if node_val(lse).dtype != torch.float32:
             # Eager rounds the logsumexp to this dtype before subtracting it; the kernel would not.
-            return _decline(inst, f"subtracts a {dtype_name(node_val(lse).dtype)} logsumexp, not an fp32 one")
+            return decline(inst, f"subtracts a {dtype_name(node_val(lse).dtype)} logsumexp, not an fp32 one")
     else:
         row_max, row_sum = b["max"], b["sum"]
         if b.get("max_index", 0) != 0:
-            return _decline(inst, "subtracts the argmax, not the max")
+            return decline(inst, "subtracts the argmax, not the max")
         max_dims, sum_dims = _dims(row_max), _dims(row_sum)
         if max_dims is None or sum_dims is None:
-            return _decline(inst, "max or sum over all dims")
+            return decline(inst, "max or sum over all dims")
         if not all(isinstance(d, int) for d in max_dims + sum_dims):
-            return _decline(inst, "max or sum over a dim that is not a constant")
+            return decline(inst, "max or sum over a dim that is not a constant")
         if [d % rank for d in max_dims] != [d % rank for d in sum_dims]:
-            return _decline(inst, f"max over dim {max_dims} but sum over dim {sum_dims}")
+            return decline(inst, f"max over dim {max_dims} but sum over dim {sum_dims}")
         if not _is_last(max_dims, rank):
-            return _decline(inst, f"softmax over dim {max_dims}, not the last dim")
+            return decline(inst, f"softmax over dim {max_dims}, not the last dim")
         if not (_keepdim(row_max) and _keepdim(row_sum)):
-            return _decline(inst, "max or sum without keepdim")
+            return decline(inst, "max or sum without keepdim")
         if row_sum.kwargs.get("dtype") is not None:
-            return _decline(inst, "sum with an explicit dtype")
+            return decline(inst, "sum with an explicit dtype")
         if b["shift"].kwargs.get("alpha", 1) != 1:
-            return _decline(inst, f"subtracts {b['shift'].kwargs['alpha']} times the max")
+            return decline(inst, f"subtracts {b['shift'].kwargs['alpha']} times the max")
         if b["div"].kwargs.get("rounding_mode") is not None:
-            return _decline(inst, f"divides with rounding mode {b['div'].kwargs['rounding_mode']!r}")
+            return decline(inst, f"divides with rounding mode {b['div'].kwargs['rounding_mode']!r}")
     upcast = b.get("upcast")
     # The kernel computes in float32: an upcast to it is what the kernel does anyway; any other conversion
     # of the input (a downcast rounds x) stays outside, with x its output.
     if upcast is not None and cast_dtype(upcast) != torch.float32:
-        return _decline(inst, f"converts the input to {dtype_name(cast_dtype(upcast))} before the softmax, not to fp32")
+        return decline(inst, f"converts the input to {dtype_name(cast_dtype(upcast))} before the softmax, not to fp32")
     outcast = b.get("outcast")
     if outcast is not None:
         if cast_dtype(outcast) is None:
-            return _decline(inst, "output conversion changes more than the dtype")
+            return decline(inst, "output conversion changes more than the dtype")
         core_dtype = node_val(outcast.args[0]).dtype
         if core_dtype != torch.float32:
             # Absorbing the cast would skip the rounding to ``core_dtype`` in between.
-            return _decline(inst, f"casts a {dtype_name(core_dtype)} softmax, which the kernel would not round")
+            return decline(inst, f"casts a {dtype_name(core_dtype)} softmax, which the kernel would not round")
     inst.status = "miss"
     return inst
 
@@ -161,9 +162,9 @@ def find_instances(graph: Graph) -> list[Instance]:
                 continue
             inst = _check(root, b)
             if inst.status != "declined":
-                problem = _internal_users_ok(inst)
+                problem = internal_users_problem(inst)
                 if problem:
-                    _decline(inst, problem)
+                    decline(inst, problem)
             if inst.status == "declined":
                 first_decline = first_decline or inst
                 continue

@@ -26,7 +26,7 @@ import torch
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from autokernel.lowering.pattern import Alt, Instance, Op, Var, aten, dtype_name, match, node_val
+from autokernel.lowering.pattern import Alt, Instance, Op, Var, aten, decline, dtype_name, match, node_val
 from autokernel.lowering.swiglu.ops import PATTERN
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,11 +43,6 @@ OTHER_ACTS = (aten.relu, aten.sigmoid, aten.tanh, aten.elu, aten.leaky_relu, ate
               aten.hardtanh, aten.mish, aten.softplus, aten.selu, aten.celu, aten.relu6)
 OTHER = Op((aten.mul,), (Op(OTHER_ACTS, (G,), name="act"), U), name="out", commutative=True)
 SPLITS = (aten.split, aten.split_with_sizes)
-
-
-def _decline(inst: Instance, reason: str) -> Instance:
-    inst.status, inst.reason = "declined", reason
-    return inst
 
 
 def _act_name(act: Node) -> str:
@@ -88,21 +83,21 @@ def _check(root: Node, b) -> Instance:
         shape=tuple(gv.shape) if isinstance(gv, torch.Tensor) else (), requires_grad=False,
     )
     if not (isinstance(gv, torch.Tensor) and isinstance(uv, torch.Tensor)) or gv.dim() < 1:
-        return _decline(inst, "gate and up are not both tensors of rank >= 1")
+        return decline(inst, "gate and up are not both tensors of rank >= 1")
     if name not in ("silu", "gelu", "gelu_tanh"):
-        return _decline(inst, f"activation {name} (supported: silu, gelu, gelu tanh)")
+        return decline(inst, f"activation {name} (supported: silu, gelu, gelu tanh)")
     if gate is up:
-        return _decline(inst, "gate and up are the same tensor")
+        return decline(inst, "gate and up are the same tensor")
     if gv.dtype not in FLOATS:
-        return _decline(inst, f"gate dtype {gv.dtype} (supported: fp32, fp16, bf16)")
+        return decline(inst, f"gate dtype {gv.dtype} (supported: fp32, fp16, bf16)")
     if uv.dtype != gv.dtype or outv.dtype != gv.dtype:
-        return _decline(inst, f"gate {dtype_name(gv.dtype)} and up {dtype_name(uv.dtype)} differ in dtype")
+        return decline(inst, f"gate {dtype_name(gv.dtype)} and up {dtype_name(uv.dtype)} differ in dtype")
     # statically_known_true: comparing symbolic sizes with == would install a guard.
     if gv.dim() != uv.dim() or not all(statically_known_true(a == c) for a, c in zip(gv.shape, uv.shape,
                                                                                       strict=True)):
-        return _decline(inst, f"gate {tuple(gv.shape)} and up {tuple(uv.shape)} differ in shape (broadcasting)")
+        return decline(inst, f"gate {tuple(gv.shape)} and up {tuple(uv.shape)} differ in shape (broadcasting)")
     if gv.device != uv.device:
-        return _decline(inst, "gate and up are on different devices")
+        return decline(inst, "gate and up are on different devices")
     halves = _halves(gate, up)
     if halves is not None:
         split, x, layout = halves
@@ -148,7 +143,7 @@ def find_instances(graph: Graph) -> list[Instance]:
                 if inst.status != "declined":
                     problem = _outside_users(inst)
                     if problem:
-                        _decline(inst, problem)
+                        decline(inst, problem)
                 if inst.status == "declined":
                     first_decline = first_decline or inst
                     continue
