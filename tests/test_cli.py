@@ -98,3 +98,12 @@ def test_ak_cache_prune(tmp_path, capsys):
     assert "another torch/triton version" in out and "Inductor wins both passes" in out and "older than 7 days" in out
     assert [e["hidden"] for _, e in cache.entries()] == [256]
     assert not (tmp_path / stale_fp).exists() and (tmp_path / other_gpu.fingerprint).exists()
+
+
+def test_ak_tune_summary_of_nothing_is_the_header():
+    """A run whose budget ends before any shape (or whose every shape failed early) still prints a table."""
+    from autokernel.playbook.cli import _summary
+    from autokernel.playbook.tuner import TuneRequest
+
+    assert _summary([]).split()[:3] == ["pattern", "shape", "dtype"]
+    assert TuneRequest("softmax", {}, "bf16", [4, 8]).label() == "softmax 4x8 bf16"

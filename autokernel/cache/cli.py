@@ -7,6 +7,7 @@
     ak-cache export -o bundle.akc [--gpu FINGERPRINT] [--sign] [--key-file F]
     ak-cache import bundle.akc [--allow-unsigned] [--key-file F]
     ak-cache verify [bundle.akc] [--key-file F]
+    ak-cache verify --rerun [--drop-failed] [--json]   # recheck every local entry's kernel (and race it on a GPU)
 
 Bundles are described in docs/cache.md; the signing key comes from --key-file or AUTOKERNEL_SIGNING_KEY.
 """
@@ -16,9 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
+
+import torch
 
 from autokernel.cache.fingerprint import default_device
-from autokernel.cache.store import KernelCache, entry_problem
+from autokernel.cache.store import CacheWriteError, KernelCache, entry_problem
+
+# A served pass whose Inductor time is now this much faster than ours makes the entry stale: beyond the
+# run-to-run noise of a median timing, so a re-race that merely wobbles does not flag a good entry.
+STALE_MARGIN = 1.05
 
 
 def _fmt(v) -> str:
@@ -54,7 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     ver = sub.add_parser("verify", help="check a bundle's hashes and signature, or the local entries")
     ver.add_argument("bundle", nargs="?")
     ver.add_argument("--key-file", help="signing key file (default: $AUTOKERNEL_SIGNING_KEY)")
+    ver.add_argument("--rerun", action="store_true",
+                     help="rerun the correctness checks on every local entry of this GPU and, on a GPU, race it "
+                          "against Inductor again")
+    ver.add_argument("--drop-failed", action="store_true", help="with --rerun: delete failed and stale entries")
+    ver.add_argument("--json", action="store_true", help="with --rerun: one JSON object per entry")
+    ver.add_argument("--timeout", type=float, default=180.0,
+                     help="with --rerun on a GPU: seconds before a kernel counts as hung (default 180)")
     args = p.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except CacheWriteError as exc:  # a full or read-only disk: say so, no traceback
+        print(f"ak-cache {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "verify" and args.rerun:
+        if args.bundle:
+            print("ak-cache verify --rerun rechecks the local entries; it takes no bundle argument", file=sys.stderr)
+            return 2
+        return _rerun(args.cache_dir, args.drop_failed, args.json, args.timeout)
+    if args.command == "verify" and (args.drop_failed or args.json):
+        print("ak-cache verify: --drop-failed and --json go with --rerun", file=sys.stderr)
+        return 2
     if args.command in ("export", "import", "verify"):
         return _bundles(args)
     cache = KernelCache(args.cache_dir, device=default_device())
@@ -135,6 +166,123 @@ def _prune(cache: KernelCache, older_than_days: float | None) -> None:
             continue
         cache.delete_entry(key)
         print(f"removed {key} ({why})")
+
+
+def _rerun(cache_dir: str | None, drop_failed: bool, as_json: bool, timeout_s: float) -> int:
+    """``verify --rerun``: recheck every entry of this GPU's namespace; non-zero when one failed."""
+    from autokernel.cache.fingerprint import interpreter_enabled
+    from autokernel.playbook.tuner import set_interpreter_if_no_gpu
+
+    if not torch.cuda.is_available() and not interpreter_enabled():
+        # ak-tune can choose the interpreter itself (its kernels run in a fresh worker); the checks here run
+        # in this process, where triton.language was imported already: too late to switch it on.
+        print("ak-cache verify --rerun: no CUDA device; run it with TRITON_INTERPRET=1 to recheck the "
+              "interpreter's entries", file=sys.stderr)
+        return 2
+    device = set_interpreter_if_no_gpu()
+    timed = device.type == "cuda"
+    cache = KernelCache(cache_dir, device=device)
+    entries = list(cache.entries())
+    counts = {"ok": 0, "failed": 0, "stale": 0, "unusable": 0}
+    dropped = 0
+    for n, (key, entry) in enumerate(entries, 1):
+        print(f"[ak-cache verify] {n}/{len(entries)} {key}", file=sys.stderr, flush=True)
+        result = {"key": key, **recheck_entry(entry, device, timed, timeout_s), "dropped": False}
+        counts[result["status"]] += 1
+        # An unusable record is never dropped here: it may be a newer autokernel's entry (ak-cache rm does it).
+        if drop_failed and result["status"] in ("failed", "stale"):
+            cache.delete_entry(key)
+            result["dropped"] = True
+            dropped += 1
+        if as_json:
+            print(json.dumps(result))
+        else:
+            check = f"{result['check']}: " if result["check"] else ""
+            print(f"  {result['status'].upper() if result['status'] != 'ok' else 'ok':8s} {key}  {check}"
+                  f"{result['detail']}{'  [dropped]' if result['dropped'] else ''}")
+    cache.close()
+    if not entries:
+        print(f"{cache.path}: no entries to recheck", file=sys.stderr if as_json else sys.stdout)
+    elif not as_json:
+        print(f"{cache.path}: {len(entries)} entries rechecked: {counts['ok']} ok, {counts['failed']} failed, "
+              f"{counts['stale']} stale, {counts['unusable']} unusable"
+              + (f"; {dropped} dropped" if drop_failed else "")
+              + ("" if timed else " (not timed: Triton interpreter)"))
+    return 1 if counts["failed"] or counts["unusable"] else 0
+
+
+def recheck_entry(entry: Any, device: torch.device, timed: bool, timeout_s: float = 180.0) -> dict[str, Any]:
+    """Recheck one entry: ``{"status": "ok"|"failed"|"stale"|"unusable", "check": the failed check or '',
+    "detail": words, "times": re-measured ms (when timed)}``.
+
+    The correctness checks are the ones AUTOKERNEL_VERIFY runs (:func:`verify_entry`, in this process, on up
+    to 64 rows); when ``timed`` (a GPU), the tuner's worker then checks the kernel again at the tuned shape
+    and races it against Inductor, as ``ak-tune`` did."""
+    from autokernel.playbook.checks import CheckFailed
+    from autokernel.playbook.tuner import verify_entry
+
+    problem = entry_problem(entry)
+    if problem:
+        return {"status": "unusable", "check": "entry format", "detail": problem, "times": {}}
+    try:
+        verify_entry(entry, device)
+    except CheckFailed as exc:
+        return {"status": "failed", "check": exc.stage, "detail": exc.detail, "times": {}}
+    except Exception as exc:  # the kernel or its problem cannot even be built: as AUTOKERNEL_VERIFY, a failure
+        return {"status": "failed", "check": "setup", "detail": f"{type(exc).__name__}: {exc}", "times": {}}
+    if not timed:
+        return {"status": "ok", "check": "", "detail": "checks passed; not timed (interpreter)", "times": {}}
+    return _race(entry, device, timeout_s)
+
+
+def _race(entry: dict[str, Any], device: torch.device, timeout_s: float) -> dict[str, Any]:
+    """Time the entry's kernel and Inductor at the tuned shape in the tuner's worker process (a kernel
+    that crashes or hangs takes the worker down, not ak-cache)."""
+    from autokernel.lowering import families
+    from autokernel.playbook.tuner import TuneRequest, Worker, WorkerFailure, entry_candidate, measure_baseline
+
+    shape = list(entry.get("shape") or [entry["row_bucket"], entry["hidden"]])
+    request = TuneRequest(entry["pattern"], entry["flags"], entry["dtype"], shape)
+    problem = families()[entry["pattern"]].problem(entry["flags"], entry["dtype"], shape, device)
+    worker = Worker(request, device, None, timeout_s)
+    try:
+        try:
+            _floor, peer, peer_problem = measure_baseline(worker, problem)
+        except WorkerFailure as exc:
+            peer, peer_problem = {"fwd_ms": None, "train_ms": None}, str(exc)
+        try:
+            reply = worker.call("candidate", entry_candidate(entry))
+        except WorkerFailure as exc:
+            reply = {"status": "crashed", "detail": str(exc)}
+    finally:
+        worker.stop()
+    shape_text = "x".join(map(str, shape))
+    if reply["status"] == "failed":
+        return {"status": "failed", "check": reply["stage"], "detail": f"at {shape_text}: {reply['detail']}",
+                "times": {}}
+    if reply["status"] != "ok":
+        return {"status": "failed", "check": "run", "detail": f"at {shape_text}: {reply.get('detail', '')}",
+                "times": {}}
+    times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
+             "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"]}
+    return {"times": times, **judge_race(entry, times, peer_problem)}
+
+
+def judge_race(entry: dict[str, Any], times: dict[str, float | None], peer_problem: str = "") -> dict[str, str]:
+    """``status``, ``check`` and ``detail`` of a re-race: stale when Inductor is now more than
+    ``STALE_MARGIN`` faster on a pass the entry serves (passes Inductor already won are not served)."""
+    if peer_problem:
+        return {"status": "ok", "check": "", "detail": f"checks passed; Inductor did not run ({peer_problem})"}
+    lost = [f"{p} {times[f'inductor_{p}_ms']:.4f} ms vs ours {times[f'{p}_ms']:.4f} ms"
+            for p in ("fwd", "train")
+            if entry["winner"][p] == "autokernel" and times.get(f"inductor_{p}_ms") is not None
+            and times.get(f"{p}_ms") is not None and times[f"inductor_{p}_ms"] * STALE_MARGIN < times[f"{p}_ms"]]
+    if lost:
+        return {"status": "stale", "check": "race", "detail": "Inductor now faster: " + "; ".join(lost)}
+    shown = ", ".join(f"{p} {times[f'{p}_ms']:.4f} ms (Inductor {times[f'inductor_{p}_ms']:.4f})"
+                      for p in ("fwd", "train")
+                      if times.get(f"{p}_ms") is not None and times.get(f"inductor_{p}_ms") is not None)
+    return {"status": "ok", "check": "", "detail": f"checks passed; {shown}" if shown else "checks passed"}
 
 
 def _bundles(args: argparse.Namespace) -> int:

@@ -32,8 +32,8 @@ memo: dict[tuple, object] = {}
 
 def _load(root: str, fp: str) -> _Table:
     table: _Table = {}
+    cache = KernelCache(root, fingerprint_=fp)
     try:
-        cache = KernelCache(root, fingerprint_=fp)
         if not cache.path.exists():
             return table
         for key, entry in cache.entries():
@@ -42,9 +42,10 @@ def _load(root: str, fp: str) -> _Table:
                 logger.warning("autokernel cache %s: skipping %s: %s", cache.path, key, problem)
                 continue
             table.setdefault((entry["pattern_key"], entry["hidden"]), {})[entry["row_bucket"]] = entry
-        cache.close()
     except Exception as exc:  # a corrupt database must not break the model
         logger.warning("autokernel cache %s/%s unreadable, serving no tuned kernels: %s", root, fp, exc)
+    finally:
+        cache.close()
     return table
 
 

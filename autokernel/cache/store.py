@@ -12,12 +12,19 @@ database holding two kinds of records, and ``runs/`` holding one folder per tuni
 
 The cache knows nothing of the patterns' math: a pattern key is an opaque string made by the pattern
 family; a configuration is an opaque dict that the family validates when it loads it.
+
+A cache that cannot be written (a full or read-only disk) never takes a job down: recording or
+dropping a miss is best effort (logged once per cache directory and process), and a failed entry
+write raises :class:`CacheWriteError`, which names the cache and the cause, for ``ak-tune`` to report.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +51,34 @@ _REQUIRED = {
     "checks": list,
     "created": float,
 }
+
+
+# What a write to a diskcache database raises when it cannot write: sqlite3.OperationalError ("database
+# or disk is full", or "disk I/O error" when SQLite cannot grow its shared-memory file on a full disk),
+# OSError (ENOSPC creating the folder or a large value's file, EROFS, EACCES), or diskcache.Timeout.
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error, diskcache.Timeout)
+_warned: set[str] = set()  # cache paths whose failed bookkeeping writes were logged already
+_warned_lock = threading.Lock()
+
+
+class CacheWriteError(Exception):
+    """A cache entry could not be written or deleted; the message names the cache directory and the cause."""
+
+
+def describe_write_error(exc: BaseException) -> str:
+    """``exc`` in words, saying so when it means the disk is full (SQLite reports ENOSPC as SQLITE_FULL)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    else:
+        full = isinstance(exc, sqlite3.Error) and (
+            getattr(exc, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_FULL", 13) or "disk is full" in str(exc))
+    if full:
+        return text + " (no space left on the disk)"
+    if str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_IOERR"):
+        # What SQLite says when its shared-memory file cannot grow, as on a full disk.
+        return text + " (the disk may be full, read-only or failing)"
+    return text
 
 
 def default_cache_dir() -> Path:
@@ -113,13 +148,37 @@ class KernelCache:
             self._db.close()
             self._db = None
 
+    def _drop_connection(self) -> None:
+        """Close the database after a failed write: a connection left inside a transaction whose ROLLBACK
+        failed would hold SQLite's write lock against every other process; the next use reopens it."""
+        try:
+            self.close()
+        except Exception:  # closing a broken connection may fail too; it is dropped either way
+            self._db = None
+
+    def _bookkeeping_failed(self, what: str, exc: BaseException) -> None:
+        """Log a failed best-effort write once per cache directory and process: a model with many missing
+        instances on a full disk gets one warning, not one per instance."""
+        with _warned_lock:
+            if str(self.path) in _warned:
+                return
+            _warned.add(str(self.path))
+        logger.warning("autokernel: could not %s in %s: %s. The job runs on unchanged; further cache "
+                       "write failures there are not logged again.",
+                       what, self.path, describe_write_error(exc))
+
     # ---- entries ----
     def put_entry(self, entry: dict[str, Any]) -> str:
         problem = entry_problem(entry)
         if problem:
             raise ValueError(f"refusing to write a malformed cache entry: {problem}")
         key = _key("entry", entry["pattern_key"], entry["hidden"], entry["row_bucket"])
-        self.db.set(key, entry)
+        try:
+            self.db.set(key, entry)
+        except WRITE_ERRORS as exc:
+            self._drop_connection()
+            raise CacheWriteError(f"could not write {key} to the cache at {self.path}: "
+                                  f"{describe_write_error(exc)}") from exc
         from autokernel.cache import runtime
 
         runtime.invalidate(self.root)
@@ -127,21 +186,62 @@ class KernelCache:
 
     def entries(self) -> Iterator[tuple[str, Any]]:
         """Every entry record, sound or not (the caller checks with :func:`entry_problem`)."""
-        for key in list(self.db.iterkeys()):
+        try:
+            db = self.db
+        except WRITE_ERRORS as exc:
+            yield from self._entries_read_only(exc)
+            return
+        for key in list(db.iterkeys()):
             if isinstance(key, str) and key.startswith("entry/"):
-                yield key, self.db.get(key)
+                yield key, db.get(key)
+
+    def _entries_read_only(self, cause: BaseException) -> Iterator[tuple[str, Any]]:
+        """The entries of a database that cannot be opened for writing. diskcache writes its settings when
+        it opens a database, and SQLite needs room for a shared-memory file, so on a full disk (or a
+        read-only mount) a tuned cache would serve nothing; read as an immutable file, it still serves."""
+        db_file = self.path / "db" / diskcache.core.DBNAME
+        if not db_file.is_file():
+            raise cause
+        logger.info("autokernel cache %s cannot be opened for writing (%s); reading its entries read-only",
+                    self.path, describe_write_error(cause))
+        con = sqlite3.connect(f"{db_file.resolve().as_uri()}?immutable=1", uri=True)
+        try:
+            rows = con.execute("SELECT key, raw, mode, filename, value FROM Cache").fetchall()
+        finally:
+            con.close()
+        disk = diskcache.Disk(str(self.path / "db"))  # decodes values as diskcache stored them
+        for db_key, raw, mode, filename, value in rows:
+            key = disk.get(db_key, raw)
+            if isinstance(key, str) and key.startswith("entry/"):
+                yield key, disk.fetch(mode, filename, value, False)
 
     def delete_entry(self, key: str) -> None:
         """Remove one entry record (a key as :meth:`entries` yields it)."""
-        self.db.delete(key)
+        try:
+            self.db.delete(key)
+        except WRITE_ERRORS as exc:
+            self._drop_connection()
+            raise CacheWriteError(f"could not delete {key} from the cache at {self.path}: "
+                                  f"{describe_write_error(exc)}") from exc
         from autokernel.cache import runtime
 
         runtime.invalidate(self.root)
 
     # ---- wanted ----
     def record_wanted(self, pattern: str, pattern_key: str, flags: dict[str, Any], dtype: str,
-                      shape: list[int], hidden: int, rows: int) -> None:
+                      shape: list[int], hidden: int, rows: int) -> bool:
+        """Count a compile-time miss; False (logged once) when the cache cannot be written."""
         key = _key("wanted", pattern_key, hidden, row_bucket(rows))
+        try:
+            self._record_wanted(key, pattern, pattern_key, flags, dtype, shape, hidden, rows)
+        except WRITE_ERRORS as exc:
+            self._drop_connection()
+            self._bookkeeping_failed("record a miss", exc)
+            return False
+        return True
+
+    def _record_wanted(self, key: str, pattern: str, pattern_key: str, flags: dict[str, Any], dtype: str,
+                       shape: list[int], hidden: int, rows: int) -> None:
         with self.db.transact():
             old = self.db.get(key)
             now = time.time()
@@ -164,8 +264,16 @@ class KernelCache:
                     out.append((key, record))
         return sorted(out, key=lambda kv: -kv[1].get("count", 0))
 
-    def remove_wanted(self, key: str) -> None:
-        self.db.delete(key)
+    def remove_wanted(self, key: str) -> bool:
+        """Drop a tuned miss; False (logged once) when the cache cannot be written: the shape is only
+        tuned again by a later ``ak-tune``, which must not cost the results of this one."""
+        try:
+            self.db.delete(key)
+        except WRITE_ERRORS as exc:
+            self._drop_connection()
+            self._bookkeeping_failed("remove a tuned miss from the wanted table", exc)
+            return False
+        return True
 
     def clear(self) -> None:
         self.db.clear()

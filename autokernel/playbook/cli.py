@@ -101,7 +101,7 @@ def _summary(results: list[TuneResult]) -> str:
         rows.append([r.request.pattern, "x".join(map(str, r.request.shape)), r.request.dtype, r.status,
                      f("fwd_ms"), f("train_ms"), f("inductor_fwd_ms"), f("inductor_train_ms"),
                      f("floor_train_ms"), pct, str(r.candidates), f"{r.seconds:.0f}"])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)

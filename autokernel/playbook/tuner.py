@@ -31,6 +31,7 @@ import torch
 from autokernel import __version__
 from autokernel.cache import KernelCache, row_bucket
 from autokernel.cache.fingerprint import interpreter_enabled
+from autokernel.cache.store import WRITE_ERRORS, CacheWriteError, describe_write_error
 
 logger = logging.getLogger("autokernel")
 
@@ -49,7 +50,7 @@ class TuneRequest:
 
     def label(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.flags.items())
-        return f"{self.pattern} {'x'.join(map(str, self.shape))} {self.dtype} {flags}"
+        return " ".join(p for p in (self.pattern, "x".join(map(str, self.shape)), self.dtype, flags) if p)
 
 
 @dataclass
@@ -135,21 +136,48 @@ class Worker:
 
 
 class _Log:
+    """A run's results.tsv. A full disk must not end the run: the first failed write is logged, the file
+    keeps what was written before it, and the run goes on without the log."""
+
     FIELDS = ["n", "phase", "status", "fwd_ms", "train_ms", "speedup_vs_inductor", "pct_of_floor", "seconds",
               "config", "detail"]
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
-        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS, delimiter="\t")
-        self.writer.writeheader()
+        self.path = path
+        self.file = None
+        self.failure = ""  # what went wrong writing it, or ''
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+            self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS, delimiter="\t")
+            self.writer.writeheader()
+            self.file.flush()
+        except OSError as exc:
+            self._failed(exc)
 
     def row(self, **values: Any) -> None:
-        self.writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
-        self.file.flush()
+        if self.file is None:
+            return
+        try:
+            self.writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
+            self.file.flush()
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.failure = f"could not write {self.path}: {describe_write_error(exc)}"
+        logger.warning("ak-tune: %s; the run goes on without its log", self.failure)
+        self.close()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError as exc:  # the last buffered row did not fit; the file is closed all the same
+                if not self.failure:
+                    self.failure = f"could not write {self.path}: {describe_write_error(exc)}"
+                    logger.warning("ak-tune: %s", self.failure)
 
 
 def _fmt(v: float | None) -> str:
@@ -305,19 +333,36 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                          "run": str(run_dir)},
             "checks": reply["checks"], "created": time.time(),
         }
-        cache.put_entry(entry)
         result.best, result.times = config, times
+        try:
+            cache.put_entry(entry)
+        except CacheWriteError as exc:
+            # Not marked done: once there is room, the next ak-tune of this shape resumes from this run
+            # (re-measuring only its best candidates) instead of starting over.
+            result.status = "error"
+            result.detail = (f"{exc}; nothing written for this shape"
+                             + ("" if log.failure else f", its candidates are in {log.path}")
+                             + "; rerun ak-tune once the cache can be written: it resumes from this run")
+            return result
         result.status = "written" if "autokernel" in winner.values() else "inductor wins"
         completed = True
         return result
     except WorkerFailure as exc:
         result.status, result.detail = "error", str(exc)
         return result
+    except WRITE_ERRORS as exc:  # the cache (or the disk under it) failed: this shape is lost, not the run
+        result.status, result.detail = "error", f"cache {cache.path}: {describe_write_error(exc)}"
+        return result
     finally:
         worker.stop()
         log.close()
+        if log.failure:
+            result.detail = "; ".join(filter(None, [result.detail, f"results.tsv incomplete: {log.failure}"]))
         if completed:
-            (run_dir / "done").write_text(result.status + "\n")
+            try:
+                (run_dir / "done").write_text(result.status + "\n")
+            except OSError as exc:  # costs only the marker: a rerun of this shape resumes, not skips
+                logger.warning("ak-tune: could not mark %s done: %s", run_dir, describe_write_error(exc))
         result.seconds = time.time() - t0
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
 
