@@ -107,3 +107,20 @@ def test_autokernel_verify_passes_a_correct_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOKERNEL_VERIFY", "1")
     report = autokernel.explain(HFLlama(H).to(torch.bfloat16), x, options={"autokernel.cache_dir": str(tmp_path)})
     assert [i.status for i in report.instances] == ["hit"]
+
+
+def test_a_source_is_written_under_each_cache_root_that_serves_it(tmp_path):
+    """The module's file must outlive it: a second cache root gets its own file and module, so deleting
+    the first root (a temporary cache) cannot break what the second one serves."""
+    import shutil
+    from pathlib import Path
+
+    from autokernel.cache.sources import load_source
+
+    source = SOURCE + "\n# test_a_source_is_written_under_each_cache_root_that_serves_it\n"
+    first = load_source(tmp_path / "a", source)
+    second = load_source(tmp_path / "b", source)
+    assert first is not second and load_source(tmp_path / "b", source) is second
+    shutil.rmtree(tmp_path / "a")
+    path = Path(second.__file__)
+    assert path.read_text() == source and path.parent == tmp_path / "b" / "sources"

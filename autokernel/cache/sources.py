@@ -2,7 +2,7 @@
 
 Triton compiles a ``@triton.jit`` function from its source file, so a source text from the cache is
 written once to ``<cache root>/sources/ak_<sha256>.py`` and imported from there; the module is kept
-for the life of the process. The cache does not know what the source computes: the pattern family
+for the life of the process, one per cache root. The cache does not know what the source computes: the pattern family
 looks up the names it needs in the module. Loading executes the text: a cache directory is trusted
 as the code it holds (bundles from elsewhere are verified before they are imported into one).
 """
@@ -19,8 +19,14 @@ from types import ModuleType
 
 
 def load_source(root: str | os.PathLike, source: str) -> ModuleType:
+    """The module ``source`` defines, written under and imported from ``root``'s ``sources/`` folder.
+
+    One module per (cache root, source): the module's file must outlive it (Triton, and Inductor for an
+    inline op, read the kernel's source back from that file), and a module loaded from another root's
+    folder would break once that folder is gone (a temporary cache, say)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-    name = f"autokernel_cache_source_{digest}"
+    where = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    name = f"autokernel_cache_source_{digest}_{where}"
     module = sys.modules.get(name)
     if module is not None:
         return module
