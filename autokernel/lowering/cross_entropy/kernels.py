@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -37,13 +37,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.launch import next_power_of_2
+from autokernel.lowering.launch import KernelConfig, is_power_of_two, next_power_of_2
 
 logger = logging.getLogger("autokernel")
 
 REDUCTIONS = ("mean", "sum", "none")
 MAX_BLOCK = 32768
-_VALID_WARPS = (1, 2, 4, 8, 16, 32)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
@@ -172,9 +171,6 @@ def _cross_entropy_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _is_power_of_two(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
-
 
 class SourceKernels(NamedTuple):
     """Kernels a cache entry brings as source text (written by the tuning agent), in place of the built-in
@@ -189,7 +185,7 @@ class SourceKernels(NamedTuple):
 
 
 @dataclass(frozen=True)
-class CrossEntropyConfig:
+class CrossEntropyConfig(KernelConfig):
     """Launch parameters of the three launches: the forward kernel computing the loss alone (``fwd_*``),
     the same kernel also writing the gradient (``train_*``: it moves twice the bytes, so its best chunk
     and warps differ), and the backward's scaling kernel (``bwd_*``). Block widths are powers of two."""
@@ -203,37 +199,14 @@ class CrossEntropyConfig:
     num_stages: int = 1
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            # bool is an int subclass; True as a warp count is a bug, not a 1.
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"CrossEntropyConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
-        for name in ("fwd_num_warps", "train_num_warps", "bwd_num_warps"):
-            if getattr(self, name) not in _VALID_WARPS:
-                raise ValueError(f"CrossEntropyConfig.{name} must be one of {_VALID_WARPS}, got {getattr(self, name)}")
+        self._check_common(("fwd_num_warps", "train_num_warps", "bwd_num_warps"))
         for name in ("fwd_block_n", "train_block_n", "bwd_block_n"):
             v = getattr(self, name)
-            if not _is_power_of_two(v) or v > MAX_BLOCK:
+            if not is_power_of_two(v) or v > MAX_BLOCK:
                 raise ValueError(f"CrossEntropyConfig.{name} must be a power of two <= {MAX_BLOCK}, got {v}")
         if self.num_stages <= 0:
             raise ValueError(f"CrossEntropyConfig.num_stages must be > 0, got {self.num_stages}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CrossEntropyConfig:
-        """Build a config from :meth:`to_dict`'s output; missing keys take their defaults.
-
-        Raises ``ValueError`` naming the offending key or value.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"CrossEntropyConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise ValueError(f"CrossEntropyConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def default_config(vocab: int, rows: int, dtype: torch.dtype) -> CrossEntropyConfig:

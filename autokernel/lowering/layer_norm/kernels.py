@@ -36,20 +36,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.launch import as_rows, next_power_of_2, sm_count
+from autokernel.lowering.launch import KernelConfig, as_rows, next_power_of_2, sm_count
 
 logger = logging.getLogger("autokernel")
 
 MODES = ("fp32", "rounded")
 MAX_SINGLE_PASS_BLOCK = 32768
-_VALID_WARPS = (1, 2, 4, 8, 16, 32)
 _DEFAULT_CHUNK = 4096
 # The single-pass backward prefetches the next row's x and dy only up to this width: the prefetch doubles
 # the registers a row takes (the same limit as RMSNorm's, measured there on H100/H200).
@@ -369,7 +368,7 @@ def _layer_norm_sum_partials_kernel(
 
 
 @dataclass(frozen=True)
-class LayerNormConfig:
+class LayerNormConfig(KernelConfig):
     """Launch parameters of the forward and backward kernels.
 
     ``block_n == 0`` selects the single-pass kernels (the whole row in one block); a power of two selects
@@ -385,16 +384,8 @@ class LayerNormConfig:
     num_stages: int = 1
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool):  # True as a warp count is a bug, not a 1
-                raise ValueError(f"LayerNormConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
-        for name in ("fwd_num_warps", "bwd_num_warps"):
-            if getattr(self, name) not in _VALID_WARPS:
-                raise ValueError(f"LayerNormConfig.{name} must be one of {_VALID_WARPS}, got {getattr(self, name)}")
-        for name in ("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LayerNormConfig.{name} must be > 0, got {getattr(self, name)}")
+        self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
+                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"))
         if self.block_n < 0 or self.block_n & (self.block_n - 1) or self.block_n > MAX_SINGLE_PASS_BLOCK:
             raise ValueError(f"LayerNormConfig.block_n must be 0 or a power of two <= {MAX_SINGLE_PASS_BLOCK}, "
                              f"got {self.block_n}")
@@ -403,19 +394,6 @@ class LayerNormConfig:
     def chunked(self) -> bool:
         return self.block_n != 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LayerNormConfig:
-        """Build a config from :meth:`to_dict`'s output (missing keys take their defaults); ValueError
-        naming the offending key or value."""
-        if not isinstance(d, dict):
-            raise ValueError(f"LayerNormConfig.from_dict expects a dict, got {type(d).__name__}")
-        unknown = sorted(str(k) for k in d if k not in {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"LayerNormConfig: unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}")
-        return cls(**d)
 
 
 def default_config(hidden: int, rows: int, dtype: torch.dtype) -> LayerNormConfig:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -39,13 +39,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.launch import as_rows, next_power_of_2, sm_count
+from autokernel.lowering.launch import KernelConfig, as_rows, is_power_of_two, next_power_of_2, sm_count
 
 logger = logging.getLogger("autokernel")
 
 MODES = ("llama", "gemma")
 MAX_SINGLE_PASS_BLOCK = 32768
-_VALID_WARPS = (1, 2, 4, 8, 16, 32)
 # Chunk width the heuristic and ``effective_config`` fall back to for rows too wide for one block.
 _DEFAULT_CHUNK = 4096
 # The single-pass backward prefetches the next row only up to this width. Measured: on an H200 the
@@ -344,9 +343,6 @@ def _rms_norm_bwd_chunked_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _is_power_of_two(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
-
 
 class SourceKernels(NamedTuple):
     """Kernels a cache entry brings as source text (written by the tuning agent), in place of the
@@ -364,7 +360,7 @@ class SourceKernels(NamedTuple):
 
 
 @dataclass(frozen=True)
-class RmsNormConfig:
+class RmsNormConfig(KernelConfig):
     """Launch parameters of the forward and backward kernels.
 
     ``block_n == 0`` selects the single-pass kernels (the whole row in one block); a power of two selects
@@ -380,20 +376,9 @@ class RmsNormConfig:
     num_stages: int = 1
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            # bool is an int subclass; True as a warp count is a bug, not a 1.
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"RmsNormConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
-        for name in ("fwd_num_warps", "bwd_num_warps"):
-            if getattr(self, name) not in _VALID_WARPS:
-                raise ValueError(
-                    f"RmsNormConfig.{name} must be one of {_VALID_WARPS}, got {getattr(self, name)}"
-                )
-        for name in ("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RmsNormConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.block_n != 0 and not _is_power_of_two(self.block_n):
+        self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
+                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"))
+        if self.block_n != 0 and not is_power_of_two(self.block_n):
             raise ValueError(f"RmsNormConfig.block_n must be 0 or a power of two, got {self.block_n}")
         if self.block_n > MAX_SINGLE_PASS_BLOCK:
             raise ValueError(f"RmsNormConfig.block_n must be <= {MAX_SINGLE_PASS_BLOCK}, got {self.block_n}")
@@ -402,22 +387,6 @@ class RmsNormConfig:
     def chunked(self) -> bool:
         return self.block_n != 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RmsNormConfig:
-        """Build a config from :meth:`to_dict`'s output; missing keys take their defaults.
-
-        Raises ``ValueError`` naming the offending key or value.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"RmsNormConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise ValueError(f"RmsNormConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -36,14 +36,13 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.launch import as_rows, next_power_of_2
+from autokernel.lowering.launch import KernelConfig, as_rows, next_power_of_2
 
 logger = logging.getLogger("autokernel")
 
 # Widest row a single-pass program holds in registers: 32768 float32 lanes over 32 warps are 32 per thread
 # (64 for the backward's y and dy).
 MAX_SINGLE_PASS_BLOCK = 32768
-_VALID_WARPS = (1, 2, 4, 8, 16, 32)
 # Chunk width the heuristic and ``effective_config`` fall back to for rows too wide for one block.
 _DEFAULT_CHUNK = 4096
 
@@ -233,7 +232,7 @@ class SourceKernels(NamedTuple):
 
 
 @dataclass(frozen=True)
-class SoftmaxConfig:
+class SoftmaxConfig(KernelConfig):
     """Launch parameters of the forward and backward kernels.
 
     ``*_block_n == 0`` selects that pass's single-pass kernel (the whole row in one block); a power of two
@@ -251,17 +250,8 @@ class SoftmaxConfig:
     num_stages: int = 1
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            # bool is an int subclass; True as a warp count is a bug, not a 1.
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"SoftmaxConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
-        for name in ("fwd_num_warps", "bwd_num_warps"):
-            if getattr(self, name) not in _VALID_WARPS:
-                raise ValueError(f"SoftmaxConfig.{name} must be one of {_VALID_WARPS}, got {getattr(self, name)}")
-        for name in ("fwd_rows_per_program", "bwd_rows_per_program", "num_stages"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SoftmaxConfig.{name} must be > 0, got {getattr(self, name)}")
+        self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
+                           positive=("fwd_rows_per_program", "bwd_rows_per_program", "num_stages"))
         for name in ("fwd_block_n", "bwd_block_n"):
             v = getattr(self, name)
             if v != 0 and (v < 0 or v & (v - 1)):
@@ -269,22 +259,6 @@ class SoftmaxConfig:
             if v > MAX_SINGLE_PASS_BLOCK:
                 raise ValueError(f"SoftmaxConfig.{name} must be <= {MAX_SINGLE_PASS_BLOCK}, got {v}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SoftmaxConfig:
-        """Build a config from :meth:`to_dict`'s output; missing keys take their defaults.
-
-        Raises ``ValueError`` naming the offending key or value.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"SoftmaxConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise ValueError(f"SoftmaxConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def default_config(hidden: int, rows: int, dtype: torch.dtype) -> SoftmaxConfig:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -42,10 +42,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from autokernel.lowering.launch import KernelConfig
+
 ACTS = ("silu", "gelu", "gelu_tanh")
 LAYOUTS = ("separate", "gate_up", "up_gate")  # two tensors; one tensor, gate first; one tensor, up first
 _ACT_CODE = {name: i for i, name in enumerate(ACTS)}
-_VALID_WARPS = (1, 2, 4, 8, 16, 32)
 MAX_BLOCK = 65536
 
 # --------------------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class SourceKernels(NamedTuple):
 
 
 @dataclass(frozen=True)
-class SwigluConfig:
+class SwigluConfig(KernelConfig):
     """Launch parameters: columns per program (``*_block``, a power of two) and warps, per pass."""
 
     fwd_block: int = 2048
@@ -182,34 +183,12 @@ class SwigluConfig:
     bwd_num_warps: int = 8
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            # bool is an int subclass; True as a warp count is a bug, not a 1.
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"SwigluConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
-        for name in ("fwd_num_warps", "bwd_num_warps"):
-            if getattr(self, name) not in _VALID_WARPS:
-                raise ValueError(f"SwigluConfig.{name} must be one of {_VALID_WARPS}, got {getattr(self, name)}")
+        self._check_common(("fwd_num_warps", "bwd_num_warps"))
         for name in ("fwd_block", "bwd_block"):
             v = getattr(self, name)
             if v < 16 or v > MAX_BLOCK or v & (v - 1):
                 raise ValueError(f"SwigluConfig.{name} must be a power of two in [16, {MAX_BLOCK}], got {v}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SwigluConfig:
-        """Build a config from :meth:`to_dict`'s output; missing keys take their defaults.
-
-        Raises ``ValueError`` naming the offending key or value."""
-        if not isinstance(d, dict):
-            raise ValueError(f"SwigluConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise ValueError(f"SwigluConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def default_config(hidden: int, rows: int, dtype: torch.dtype) -> SwigluConfig:
