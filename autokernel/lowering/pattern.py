@@ -11,12 +11,12 @@ an op through a checker.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 aten = torch.ops.aten
 
@@ -232,3 +232,54 @@ def internal_users_problem(inst: Instance) -> str | None:
             if user not in inside and (user.users or user.op != "call_function"):
                 return f"intermediate {node.name} is also used by {user.name}"
     return None
+
+
+def find_all(graph: Graph, alternatives: Sequence[tuple[Pattern, Callable[[Node, Bindings], Instance]]], *,
+             skip: Callable[[Bindings], bool] | None = None,
+             on_accept: Callable[[Instance, set[Node]], None] | None = None,
+             overlap_hides: bool = False) -> list[Instance]:
+    """Every instance of a family in ``graph``, accepted or declined with a reason, in graph order.
+
+    Roots are tried from the graph's end, so the outermost spelling wins; per root, the alternatives in
+    order, and the first binding its check accepts (and whose inner nodes nobody else reads) claims its
+    nodes. ``skip`` drops a binding before its check; ``on_accept(inst, claimed)`` may grow an accepted
+    instance (before it claims). A root with no accepted binding reports its first near-miss, once: not
+    when an accepted match took part of it, nor when a larger near-miss holds all of it (with
+    ``overlap_hides``, any of it)."""
+    accepted: list[Instance] = []
+    declined: list[Instance] = []
+    claimed: set[Node] = set()
+    for root in reversed(list(graph.nodes)):
+        if root.op != "call_function" or root in claimed or not root.users:
+            continue
+        found = near = None
+        for pattern, check in alternatives:
+            for b in match(pattern, root):
+                if claimed.intersection(b.nodes) or (skip is not None and skip(b)):
+                    continue
+                inst = check(root, b)
+                if inst.status != "declined":
+                    problem = internal_users_problem(inst)
+                    if problem:
+                        decline(inst, problem)
+                if inst.status != "declined":
+                    found = inst
+                    break
+                near = near or inst
+            if found is not None:
+                break
+        if found is not None:
+            if on_accept is not None:
+                on_accept(found, claimed)
+            accepted.append(found)
+            claimed.update(found.nodes)
+        elif near is not None:
+            declined.append(near)
+    kept: list[Instance] = []
+    for d in sorted(declined, key=lambda i: -len(i.nodes)):
+        nodes = set(d.nodes)
+        hidden = any(nodes & set(k.nodes) if overlap_hides else nodes <= set(k.nodes) for k in kept)
+        if not claimed.intersection(nodes) and not hidden:
+            kept.append(d)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(accepted + kept, key=lambda i: order[i.root])

@@ -35,8 +35,7 @@ from autokernel.lowering.pattern import (
     cast_dtype,
     decline,
     dtype_name,
-    internal_users_problem,
-    match,
+    find_all,
     node_val,
 )
 
@@ -186,39 +185,4 @@ PATTERNS = ((SMOOTHED, _check_smoothed), (NLL, _check_nll), (PROBS, _check_probs
 
 def find_instances(graph: Graph) -> list[Instance]:
     """Every cross-entropy in ``graph`` (outermost spelling first), accepted or declined with a reason."""
-    accepted: list[Instance] = []
-    declined: list[Instance] = []
-    claimed: set[Node] = set()
-    for root in reversed(list(graph.nodes)):
-        if root.op != "call_function" or root in claimed or not root.users:
-            continue
-        first_decline = None
-        done = False
-        for pattern, check in PATTERNS:
-            for b in match(pattern, root):
-                if claimed.intersection(b.nodes):
-                    continue
-                inst = check(root, b)
-                if inst.status != "declined":
-                    problem = internal_users_problem(inst)
-                    if problem:
-                        decline(inst, problem)
-                if inst.status == "declined":
-                    first_decline = first_decline or inst
-                    continue
-                accepted.append(inst)
-                claimed.update(inst.nodes)
-                done = True
-                break
-            if done:
-                break
-        if not done and first_decline is not None:
-            declined.append(first_decline)
-    # One near-miss is reported once, at its outermost spelling; one whose core an accepted match took
-    # is not news.
-    kept: list[Instance] = []
-    for d in sorted(declined, key=lambda i: -len(i.nodes)):
-        if not claimed.intersection(d.nodes) and not any(set(d.nodes) & set(k.nodes) for k in kept):
-            kept.append(d)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return sorted(accepted + kept, key=lambda i: order[i.root])
+    return find_all(graph, PATTERNS, overlap_hides=True)

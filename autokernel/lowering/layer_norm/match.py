@@ -36,8 +36,7 @@ from autokernel.lowering.pattern import (
     cast_dtype,
     decline,
     dtype_name,
-    internal_users_problem,
-    match,
+    find_all,
     node_val,
 )
 
@@ -218,39 +217,6 @@ def _check_fused(root: Node, b) -> Instance:
 
 
 def find_instances(graph: Graph) -> list[Instance]:
-    """Every LayerNorm in ``graph`` (outermost spelling first), accepted or declined with a reason. A
-    near-miss is reported once, at its outermost spelling, and not when an accepted match took its core."""
-    accepted: list[Instance] = []
-    declined: list[Instance] = []
-    claimed: set[Node] = set()
-    for root in reversed(list(graph.nodes)):
-        if root.op != "call_function" or root in claimed or not root.users:
-            continue
-        found, near = None, None
-        for pattern, check in ((LAYER_NORM, _check), (FUSED, _check_fused)):
-            for b in match(pattern, root):
-                # The fused op's mean or rstd output is no LayerNorm; reading it is declined at output 0.
-                if claimed.intersection(b.nodes) or b.get("index", 0) != 0:
-                    continue
-                inst = check(root, b)
-                if inst.status != "declined":
-                    problem = internal_users_problem(inst)
-                    if problem:
-                        decline(inst, problem)
-                if inst.status != "declined":
-                    found = inst
-                    break
-                near = near or inst
-            if found is not None:
-                break
-        if found is not None:
-            accepted.append(found)
-            claimed.update(found.nodes)
-        elif near is not None:
-            declined.append(near)
-    kept: list[Instance] = []
-    for d in sorted(declined, key=lambda i: -len(i.nodes)):
-        if not claimed.intersection(d.nodes) and not any(set(d.nodes) <= set(k.nodes) for k in kept):
-            kept.append(d)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return sorted(accepted + kept, key=lambda i: order[i.root])
+    """Every LayerNorm in ``graph`` (outermost spelling first), accepted or declined with a reason."""
+    # The fused op's mean or rstd output is no LayerNorm; reading it is declined at output 0.
+    return find_all(graph, ((LAYER_NORM, _check), (FUSED, _check_fused)), skip=lambda b: b.get("index", 0) != 0)

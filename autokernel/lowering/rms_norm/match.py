@@ -36,9 +36,8 @@ from autokernel.lowering.pattern import (
     cast_dtype,
     decline,
     dtype_name,
-    internal_users_problem,
+    find_all,
     is_dynamic_scalar,
-    match,
     node_val,
 )
 from autokernel.lowering.rms_norm.ops import PATTERN
@@ -204,42 +203,4 @@ def _absorb_residual_add(inst: Instance, claimed: set[Node]) -> None:
 
 def find_instances(graph: Graph) -> list[Instance]:
     """Every RMSNorm in ``graph`` (outermost spelling first), accepted or declined with a reason."""
-    accepted: list[Instance] = []
-    declined: list[Instance] = []
-    claimed: set[Node] = set()
-    for root in reversed(list(graph.nodes)):
-        if root.op != "call_function" or root in claimed or not root.users:
-            continue
-        first_decline = None
-        for pattern, check in ((RMS_NORM, _check), (FUSED, _check_fused)):
-            for b in match(pattern, root):
-                if claimed.intersection(b.nodes):
-                    continue
-                inst = check(root, b)
-                if inst.status != "declined":
-                    problem = internal_users_problem(inst)
-                    if problem:
-                        decline(inst, problem)
-                if inst.status == "declined":
-                    first_decline = first_decline or inst
-                    continue
-                _absorb_residual_add(inst, claimed)
-                accepted.append(inst)
-                claimed.update(inst.nodes)
-                break
-            else:
-                continue
-            break
-        else:
-            if first_decline is not None:
-                declined.append(first_decline)
-    # A near-miss whose core was taken by an accepted (smaller or larger) match is not news, and one
-    # near-miss is reported once: at its outermost spelling, not again for each sub-expression.
-    kept: list[Instance] = []
-    for d in sorted(declined, key=lambda i: -len(i.nodes)):
-        if not claimed.intersection(d.nodes) and not any(set(d.nodes) <= set(k.nodes) for k in kept):
-            kept.append(d)
-    declined = kept
-    out = accepted + declined
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return sorted(out, key=lambda i: order[i.root])
+    return find_all(graph, ((RMS_NORM, _check), (FUSED, _check_fused)), on_accept=_absorb_residual_add)

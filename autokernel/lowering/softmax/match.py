@@ -38,8 +38,7 @@ from autokernel.lowering.pattern import (
     cast_dtype,
     decline,
     dtype_name,
-    internal_users_problem,
-    match,
+    find_all,
     node_val,
 )
 from autokernel.lowering.softmax.ops import OPS, PATTERN
@@ -150,35 +149,4 @@ def _check(root: Node, b) -> Instance:
 
 def find_instances(graph: Graph) -> list[Instance]:
     """Every softmax over the last dim in ``graph`` (outermost spelling first), accepted or declined."""
-    accepted: list[Instance] = []
-    declined: list[Instance] = []
-    claimed: set[Node] = set()
-    for root in reversed(list(graph.nodes)):
-        if root.op != "call_function" or root in claimed or not root.users:
-            continue
-        first_decline = None
-        for b in match(SOFTMAX, root):
-            if claimed.intersection(b.nodes):
-                continue
-            inst = _check(root, b)
-            if inst.status != "declined":
-                problem = internal_users_problem(inst)
-                if problem:
-                    decline(inst, problem)
-            if inst.status == "declined":
-                first_decline = first_decline or inst
-                continue
-            accepted.append(inst)
-            claimed.update(inst.nodes)
-            break
-        else:
-            if first_decline is not None:
-                declined.append(first_decline)
-    # A near-miss whose core an accepted match took (an outer cast declined, the softmax inside it accepted)
-    # is not news; one near-miss is reported once, at its outermost spelling.
-    kept: list[Instance] = []
-    for d in sorted(declined, key=lambda i: -len(i.nodes)):
-        if not claimed.intersection(d.nodes) and not any(set(d.nodes) <= set(k.nodes) for k in kept):
-            kept.append(d)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return sorted(accepted + kept, key=lambda i: order[i.root])
+    return find_all(graph, ((SOFTMAX, _check),))
