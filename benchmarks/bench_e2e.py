@@ -1,0 +1,245 @@
+"""One training step of a Llama-style decoder: eager, Inductor, Inductor max-autotune, Liger, autokernel.
+
+Usage (device machine)::
+
+    python benchmarks/bench_e2e.py [--impls eager,inductor,liger,autokernel] [--tune MIN]
+        [--cache-dir DIR] [--out benchmarks/results] [--iters 10] [--smoke]
+
+The model is the one of ``../shared/probes/e2e.py``: ``transformers.LlamaConfig`` with hidden 2048,
+4 layers, 16 heads / 8 kv heads, intermediate 8192, vocab 128256, untied lm_head, SDPA attention, bf16
+random weights; batch 2 x seq 4096 tokens, forward with labels then backward (no optimizer). Each impl
+is timed on a fresh copy of the same weights: the first step (compile included), two warm-up steps,
+then the median of ``--iters`` steps between CUDA events, and the peak memory above the weights.
+
+``--tune MIN`` first runs ``ak-tune --model benchmarks/bench_e2e.py:factory --budget MIN`` (the same
+model, through the public CLI) and reports its wall time: the time to fill the cache for this model.
+The autokernel row then also says how many pattern instances hit the cache (``autokernel.explain``).
+
+Writes ``<out>/llama-step.json`` (``BENCH_FORMAT.md``: pattern ``llama-step``, case
+``h2048-l4-v128256-t8192``) and ``<out>/llama-step.md``. ``--smoke`` runs a tiny config on the CPU
+(Triton interpreter) to test the plumbing; its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+IMPLS = ("eager", "inductor", "inductor-max-autotune", "liger", "autokernel")
+DEFAULT_IMPLS = "eager,inductor,liger,autokernel"
+FULL = dict(hidden=2048, layers=4, heads=16, kv_heads=8, intermediate=8192, vocab=128256, batch=2, seq=4096)
+SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=16)
+CONFIG_ENV = "AK_BENCH_E2E_CONFIG"  # how the model's dimensions reach factory() in ak-tune's process
+
+
+def case_name(dims: dict[str, int]) -> str:
+    return f"h{dims['hidden']}-l{dims['layers']}-v{dims['vocab']}-t{dims['batch'] * dims['seq']}"
+
+
+def build(dims: dict[str, int], device: torch.device) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+                      num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
+                      num_key_value_heads=dims["kv_heads"], vocab_size=dims["vocab"],
+                      max_position_embeddings=max(8192, dims["seq"]), tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = LlamaForCausalLM(cfg).to(device, dtype)
+    ids = torch.randint(0, dims["vocab"], (dims["batch"], dims["seq"]), device=device)
+    return model, {"input_ids": ids, "labels": ids}
+
+
+def factory() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """``ak-tune --model benchmarks/bench_e2e.py:factory``: the benchmark's model and one batch."""
+    dims = json.loads(os.environ.get(CONFIG_ENV, json.dumps(FULL)))
+    return build(dims, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compiled(impl: str, model: torch.nn.Module, cache_dir: str | None) -> Any:
+    if impl in ("eager", "liger"):
+        return model
+    if impl == "inductor":
+        return torch.compile(model)
+    if impl == "inductor-max-autotune":
+        return torch.compile(model, mode="max-autotune-no-cudagraphs")
+    options = {"autokernel.cache_dir": cache_dir} if cache_dir else None
+    return torch.compile(model, backend="autokernel", options=options)
+
+
+def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
+              device: torch.device, cache_dir: str | None) -> dict[str, Any]:
+    torch._dynamo.reset()
+    model = copy.deepcopy(base)
+    if impl == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    fwd = compiled(impl, model, cache_dir)
+
+    def step() -> torch.Tensor:
+        loss = fwd(**inputs).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return loss.detach()
+
+    t0 = time.perf_counter()
+    loss = step()
+    sync(device)
+    first_s = time.perf_counter() - t0
+    for _ in range(2):
+        step()
+    sync(device)
+    base_mem = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    ms = times[len(times) // 2]
+    peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20 if device.type == "cuda" else None
+    row: dict[str, Any] = {"impl": impl, "ms": round(ms, 3), "peak_mib": None if peak is None else round(peak, 1),
+                           "loss": round(float(loss), 5), "first_step_s": round(first_s, 2)}
+    if impl == "autokernel":
+        import autokernel
+
+        options = {"autokernel.cache_dir": cache_dir} if cache_dir else None
+        report = autokernel.explain(model, **inputs, options=options)
+        counts = Counter(f"{i.pattern}:{i.status}" for i in report.instances)
+        row["instances"] = dict(sorted(counts.items()))
+    del model, fwd
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_tune(dims: dict[str, int], minutes: float, cache_dir: str | None) -> dict[str, Any]:
+    env = dict(os.environ, **{CONFIG_ENV: json.dumps(dims)})
+    cmd = [sys.executable, "-m", "autokernel.playbook.cli", "--model", f"{Path(__file__).resolve()}:factory",
+           "--budget", str(minutes), "--quiet"]
+    if cache_dir:
+        cmd += ["--cache-dir", cache_dir]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", sep="\n", flush=True)
+    return {"command": shlex.join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1)}
+
+
+def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    eager = next((r for r in rows if r["impl"] == "eager" and "ms" in r), None)
+    lines = [f"# llama-step benchmark ({meta['case']})", "",
+             f"- device: {meta['device']}", f"- torch {meta['torch']}, triton {meta['triton']}, date {meta['date']}",
+             f"- command: `{meta['command']}`"]
+    if meta.get("tune"):
+        t = meta["tune"]
+        lines.append(f"- cache filled by `{t['command']}` in {t['wall_s']} s (exit {t['returncode']})")
+    lines += ["", "| impl | ms/step | tokens/s | peak MiB above weights | first step s | loss | vs eager loss | "
+              "instances |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | error: {r['error'][:120]} | | | | | | |")
+            continue
+        dl = f"{r['loss'] - eager['loss']:+.4f}" if eager else "-"
+        inst = ", ".join(f"{k} {v}" for k, v in r.get("instances", {}).items())
+        lines.append(f"| {r['impl']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_mib']} | "
+                     f"{r['first_step_s']} | {r['loss']:.4f} | {dl} | {inst} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impls", default=DEFAULT_IMPLS, help=f"comma list of {IMPLS}")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per impl (median reported)")
+    p.add_argument("--tune", type=float, default=None, metavar="MIN", help="run ak-tune --model first, MIN minutes")
+    p.add_argument("--cache-dir", default=None, help="autokernel cache (default: $AUTOKERNEL_CACHE_DIR)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
+    p.add_argument("--smoke", action="store_true", help="tiny config on the CPU: tests the plumbing only")
+    args = p.parse_args(argv)
+    args.impl_list = args.impls.split(",")
+    for impl in args.impl_list:
+        if impl not in IMPLS:
+            p.error(f"unknown impl {impl!r}; known: {IMPLS}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available: run on the device machine, or pass --smoke", file=sys.stderr)
+        return 2
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else os.environ.get("AUTOKERNEL_CACHE_DIR")
+    dims = SMOKE if args.smoke else FULL
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_e2e_")) if args.smoke
+                                           else REPO / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    meta: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+        "command": shlex.join(["python", "benchmarks/bench_e2e.py", *(sys.argv[1:] if argv is None else argv)]),
+        "case": case_name(dims),
+    }
+    if args.tune is not None and "autokernel" in args.impl_list:
+        meta["tune"] = run_tune(dims, args.tune, cache_dir)
+    base, inputs = build(dims, device)
+    tokens = dims["batch"] * dims["seq"]
+    rows = []
+    for impl in args.impl_list:
+        try:
+            row = time_impl(impl, base, inputs, args.iters, device, cache_dir)
+            row["tokens_per_s"] = round(tokens / row["ms"] * 1e3)
+        except Exception as exc:  # one impl failing (a missing peer) must not lose the others' rows
+            row = {"impl": impl, "error": f"{type(exc).__name__}: {exc}"}
+        row = {"pattern": "llama-step", "case": meta["case"], "dtype": "bf16" if device.type == "cuda" else "fp32",
+               "pass": "fwd+bwd", **row}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    (out / "llama-step.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    md = render_md(meta, rows)
+    (out / "llama-step.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
