@@ -8,8 +8,9 @@ Usage (device machine)::
 The model is the one of ``../shared/probes/e2e.py``: ``transformers.LlamaConfig`` with hidden 2048,
 4 layers, 16 heads / 8 kv heads, intermediate 8192, vocab 128256, untied lm_head, SDPA attention, bf16
 random weights; batch 2 x seq 4096 tokens, forward with labels then backward (no optimizer). Each impl
-is timed on a fresh copy of the same weights: the first step (compile included), two warm-up steps,
-then the median of ``--iters`` steps between CUDA events, and the peak memory above the weights.
+is timed on a fresh copy of the same weights: the first step (compile included, with Inductor's FX-graph
+and AOTAutograd caches off, so every impl compiles cold), two warm-up steps, then the median of
+``--iters`` steps between CUDA events, and the peak memory above the weights.
 
 ``--tune MIN`` first runs ``ak-tune --model benchmarks/bench_e2e.py:factory --budget MIN`` (the same
 model, through the public CLI) and reports its wall time: the time to fill the cache for this model.
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("eager", "inductor", "inductor-max-autotune", "liger", "autokernel")
@@ -139,12 +142,10 @@ def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor],
         import autokernel
 
         options = {"autokernel.cache_dir": cache_dir} if cache_dir else None
+        torch._dynamo.reset()  # explain must trace the whole model, not reuse the compiled frames
         report = autokernel.explain(model, **inputs, options=options)
         counts = Counter(f"{i.pattern}:{i.status}" for i in report.instances)
         row["instances"] = dict(sorted(counts.items()))
-    del model, fwd
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -221,12 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.tune is not None and "autokernel" in args.impl_list:
         meta["tune"] = run_tune(dims, args.tune, cache_dir)
+    # First-step times compare compilers, not caches: no impl may reuse another's (or ak-tune's) compiled graphs.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     base, inputs = build(dims, device)
     tokens = dims["batch"] * dims["seq"]
     rows = []
     for impl in args.impl_list:
         try:
             row = time_impl(impl, base, inputs, args.iters, device, cache_dir)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the impl's copy of the model is gone: its memory goes back
             row["tokens_per_s"] = round(tokens / row["ms"] * 1e3)
         except Exception as exc:  # one impl failing (a missing peer) must not lose the others' rows
             row = {"impl": impl, "error": f"{type(exc).__name__}: {exc}"}
