@@ -342,6 +342,47 @@ def test_ak_tune_warm_starts_from_the_nearest_tuned_shape(tmp_path):
     assert rows[1]["phase"] == "bwd" and json.loads(rows[1]["config"])["bwd_num_warps"] == 2
 
 
+def test_in_context_race_times_the_entry_served_by_the_backend():
+    """The tuner's last race runs the winner through torch.compile(backend="autokernel"), timed as Inductor
+    is; an entry the compiled pattern does not hit is an error, never a time of Inductor's fallback."""
+    from autokernel.lowering import families
+    from autokernel.playbook.worker import handle
+
+    problem = families()["rms_norm"].problem({"mode": "llama"}, "bf16", [8, H], torch.device("cpu"))
+    problem.max_rows = 64
+    entry = _entry(8, winner={"fwd": "autokernel", "train": "inductor"})
+    assert entry["pattern_key"] == problem.key
+    reply = handle(problem, ("in_context", entry))
+    assert reply["status"] == "ok", reply
+    assert reply["fwd_ms"] > 0 and reply["train_ms"] > 0
+    reply = handle(problem, ("in_context", _entry(8, hidden=H + 1)))
+    assert reply["status"] == "error" and "does not hit the tuned entry" in reply["detail"], reply
+
+
+@pytest.mark.parametrize("reply, winner", [
+    ({"status": "ok", "fwd_ms": 0.5, "train_ms": 0.9}, {"fwd": "autokernel", "train": "autokernel"}),
+    ({"status": "ok", "fwd_ms": 1.5, "train_ms": 0.9}, {"fwd": "inductor", "train": "autokernel"}),
+    ({"status": "error", "detail": "the compiled pattern does not hit the tuned entry"},
+     {"fwd": "inductor", "train": "inductor"}),
+])
+def test_in_context_race_decides_each_pass(tmp_path, reply, winner):
+    """A pass stays ours only if it also wins in context; no in-context time (an error) is a loss."""
+    from autokernel.playbook.tuner import _Log, _race_in_context
+
+    class Replies:  # the worker's side is tested above; here only the decision
+        def call(self, *request):
+            assert request[0] == "in_context"
+            return reply
+
+    entry = _entry(8, times={})
+    log = _Log(tmp_path / "results.tsv")
+    _race_in_context(Replies(), entry, {"fwd_ms": 1.0, "train_ms": 1.0}, log, lambda _msg: None)
+    log.close()
+    assert entry["winner"] == winner
+    assert entry["times"]["in_context_fwd_ms"] == reply.get("fwd_ms")
+    assert "in context" in (tmp_path / "results.tsv").read_text()
+
+
 def test_ak_tune_resumes_after_a_kill(tmp_path):
     """Killed mid-shape, the next ak-tune run skips what was checked, re-measures the best, and finishes."""
     import csv

@@ -333,6 +333,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                          "run": str(run_dir)},
             "checks": reply["checks"], "created": time.time(),
         }
+        if not interpret and "autokernel" in winner.values():
+            _race_in_context(worker, entry, peer, log, say)
         result.best, result.times = config, times
         try:
             cache.put_entry(entry)
@@ -365,6 +367,27 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 logger.warning("ak-tune: could not mark %s done: %s", run_dir, describe_write_error(exc))
         result.seconds = time.time() - t0
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
+
+
+def _race_in_context(worker: Worker, entry: dict[str, Any], peer: dict[str, float | None], log: _Log,
+                     say: Callable[[str], None]) -> None:
+    """The kernel won alone; it wins only if it also wins served through torch.compile, timed as Inductor
+    is (a pattern kernel that wins alone and loses in context is a loss). Updates ``entry``'s winner and
+    records the in-context times in it."""
+    say("racing Inductor in context")
+    try:
+        ctx = worker.call("in_context", entry)
+    except WorkerFailure as exc:
+        ctx = {"status": "crashed", "detail": str(exc)}
+    before = dict(entry["winner"])
+    for p in ("fwd", "train"):
+        ms = ctx.get(f"{p}_ms")
+        entry["times"][f"in_context_{p}_ms"] = ms
+        if before[p] == "autokernel" and (ms is None or (peer[f"{p}_ms"] is not None and ms >= peer[f"{p}_ms"])):
+            entry["winner"][p] = "inductor"
+    changed = f"winner {before} -> {entry['winner']}" if entry["winner"] != before else ""
+    log.row(n="", phase="in context", status=ctx["status"], fwd_ms=_fmt(ctx.get("fwd_ms")),
+            train_ms=_fmt(ctx.get("train_ms")), detail="; ".join(filter(None, [ctx.get("detail", ""), changed]))[:500])
 
 
 def measure_baseline(worker: Worker, problem: Any) -> tuple[dict[str, float | None], dict[str, float | None], str]:

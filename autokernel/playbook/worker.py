@@ -2,14 +2,15 @@
 
 A kernel that crashes or hangs the CUDA context takes this process down, not the tuner: the tuner
 notices (EOF on the pipe, or no answer before the timeout), marks the candidate, and starts a fresh
-worker. Requests: ``("candidate", config)``, ``("inductor",)``, ``("bandwidth",)``, ``("stop",)``;
-each answer is a dict.
+worker. Requests: ``("candidate", config)``, ``("inductor",)``, ``("in_context", entry)``,
+``("bandwidth",)``, ``("stop",)``; each answer is a dict.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -45,6 +46,38 @@ def _time_passes(problem: Any, passes: dict[str, Any]) -> dict[str, float]:
     return {f"{name}_ms": median_ms(fn, problem.device) for name, fn in passes.items()}
 
 
+def _in_context(problem: Any, entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` served through ``torch.compile(backend="autokernel")``, timed exactly as Inductor is in the
+    race. A kernel that wins when called alone can lose once the compiled step's own costs count (on small
+    shapes the launch path is most of the time), so this, not the kernel's own time, decides the win."""
+    import autokernel
+    from autokernel.cache import KernelCache
+
+    served = {**entry, "winner": {"fwd": "autokernel", "train": "autokernel"}}
+    with tempfile.TemporaryDirectory(prefix="ak-in-context-") as root:
+        KernelCache(root, device=problem.device).put_entry(served)
+        options = {"autokernel.cache_dir": root, "autokernel.record_misses": False}
+        rows, hidden = problem.target_shape(problem.max_rows)
+        calls: list[tuple] = []
+
+        def record(*args):  # the arguments the race passes to a compiled eager function
+            calls.append(args)
+            return problem.eager(*args)
+
+        problem.peer_passes(record, problem.case(rows, hidden))["fwd"]()
+        torch._dynamo.reset()
+        report = autokernel.explain(problem.eager, *calls[0], options=options)
+        missed = [f"{i.pattern}: {i.status} {i.reason}".strip() for i in report.instances if i.status != "hit"]
+        if missed or not report.instances:
+            return {"status": "error", "detail": "the compiled pattern does not hit the tuned entry: "
+                    + ("; ".join(missed) or "no pattern instance found")}
+        torch._dynamo.reset()
+        compiled = torch.compile(problem.eager, backend="autokernel", options=options)
+        times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case)))
+        torch._dynamo.reset()
+    return {"status": "ok", **times}
+
+
 def handle(problem: Any, request: tuple) -> dict[str, Any]:
     kind = request[0]
     if kind == "candidate":
@@ -59,6 +92,8 @@ def handle(problem: Any, request: tuple) -> dict[str, Any]:
         compiled = torch.compile(problem.eager)
         times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case)))
         return {"status": "ok", **times}
+    if kind == "in_context":
+        return _in_context(problem, request[1])
     if kind == "bandwidth":
         return {"status": "ok", "copy_gbps": copy_gbps(problem.device)}
     raise ValueError(f"unknown worker request {kind!r}")
