@@ -113,6 +113,7 @@ class Ranked:
     count: int
     now_ms: float | None  # forward + backward as Inductor runs it
     floor_ms: float | None
+    baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None  # for tune(): not re-measured
 
     @property
     def gain_ms(self) -> float | None:
@@ -128,16 +129,17 @@ def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_
     ranked = []
     for request, count in requests:
         worker = Worker(request, device, 64 if device.type == "cpu" else None, timeout_s)
-        now = floor = None
+        now = floor = baseline = None
         try:
             problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
-            floors, peer, _ = measure_baseline(worker, problem)
+            floors, peer, detail = measure_baseline(worker, problem)
             now, floor = peer["train_ms"], floors["train"]
+            baseline = None if detail else (floors, peer)
         except WorkerFailure:
             pass
         finally:
             worker.stop()
-        ranked.append(Ranked(request, count, now, floor))
+        ranked.append(Ranked(request, count, now, floor, baseline))
     return sorted(ranked, key=lambda r: -(r.gain_ms if r.gain_ms is not None else -1.0))
 
 
@@ -197,7 +199,7 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
             out(f"budget spent before {r.request.label()}")
             break
         result = tune(r.request, cache, device, budget_s=left / max(1, len(ranked) - len(results)),
-                      timeout_s=timeout_s, **tune_kwargs)
+                      timeout_s=timeout_s, baseline=r.baseline, **tune_kwargs)
         results.append(result)
         if result.status in ("written", "inductor wins"):
             q = r.request

@@ -189,11 +189,14 @@ STRATEGIES = ("search", "agent", "both")
 
 def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_s: float,
          timeout_s: float = 180.0, progress: Callable[[str], None] | None = None, strategy: str = "search",
-         agent_model: str | None = None, max_turns: int = 20) -> TuneResult:
+         agent_model: str | None = None, max_turns: int = 20,
+         baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None) -> TuneResult:
     """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened.
 
     ``strategy``: "search" (the playbook's kernel space), "agent" (an LLM writes kernels; needs
-    ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it)."""
+    ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it). ``baseline``: the floor
+    and Inductor's times already measured on this GPU for this request (``measure_baseline``), not measured
+    again."""
     from autokernel.lowering import families
 
     t0 = time.time()
@@ -219,7 +222,11 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     try:
         floor = {k: None for k in problem.bytes_moved()}
         peer = {"fwd_ms": None, "train_ms": None}
-        if not interpret:
+        if baseline is not None and not interpret:
+            floor, peer = baseline
+            log.row(n=0, phase="peer", status="inductor ok (measured before this run)",
+                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail="")
+        elif not interpret:
             say("racing Inductor")
             floor, peer, detail = measure_baseline(worker, problem)
             log.row(n=0, phase="peer", status="inductor " + ("ok" if not detail else "error"),
