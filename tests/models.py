@@ -1,8 +1,11 @@
-"""Modules more than one test file uses."""
+"""Modules and helpers more than one test file uses."""
+
+import time
 
 import torch
 from torch import nn
 
+from autokernel.cache import KernelCache, row_bucket
 from autokernel.playbook.tolerances import assert_close
 
 
@@ -94,3 +97,29 @@ def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, str
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
 '''
+
+
+def serve_every_miss(cache_dir, device) -> int:
+    """Give each recorded miss an entry with its family's default kernel configuration: what ``ak-tune``
+    writes under the interpreter, without the search (fast enough for a test)."""
+    cache = KernelCache(cache_dir, device=device)
+    wanted = cache.wanted()
+    for key, w in wanted:
+        cache.put_entry({
+            "version": 1, "pattern": w["pattern"], "pattern_key": w["pattern_key"], "hidden": w["hidden"],
+            "row_bucket": row_bucket(w["rows"]), "shape": w["shape"], "flags": w["flags"], "dtype": w["dtype"],
+            "kernel": {"kind": "family", "config": {}}, "winner": {"fwd": "autokernel", "train": "autokernel"},
+            "times": {}, "raced": False, "producer": {"strategy": "test"}, "checks": [], "created": time.time(),
+        })
+        cache.remove_wanted(key)
+    return len(wanted)
+
+
+def compile_log_statuses(caplog) -> list[str]:
+    """(pattern, status) of every instance the backend planned, from its compile-time log."""
+    out = []
+    for r in caplog.records:
+        parts = r.getMessage().split()
+        if r.name == "autokernel" and len(parts) > 2 and parts[0] == "autokernel:":
+            out.append(f"{parts[1]} {parts[2]}")
+    return out

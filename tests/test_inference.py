@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
+from models import compile_log_statuses, serve_every_miss
 
-from autokernel.cache import KernelCache, row_bucket
+from autokernel.cache import KernelCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,32 +31,6 @@ def _llama() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _serve_every_miss(cache_dir) -> int:
-    """Give each recorded miss an entry with its family's default kernel configuration: what ``ak-tune``
-    writes under the interpreter, without the search (fast enough for this test)."""
-    cache = KernelCache(cache_dir, device="cpu")
-    wanted = cache.wanted()
-    for key, w in wanted:
-        cache.put_entry({
-            "version": 1, "pattern": w["pattern"], "pattern_key": w["pattern_key"], "hidden": w["hidden"],
-            "row_bucket": row_bucket(w["rows"]), "shape": w["shape"], "flags": w["flags"], "dtype": w["dtype"],
-            "kernel": {"kind": "family", "config": {}}, "winner": {"fwd": "autokernel", "train": "autokernel"},
-            "times": {}, "raced": False, "producer": {"strategy": "test"}, "checks": [], "created": time.time(),
-        })
-        cache.remove_wanted(key)
-    return len(wanted)
-
-
-def _statuses(caplog) -> list[str]:
-    """(pattern, status) of every instance the backend planned, from its compile-time log."""
-    out = []
-    for r in caplog.records:
-        parts = r.getMessage().split()
-        if r.name == "autokernel" and len(parts) > 2 and parts[0] == "autokernel:":
-            out.append(f"{parts[1]} {parts[2]}")
-    return out
-
-
 def _generate(model, ids, **kw):
     return model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
                           disable_compile=True, pad_token_id=0, **kw)
@@ -74,14 +48,14 @@ def test_generate_with_a_static_cache_matches_eager_tokens(tmp_path, caplog):
     model.forward = torch.compile(eager_forward, backend="autokernel", options=options)
     with torch.no_grad():
         assert torch.equal(_generate(model, ids), expected)
-    assert _serve_every_miss(tmp_path) >= 3  # RMSNorm (plain and with the residual), SwiGLU, softmax, ...
+    assert serve_every_miss(tmp_path, "cpu") >= 3  # RMSNorm (plain and with the residual), SwiGLU, softmax, ...
 
     torch._dynamo.reset()
     model.forward = torch.compile(eager_forward, backend="autokernel", options=options)
     caplog.set_level(logging.INFO, logger="autokernel")
     with torch.no_grad():
         assert torch.equal(_generate(model, ids), expected)
-    statuses = _statuses(caplog)
+    statuses = compile_log_statuses(caplog)
     assert statuses and all(s.endswith(" hit") for s in statuses), statuses
     assert {s.split()[0] for s in statuses} >= {"rms_norm", "swiglu", "softmax"}, statuses
     assert KernelCache(tmp_path, device="cpu").wanted() == []  # nothing new was missed
@@ -101,7 +75,7 @@ def test_prompts_of_many_lengths_compile_twice_then_never(tmp_path, caplog):
         compiled = torch.compile(model, backend="autokernel", options=options)
         for ids in prompts[:2]:  # the static and the dynamic graph record their misses
             compiled(ids, use_cache=False)
-    assert _serve_every_miss(tmp_path) >= 3
+    assert serve_every_miss(tmp_path, "cpu") >= 3
     torch._dynamo.reset()
     counters.clear()
     caplog.set_level(logging.INFO, logger="autokernel")
@@ -110,5 +84,5 @@ def test_prompts_of_many_lengths_compile_twice_then_never(tmp_path, caplog):
         for ids in prompts:
             torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
-    statuses = _statuses(caplog)
+    statuses = compile_log_statuses(caplog)
     assert statuses and all(s.endswith(" hit") for s in statuses), statuses
