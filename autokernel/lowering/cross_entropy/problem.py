@@ -33,6 +33,7 @@ from autokernel.lowering.cross_entropy.kernels import (
 )
 from autokernel.lowering.cross_entropy.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key, source_kernels
 from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.row_problem import RowProblem
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IGNORE_EVERY = 5  # rows 2, 7, 12, ... of every case carry ignore_index
@@ -56,7 +57,7 @@ def _flag_bool(value: Any) -> bool:
     raise ValueError(f"cross_entropy problem: flag upcast must be true or false, got {value!r}")
 
 
-class CrossEntropyProblem:
+class CrossEntropyProblem(RowProblem):
     """One (variant, shape) to tune. ``shape`` is ``[rows, classes]`` (rows: all but the last dim)."""
 
     pattern = PATTERN
@@ -131,9 +132,6 @@ class CrossEntropyProblem:
         return 2 <= block / (warps * 32) <= 64
 
     # ---- inputs and references ---------------------------------------------------------------
-    def target_shape(self, max_rows: int | None = None) -> tuple[int, int]:
-        return (min(self.rows, max_rows) if max_rows else self.rows, self.hidden)
-
     def sweep_shapes(self, max_rows: int | None = None) -> list[tuple[int, int]]:
         """1 row, a few awkward row counts, and the target (large) rows; the width one less (odd, for an
         even vocabulary) on the small row counts only: at 8192 x 128256 each full-size case and its

@@ -31,6 +31,7 @@ from autokernel.lowering.layer_norm.kernels import (
 )
 from autokernel.lowering.layer_norm.ops import PATTERN, pattern_key
 from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.row_problem import RowProblem, norm_candidates
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EPS = 1e-5
@@ -50,7 +51,7 @@ def _dtype(name: str, what: str) -> torch.dtype:
     return DTYPES[name]
 
 
-class LayerNormProblem:
+class LayerNormProblem(RowProblem):
     """One (variant, shape) to tune. ``shape`` is the example input shape; rows are all but the last dim."""
 
     pattern = PATTERN
@@ -87,47 +88,9 @@ class LayerNormProblem:
         return default_config(self.hidden, self.rows, self.dtype).to_dict()
 
     def candidates(self) -> list[tuple[str, dict[str, Any]]]:
-        """(phase, config) pairs: the forward knobs first (backward at default), then the backward's.
-        The tuner fills in the backward phase's forward knobs with the forward phase's winner."""
-        base = self.default_candidate()
-        out: list[tuple[str, dict[str, Any]]] = [("fwd", base)]
-        for warps in (1, 2, 4, 8, 16, 32):
-            for rpp in (1, 2, 4):
-                cand = {**base, "fwd_num_warps": warps, "fwd_rows_per_program": rpp}
-                if cand != base and self._plausible(warps):
-                    out.append(("fwd", cand))
-        for warps in (1, 2, 4, 8, 16, 32):
-            for pps in (1, 2, 4, 8, 16):
-                cand = {**base, "bwd_num_warps": warps, "bwd_programs_per_sm": pps}
-                if self._plausible(warps) and warps * pps <= 64:
-                    out.append(("bwd", cand))
-        if self.hidden >= 16384:
-            # The single-pass backward holds x, dy, w and two accumulators of a whole row in registers;
-            # rows this wide spill (as RMSNorm's do on H100), so try chunks.
-            for block_n in (2048, 4096, 8192):
-                for warps in (4, 8, 16):
-                    for pps in (1, 2, 4):
-                        out.append(("bwd", {**base, "block_n": block_n, "bwd_num_warps": warps,
-                                            "bwd_programs_per_sm": pps}))
-        return out
-
-    def _plausible(self, warps: int) -> bool:
-        # Fewer than ~2 or more than ~64 elements per thread wastes lanes or spills registers.
-        block = 1 << max(self.hidden - 1, 0).bit_length()
-        per_thread = block / (warps * 32)
-        return 1 <= per_thread <= 64 or (warps == 1 and per_thread < 1)
+        return norm_candidates(self.default_candidate(), self.hidden)
 
     # ---- inputs and references ---------------------------------------------------------------
-    def target_shape(self, max_rows: int | None = None) -> tuple[int, int]:
-        return (min(self.rows, max_rows) if max_rows else self.rows, self.hidden)
-
-    def sweep_shapes(self, max_rows: int | None = None) -> list[tuple[int, int]]:
-        """1 row, a few awkward row counts, a non-power-of-two width, and the target (large) rows."""
-        rows, hidden = self.target_shape(max_rows)
-        widths = [hidden] + ([hidden - 1] if hidden > 2 else [])
-        counts = sorted({1, 3, min(rows, 130), rows})
-        return [(r, h) for h in widths for r in counts]
-
     def case(self, rows: int, hidden: int, *, scale: float = 1.0, zero_row: bool = False,
              noncontiguous: bool = False, seed: int = 0) -> Case:
         key = (rows, hidden, scale, zero_row, noncontiguous, seed)

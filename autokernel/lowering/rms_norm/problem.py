@@ -29,6 +29,7 @@ from autokernel.lowering.rms_norm.kernels import (
     rms_norm_reference,
 )
 from autokernel.lowering.rms_norm.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key, source_kernels
+from autokernel.lowering.row_problem import RowProblem, norm_candidates
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EPS = 1e-6
@@ -49,7 +50,7 @@ def _dtype(name: str, what: str) -> torch.dtype:
     return DTYPES[name]
 
 
-class RmsNormProblem:
+class RmsNormProblem(RowProblem):
     """One (variant, shape) to tune. ``shape`` is the example input shape; rows are all but the last dim."""
 
     pattern = PATTERN
@@ -90,49 +91,9 @@ class RmsNormProblem:
         return default_config(self.hidden, self.rows, self.dtype).to_dict()
 
     def candidates(self) -> list[tuple[str, dict[str, Any]]]:
-        """(phase, config) pairs: the forward knobs first (backward at default), then the backward's.
-
-        The tuner fills in the backward phase's forward knobs with the forward phase's winner."""
-        base = self.default_candidate()
-        out: list[tuple[str, dict[str, Any]]] = [("fwd", base)]
-        for warps in (1, 2, 4, 8, 16, 32):
-            for rpp in (1, 2, 4):
-                cand = {**base, "fwd_num_warps": warps, "fwd_rows_per_program": rpp}
-                if cand != base and self._plausible(warps):
-                    out.append(("fwd", cand))
-        for warps in (1, 2, 4, 8, 16, 32):
-            for pps in (1, 2, 4, 8, 16):
-                cand = {**base, "bwd_num_warps": warps, "bwd_programs_per_sm": pps}
-                if self._plausible(warps) and warps * pps <= 64:
-                    out.append(("bwd", cand))
-        if self.hidden >= 16384:
-            # Rows this wide hold x, dy, w and the dW partial in registers in the single-pass backward
-            # and spill (measured on H100: 2048x32768 fwd+bwd 2.7 ms against Inductor's 0.8); the chunked
-            # kernels read the row twice but keep each chunk in registers.
-            for block_n in (2048, 4096, 8192):
-                for warps in (4, 8, 16):
-                    for pps in (1, 2, 4):
-                        out.append(("bwd", {**base, "block_n": block_n, "bwd_num_warps": warps,
-                                            "bwd_programs_per_sm": pps}))
-        return out
-
-    def _plausible(self, warps: int) -> bool:
-        # Fewer than ~2 or more than ~64 elements per thread wastes lanes or spills registers.
-        block = 1 << max(self.hidden - 1, 0).bit_length()
-        per_thread = block / (warps * 32)
-        return 1 <= per_thread <= 64 or (warps == 1 and per_thread < 1)
+        return norm_candidates(self.default_candidate(), self.hidden)
 
     # ---- inputs and references ---------------------------------------------------------------
-    def target_shape(self, max_rows: int | None = None) -> tuple[int, int]:
-        return (min(self.rows, max_rows) if max_rows else self.rows, self.hidden)
-
-    def sweep_shapes(self, max_rows: int | None = None) -> list[tuple[int, int]]:
-        """1 row, a few awkward row counts, a non-power-of-two width, and the target (large) rows."""
-        rows, hidden = self.target_shape(max_rows)
-        widths = [hidden] + ([hidden - 1] if hidden > 2 else [])
-        counts = sorted({1, 3, min(rows, 130), rows})
-        return [(r, h) for h in widths for r in counts]
-
     def case(self, rows: int, hidden: int, *, scale: float = 1.0, zero_row: bool = False,
              noncontiguous: bool = False, seed: int = 0) -> Case:
         key = (rows, hidden, scale, zero_row, noncontiguous, seed)

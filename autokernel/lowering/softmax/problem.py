@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.row_problem import RowProblem, next_pow2, plausible_warps
 from autokernel.lowering.softmax.kernels import (
     SoftmaxConfig,
     SourceKernels,
@@ -45,7 +46,7 @@ def _dtype(name: str, what: str) -> torch.dtype:
     return DTYPES[name]
 
 
-class SoftmaxProblem:
+class SoftmaxProblem(RowProblem):
     """One (variant, shape) to tune. ``shape`` is the example input shape; rows are all but the last dim.
 
     Flags: ``op`` (``softmax`` or ``log_softmax``, default softmax) and ``out`` (the output dtype's name,
@@ -103,22 +104,9 @@ class SoftmaxProblem:
         return out
 
     def _plausible(self, warps: int, block_n: int) -> bool:
-        # Fewer than ~2 or more than ~64 elements per thread wastes lanes or spills registers.
-        block = block_n or 1 << max(self.hidden - 1, 0).bit_length()
-        per_thread = block / (warps * 32)
-        return 1 <= per_thread <= 64 or (warps == 1 and per_thread < 1)
+        return plausible_warps(block_n or next_pow2(self.hidden), warps)
 
     # ---- inputs and references ---------------------------------------------------------------
-    def target_shape(self, max_rows: int | None = None) -> tuple[int, int]:
-        return (min(self.rows, max_rows) if max_rows else self.rows, self.hidden)
-
-    def sweep_shapes(self, max_rows: int | None = None) -> list[tuple[int, int]]:
-        """1 row, a few awkward row counts, a non-power-of-two width, and the target (large) rows."""
-        rows, hidden = self.target_shape(max_rows)
-        widths = [hidden] + ([hidden - 1] if hidden > 2 else [])
-        counts = sorted({1, 3, min(rows, 130), rows})
-        return [(r, h) for h in widths for r in counts]
-
     def case(self, rows: int, hidden: int, *, scale: float = 1.0, zero_row: bool = False,
              noncontiguous: bool = False, seed: int = 0) -> Case:
         key = (rows, hidden, scale, zero_row, noncontiguous, seed)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.row_problem import RowProblem
 from autokernel.lowering.swiglu.kernels import (
     ACTS,
     LAYOUTS,
@@ -44,7 +45,7 @@ class Case:
     dy: torch.Tensor
 
 
-class SwigluProblem:
+class SwigluProblem(RowProblem):
     """One (variant, shape) to tune. ``shape`` is gate's shape (``[tokens, intermediate]``); for the one-tensor
     layouts the input is twice as wide."""
 
@@ -101,16 +102,6 @@ class SwigluProblem:
         return out
 
     # ---- inputs and references ---------------------------------------------------------------
-    def target_shape(self, max_rows: int | None = None) -> tuple[int, int]:
-        return (min(self.rows, max_rows) if max_rows else self.rows, self.hidden)
-
-    def sweep_shapes(self, max_rows: int | None = None) -> list[tuple[int, int]]:
-        """1 row, a few awkward row counts, a non-power-of-two width, and the target rows."""
-        rows, hidden = self.target_shape(max_rows)
-        widths = [hidden] + ([hidden - 1] if hidden > 2 else [])
-        counts = sorted({1, 3, min(rows, 130), rows})
-        return [(r, h) for h in widths for r in counts]
-
     def case(self, rows: int, hidden: int, *, scale: float = 1.0, zero_row: bool = False,
              noncontiguous: bool = False, seed: int = 0) -> Case:
         """``scale`` multiplies the gate (the activation's argument); up and dy stay at unit scale."""
