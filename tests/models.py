@@ -94,3 +94,21 @@ def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, str
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw, mask=mask)
 '''
+
+
+def rope_entry(inst, config: dict) -> dict:
+    """A cache entry serving the RoPE instance ``inst`` (an ``autokernel.InstanceReport``) with ``config``."""
+    import math
+    import time
+
+    from autokernel.cache import row_bucket
+    from autokernel.lowering.rope.ops import pattern_key
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    f = inst.flags
+    key = pattern_key(f["layout"], f["rotary_dim"], inst.shape[-1], f["heads"], f["kv_heads"], dtypes[inst.dtype],
+                      dtypes[f["cs"]], dtypes[f["out"]])
+    return {"version": 1, "pattern": "rope", "pattern_key": key, "hidden": inst.shape[-1],
+            "row_bucket": row_bucket(math.prod(inst.shape[:-1])), "kernel": {"kind": "family", "config": config},
+            "winner": {"fwd": "autokernel", "train": "autokernel"}, "producer": {"strategy": "test"},
+            "checks": [], "created": time.time()}

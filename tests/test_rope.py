@@ -9,18 +9,16 @@ few torch.compile calls (each costs seconds).
 from __future__ import annotations
 
 import importlib
-import math
 import re
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+from models import rope_entry
 
 import autokernel
-from autokernel.cache import KernelCache, row_bucket
+from autokernel.cache import KernelCache
 from autokernel.lowering.rope.kernels import RopeConfig, rope_bwd, rope_fwd, rope_reference, rotate
-from autokernel.lowering.rope.ops import pattern_key
 from autokernel.playbook.tolerances import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -84,15 +82,7 @@ def make_hits(fn, inputs, cache_dir: str) -> list[autokernel.InstanceReport]:
         for inst in explain(fn, inputs, cache_dir):
             if inst.status != "miss":
                 continue
-            f = inst.flags
-            key = pattern_key(f["layout"], f["rotary_dim"], inst.shape[-1], f["heads"], f["kv_heads"],
-                              DTYPES[inst.dtype], DTYPES[f["cs"]], DTYPES[f["out"]])
-            cache.put_entry({
-                "version": 1, "pattern": "rope", "pattern_key": key,
-                "hidden": inst.shape[-1], "row_bucket": row_bucket(math.prod(inst.shape[:-1])),
-                "kernel": {"kind": "family", "config": SMALL.to_dict()},
-                "winner": {"fwd": "autokernel", "train": "autokernel"}, "producer": {"strategy": "test"},
-                "checks": [], "created": time.time()})
+            cache.put_entry(rope_entry(inst, SMALL.to_dict()))
     finally:
         cache.close()
     return explain(fn, inputs, cache_dir)
