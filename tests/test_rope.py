@@ -138,6 +138,16 @@ def _commuted_lone(q, cos, sin):
     return sin.unsqueeze(1) * rotate_half(q) + cos.unsqueeze(1) * q
 
 
+def _chunk_rope(q, k, cos, sin):
+    """rotate_half with ``chunk`` for the halves (as some ports write it), cos/sin already broadcast."""
+
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
 def _inputs(name: str, dtype: torch.dtype):
     b, s, d = 2, 3, 16
     if name == "llama_gqa":  # 4 q heads, 2 k heads
@@ -149,6 +159,9 @@ def _inputs(name: str, dtype: torch.dtype):
         k = torch.randn(b, s, 3, d, generator=_gen(2)).to(dtype)
         ang = torch.randn(b, s, d // 2, generator=_gen(3))
         return [q, k, ang.sin().to(dtype), ang.cos().to(dtype)], (0, 1)
+    if name == "chunk_halves":
+        cos, sin = cos_sin(b, s, d, dtype)
+        return [heads(b, s, 2, d, dtype, 1), heads(b, s, 2, d, dtype, 2), cos[:, None], sin[:, None]], (0, 1)
     if name == "commuted_lone":
         return [heads(b, s, 3, d, dtype, 1), *cos_sin(b, s, d, torch.float32)], (0,)
     raise KeyError(name)
@@ -162,6 +175,8 @@ SPELLINGS = {
                                          "out": "fp32"}),
     "gptj_interleaved": (_gptj_pair, "fp16", {"layout": "interleaved", "rotary_dim": 16, "heads": 3, "kv_heads": 3,
                                               "cs": "fp16", "out": "fp16"}),
+    "chunk_halves": (_chunk_rope, "fp16", {"layout": "half", "rotary_dim": 16, "heads": 2, "kv_heads": 2, "cs": "fp16",
+                                         "out": "fp16"}),
     "commuted_lone": (_commuted_lone, "bf16", {"layout": "half", "rotary_dim": 16, "heads": 3, "kv_heads": 0,
                                                "cs": "fp32", "out": "fp32"}),
 }

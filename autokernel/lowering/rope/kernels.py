@@ -278,8 +278,9 @@ def _launch(x_q: torch.Tensor, x_k: torch.Tensor | None, cos: torch.Tensor, sin:
     kernel = kernels.kernel if kernels is not None else _rope_kernel
     if traceable:
         kernel = wrap_triton(kernel)
-    # Without k, q stands in for its operands: HAS_K compiles every access to them away.
-    kk, kko = (k4, ko4) if k4 is not None else (q4, qo4)
+    # Without k, q stands in for both of k's operands: HAS_K compiles every access to them away, and an input
+    # (never an output passed twice) is what wrap_triton then sees.
+    kk, kko = (k4, ko4) if k4 is not None else (q4, q4)
     kernel[grid](
         q4, kk, qo4, kko, cos4, sin4,
         q4.stride(0), q4.stride(1), q4.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),

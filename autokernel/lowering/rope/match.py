@@ -4,7 +4,8 @@ The spellings and the aten ops they reach (``x`` is q or k, ``R`` its rotated wi
 
 - HF ``rotate_half`` (Llama, Mistral, Qwen2, Gemma, ...): ``x * cos + rotate_half(x) * sin`` with
   ``rotate_half(x) = cat((-x[..., R/2:], x[..., :R/2]), -1)``
-  -> ``add(mul(x, cos), mul(cat([neg(slice), slice], -1), sin))``                      layout ``half``
+  -> ``add(mul(x, cos), mul(cat([neg(slice), slice], -1), sin))``                      layout ``half``;
+  the halves also as ``x1, x2 = x.chunk(2, -1)`` (or ``split``): ``getitem``s of one ``split``
 - GPT-J / Cohere ``rotate_every_two``: ``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``
   -> ``view(stack([neg(slice(.., 1, end, 2)), slice(.., 0, end, 2)], -1))``            layout ``interleaved``
 - partial rotary (GPT-NeoX, Phi, GPT-J's ``rotary_dim``): either of the above applied to
@@ -30,6 +31,7 @@ The complex spelling (``view_as_complex(x) * freqs_cis``) is not matched: it sta
 
 from __future__ import annotations
 
+import operator
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +81,28 @@ class _Slice:
     step: Any
 
 
+def _split_piece(node: Node) -> _Slice | None:
+    """Piece ``i`` of ``x.chunk(2, d)`` / ``x.split(n, d)`` (``getitem(split(x, n, d), i)``) as a slice."""
+    split, index = node.args
+    if not (isinstance(split, Node) and split.op == "call_function" and isinstance(index, int)
+            and getattr(split.target, "overloadpacket", None) in (aten.split, aten.split_with_sizes)):
+        return None
+    src = split.args[0]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    sv = node_val(src)
+    pieces = node_val(split)
+    if not isinstance(sv, torch.Tensor) or not isinstance(dim, int) or len(pieces) != 2:
+        return None
+    dim %= max(sv.dim(), 1)
+    start = 0 if index == 0 else pieces[0].shape[dim]
+    return _Slice(src, dim, start, start + pieces[index].shape[dim], 1)
+
+
 def _slice(node: Any) -> _Slice | None:
-    """``aten.slice(src, dim, start, end, step)`` with its defaults filled in and dim made positive."""
+    """``aten.slice(src, dim, start, end, step)`` with its defaults filled in and dim made positive; also a
+    piece of a two-way split."""
+    if isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem:
+        return _split_piece(node)
     if not (isinstance(node, Node) and node.op == "call_function"
             and getattr(node.target, "overloadpacket", None) is aten.slice):
         return None
@@ -110,7 +132,7 @@ def _piece(p: Any, x: Node, width: Any, layout: str) -> tuple[bool, str | None, 
     s = _slice(p)
     if s is None or s.src is not x:
         return None
-    nodes += (p,)
+    nodes += (p, p.args[0]) if p.target is operator.getitem else (p,)
     which = None
     if layout == "half" and _known(s.step == 1):
         if _known(s.start == 0) and _known(2 * s.end == width):
@@ -137,7 +159,7 @@ def _rotation(b) -> tuple[str, tuple[Node, ...], str | None] | None:
     if any(p is None for p in pieces):
         return None
     (neg0, which0, dim0, nodes0), (neg1, which1, dim1, nodes1) = pieces
-    nodes = nodes0 + nodes1
+    nodes = tuple(dict.fromkeys(nodes0 + nodes1))  # a split feeds both pieces
     rot = b["rot"]
     if layout == "half":
         cat_dim = rot.args[1] if len(rot.args) > 1 else rot.kwargs.get("dim", 0)
