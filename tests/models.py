@@ -104,7 +104,7 @@ def rope_entry(inst, config: dict) -> dict:
     from autokernel.cache import row_bucket
     from autokernel.lowering.rope.ops import pattern_key
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "complex64": torch.complex64}
     f = inst.flags
     key = pattern_key(f["layout"], f["rotary_dim"], inst.shape[-1], f["heads"], f["kv_heads"], dtypes[inst.dtype],
                       dtypes[f["cs"]], dtypes[f["out"]])

@@ -56,11 +56,12 @@ def heads(b: int, s: int, h: int, d: int, dtype: torch.dtype, seed: int, pad: in
     return (torch.randn(b, s, h, d + pad, generator=_gen(seed)).to(dtype)[..., :d]).transpose(1, 2)
 
 
-def cos_sin(b: int, s: int, r: int, dtype: torch.dtype, seed: int = 99, interleaved: bool = False):
-    """HF's cos/sin ``[B, S, R]`` at random position ids (duplicated halves, or GPT-J's interleaved pairs)."""
+def cos_sin(b: int, s: int, r: int, dtype: torch.dtype, seed: int = 99, layout: str = "half"):
+    """HF's cos/sin ``[B, S, R]`` at random position ids (duplicated halves, GPT-J's interleaved pairs, or one
+    per pair: the complex form's ``freqs_cis`` parts)."""
     pos = torch.randint(0, 64, (b, s), generator=_gen(seed)).double()
     ang = pos[..., None] / 10000 ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
-    emb = ang.repeat_interleave(2, -1) if interleaved else torch.cat((ang, ang), -1)
+    emb = {"half": torch.cat((ang, ang), -1), "interleaved": ang.repeat_interleave(2, -1), "complex": ang}[layout]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -114,7 +115,8 @@ def check_against_reference(fn, compiled, inputs, grads_of: tuple[int, ...], dty
     outs = outs if isinstance(outs, tuple) else (outs,)
     dys = [torch.randn(o.shape, generator=_gen(7 + i)).to(o.dtype) for i, o in enumerate(outs)]
     grads = torch.autograd.grad(outs, [leaves[i] for i in grads_of], dys)
-    ref_leaves = [t.detach().double().requires_grad_(i in grads_of) for i, t in enumerate(inputs)]
+    ref_leaves = [(t.detach().to(torch.complex128) if t.is_complex() else t.detach().double()).requires_grad_(
+        i in grads_of) for i, t in enumerate(inputs)]
     refs = fn(*ref_leaves)
     refs = refs if isinstance(refs, tuple) else (refs,)
     ref_grads = torch.autograd.grad(refs, [ref_leaves[i] for i in grads_of], [d.double() for d in dys])
@@ -148,6 +150,16 @@ def _chunk_rope(q, k, cos, sin):
     return q * cos + rot(q) * sin, k * cos + rot(k) * sin
 
 
+def _meta_complex(xq, xk, freqs_cis):
+    """Meta Llama's apply_rotary_emb: complex multiplication by ``freqs_cis`` ([S, D/2], viewed to broadcast)."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
 def _inputs(name: str, dtype: torch.dtype):
     b, s, d = 2, 3, 16
     if name == "llama_gqa":  # 4 q heads, 2 k heads
@@ -162,6 +174,10 @@ def _inputs(name: str, dtype: torch.dtype):
     if name == "chunk_halves":
         cos, sin = cos_sin(b, s, d, dtype)
         return [heads(b, s, 2, d, dtype, 1), heads(b, s, 2, d, dtype, 2), cos[:, None], sin[:, None]], (0, 1)
+    if name == "meta_complex":  # [B, S, H, D], GQA 4:2
+        freqs = torch.polar(torch.ones(s, d // 2), torch.randn(s, d // 2, generator=_gen(3)))
+        q = torch.randn(b, s, 4, d, generator=_gen(1)).to(dtype)
+        return [q, torch.randn(b, s, 2, d, generator=_gen(2)).to(dtype), freqs], (0, 1)
     if name == "commuted_lone":
         return [heads(b, s, 3, d, dtype, 1), *cos_sin(b, s, d, torch.float32)], (0,)
     raise KeyError(name)
@@ -177,6 +193,8 @@ SPELLINGS = {
                                               "cs": "fp16", "out": "fp16"}),
     "chunk_halves": (_chunk_rope, "fp16", {"layout": "half", "rotary_dim": 16, "heads": 2, "kv_heads": 2, "cs": "fp16",
                                          "out": "fp16"}),
+    "meta_complex": (_meta_complex, "bf16", {"layout": "complex", "rotary_dim": 16, "heads": 4, "kv_heads": 2,
+                                             "cs": "complex64", "out": "bf16"}),
     "commuted_lone": (_commuted_lone, "bf16", {"layout": "half", "rotary_dim": 16, "heads": 3, "kv_heads": 0,
                                                "cs": "fp32", "out": "fp32"}),
 }
@@ -296,9 +314,9 @@ def check_kernels(q, k, cos, sin, layout, rotary_dim, config=SMALL, dq=None, dk=
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("layout", ["half", "interleaved", "complex"])
 def test_dtypes_layouts_gqa(dtype, layout):
-    cos, sin = cos_sin(2, 3, 16, dtype, interleaved=layout == "interleaved")
+    cos, sin = cos_sin(2, 3, 16, dtype, layout=layout)
     check_kernels(heads(2, 3, 3, 16, dtype, 1), heads(2, 3, 1, 16, dtype, 2), cos[:, None], sin[:, None], layout, 16)
 
 
@@ -392,6 +410,9 @@ def test_opcheck():
                                            sin[..., :6], "half", 6, torch.float32, ""))
     torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), cos, sin, "half", 8, torch.float32, ""))
     torch.library.opcheck(ops.rope_backward, (q.detach(), None, cos, sin, "interleaved", 8, torch.bfloat16, ""))
+    freqs = torch.polar(torch.ones(3, 4), torch.randn(3, 4, generator=_gen(3)))  # the complex layout's freqs_cis
+    torch.library.opcheck(ops.rope, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, ""))
+    torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, ""))
 
 
 def test_trained_cos_sin_get_their_gradient():
@@ -448,3 +469,23 @@ def test_ak_tune_miss_then_hit(tmp_path):
     cache.close()
     assert entry["checks"] == ["smoke", "shape sweep", "stability", "determinism", "edge cases"]
     assert [i.status for i in explain(llama_rope, inputs, str(tmp_path))] == ["hit"]
+
+
+def test_trained_freqs_cis_gets_its_gradient():
+    """The complex form with a learned ``freqs_cis``: its gradient ``sum(dy * conj(x))`` through the cos slot."""
+    q, k = torch.randn(2, 3, 4, 8, generator=_gen(1)), torch.randn(2, 3, 2, 8, generator=_gen(2))
+    freqs = torch.polar(torch.rand(3, 1, 4, generator=_gen(3)) + 0.5, torch.randn(3, 1, 4, generator=_gen(4)))
+    freqs.requires_grad_(True)
+    qo, ko = torch.ops.autokernel.rope_train(q.requires_grad_(True), k.requires_grad_(True), freqs, freqs, "complex",
+                                             8, torch.float32, "")
+    dq, dk = torch.randn(qo.shape, generator=_gen(5)), torch.randn(ko.shape, generator=_gen(6))
+    torch.autograd.backward((qo, ko), (dq, dk))
+    leaves = [q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True),
+              freqs.detach().to(torch.complex128).requires_grad_(True)]
+    rq, rk = (torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * leaves[2]).flatten(-2)
+              for x in leaves[:2])
+    torch.autograd.backward((rq, rk), (dq.double(), dk.double()))
+    assert_close(qo, rq, torch.float32, "q")
+    for name, got, ref in zip(("dq", "dk"), (q.grad, k.grad), leaves[:2], strict=True):
+        assert_close(got, ref.grad, torch.float32, name)
+    assert_close(torch.view_as_real(freqs.grad), torch.view_as_real(leaves[2].grad), torch.float32, "dfreqs")

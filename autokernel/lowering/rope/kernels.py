@@ -11,7 +11,9 @@ The rotated part of a head (its first ``R`` = rotary_dim columns) is cut into ``
 Columns ``R .. D-1`` pass through unchanged (partial rotary, GPT-NeoX). Pairs:
 
 - layout ``half`` (HF ``rotate_half``: ``cat(-x2, x1)``): ``(x[j], x[j + R/2])``;
-- layout ``interleaved`` (GPT-J ``rotate_every_two``: ``stack(-x[1::2], x[::2]).flatten(-2)``): ``(x[2j], x[2j+1])``.
+- layout ``interleaved`` (GPT-J ``rotate_every_two``: ``stack(-x[1::2], x[::2]).flatten(-2)``): ``(x[2j], x[2j+1])``;
+- layout ``complex`` (Meta Llama ``view_as_complex(x) * freqs_cis``): the pairs of ``interleaved``, with one
+  cos/sin value per pair (``c1 = c2 = cos[j]``: cos, sin are the real and imaginary parts of ``freqs_cis``).
 
 cos and sin are read as given, through strides: broadcast dims (``unsqueeze(1)`` over heads, one table
 for every batch row) have stride 0, and any position ids are already gathered into them. cos/sin need no
@@ -40,7 +42,7 @@ from torch.library import wrap_triton
 
 from autokernel.lowering.launch import KernelConfig, next_power_of_2
 
-LAYOUTS = ("half", "interleaved")
+LAYOUTS = ("half", "interleaved", "complex")
 MAX_BLOCK_H = 256
 
 # --------------------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ MAX_BLOCK_H = 256
 @triton.jit
 def _rope_tile(X, Y, COS, SIN, x_base, x_sm, o_base, o_sm, c_base, c_sm, c_sd, s_base, s_sm, s_sd,
                h0, heads, half, rot_dim, head_dim,
-               INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, CS_PER_HEAD: tl.constexpr,
+               INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, CS_PER_HEAD: tl.constexpr, CS_PAIRS: tl.constexpr,
                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_REST: tl.constexpr):
     """Heads ``[h0, h0 + BLOCK_H)`` of one position: rotate their ``half`` pairs, copy the rest."""
     h = h0 + tl.arange(0, BLOCK_H)[:, None]
@@ -79,10 +81,17 @@ def _rope_tile(X, Y, COS, SIN, x_base, x_sm, o_base, o_sm, c_base, c_sm, c_sd, s
         ch = COS + c_base
         sh = SIN + s_base
         cmask = pmask
-    c1 = tl.load(ch + e1 * c_sd, mask=cmask, other=0.0).to(tl.float32)
-    c2 = tl.load(ch + e2 * c_sd, mask=cmask, other=0.0).to(tl.float32)
-    s1 = tl.load(sh + e1 * s_sd, mask=cmask, other=0.0).to(tl.float32)
-    s2 = tl.load(sh + e2 * s_sd, mask=cmask, other=0.0).to(tl.float32)
+    if CS_PAIRS:
+        # One value per pair (the complex form): the same cos/sin for both columns.
+        c1 = tl.load(ch + j * c_sd, mask=cmask, other=0.0).to(tl.float32)
+        s1 = tl.load(sh + j * s_sd, mask=cmask, other=0.0).to(tl.float32)
+        c2 = c1
+        s2 = s1
+    else:
+        c1 = tl.load(ch + e1 * c_sd, mask=cmask, other=0.0).to(tl.float32)
+        c2 = tl.load(ch + e2 * c_sd, mask=cmask, other=0.0).to(tl.float32)
+        s1 = tl.load(sh + e1 * s_sd, mask=cmask, other=0.0).to(tl.float32)
+        s2 = tl.load(sh + e2 * s_sd, mask=cmask, other=0.0).to(tl.float32)
     if BACKWARD:
         y1 = x1 * c1 + x2 * s2
         y2 = x2 * c2 - x1 * s1
@@ -106,7 +115,7 @@ def _rope_kernel(
     c_sb, c_sm, c_sn, c_sd, s_sb, s_sm, s_sn, s_sd,
     n_size, q_heads, k_heads, q_blocks, half, rot_dim, head_dim,
     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, HAS_K: tl.constexpr, CS_PER_HEAD: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_REST: tl.constexpr,
+    CS_PAIRS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_REST: tl.constexpr,
 ):
     """Program ``(b * n_size + n, hb)``: head block ``hb`` of q (``hb < q_blocks``), else block
     ``hb - q_blocks`` of k, at position ``(b, n)``. The backward is the same kernel with ``BACKWARD``
@@ -122,15 +131,15 @@ def _rope_kernel(
         if hb >= q_blocks:
             _rope_tile(K, KO, COS, SIN, b * k_sb + n * k_sn, k_sm, b * ko_sb + n * ko_sn, ko_sm,
                        c_base, c_sm, c_sd, s_base, s_sm, s_sd, (hb - q_blocks) * BLOCK_H, k_heads, half, rot_dim,
-                       head_dim, INTERLEAVED, BACKWARD, CS_PER_HEAD, BLOCK_H, BLOCK_P, BLOCK_REST)
+                       head_dim, INTERLEAVED, BACKWARD, CS_PER_HEAD, CS_PAIRS, BLOCK_H, BLOCK_P, BLOCK_REST)
         else:
             _rope_tile(Q, QO, COS, SIN, b * q_sb + n * q_sn, q_sm, b * qo_sb + n * qo_sn, qo_sm,
                        c_base, c_sm, c_sd, s_base, s_sm, s_sd, hb * BLOCK_H, q_heads, half, rot_dim,
-                       head_dim, INTERLEAVED, BACKWARD, CS_PER_HEAD, BLOCK_H, BLOCK_P, BLOCK_REST)
+                       head_dim, INTERLEAVED, BACKWARD, CS_PER_HEAD, CS_PAIRS, BLOCK_H, BLOCK_P, BLOCK_REST)
     else:
         _rope_tile(Q, QO, COS, SIN, b * q_sb + n * q_sn, q_sm, b * qo_sb + n * qo_sn, qo_sm,
                    c_base, c_sm, c_sd, s_base, s_sm, s_sd, hb * BLOCK_H, q_heads, half, rot_dim,
-                   head_dim, INTERLEAVED, BACKWARD, CS_PER_HEAD, BLOCK_H, BLOCK_P, BLOCK_REST)
+                   head_dim, INTERLEAVED, BACKWARD, CS_PER_HEAD, CS_PAIRS, BLOCK_H, BLOCK_P, BLOCK_REST)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -143,7 +152,7 @@ class SourceKernels(NamedTuple):
     one. The contract is the built-in kernel's parameter list and grid: ``rope_kernel(Q, K, QO, KO, COS, SIN,
     q_sb, q_sm, q_sn, k_sb, k_sm, k_sn, qo_sb, qo_sm, qo_sn, ko_sb, ko_sm, ko_sn, c_sb, c_sm, c_sn, c_sd,
     s_sb, s_sm, s_sn, s_sd, n_size, q_heads, k_heads, q_blocks, half, rot_dim, head_dim, INTERLEAVED,
-    BACKWARD, HAS_K, CS_PER_HEAD, BLOCK_H, BLOCK_P, BLOCK_REST)``, grid ``(B * N, q_blocks + k_blocks)``
+    BACKWARD, HAS_K, CS_PER_HEAD, CS_PAIRS, BLOCK_H, BLOCK_P, BLOCK_REST)``, grid ``(B * N, q_blocks + k_blocks)``
     with ``BLOCK_H`` heads per program; the same kernel serves the backward (``BACKWARD``)."""
 
     kernel: Any
@@ -238,8 +247,9 @@ def _check(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torc
     if k is not None:
         if k.dim() != q.dim() or k.shape[-1] != d or k.dtype != q.dtype:
             raise ValueError(f"rope: k {tuple(k.shape)} {k.dtype} does not pair with q {tuple(q.shape)} {q.dtype}")
+    width = rotary_dim // 2 if layout == "complex" else rotary_dim
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() > q.dim() or t.shape[-1] != rotary_dim:
+        if t.dim() > q.dim() or t.shape[-1] != width:
             raise ValueError(f"rope: {name} of shape {tuple(t.shape)} for q {tuple(q.shape)} and rotary_dim "
                              f"{rotary_dim}")
 
@@ -287,8 +297,9 @@ def _launch(x_q: torch.Tensor, x_k: torch.Tensor | None, cos: torch.Tensor, sin:
         qo4.stride(0), qo4.stride(1), qo4.stride(2), kko.stride(0), kko.stride(1), kko.stride(2),
         *c, *s,
         n, q_heads, k_heads, q_blocks, rotary_dim // 2, rotary_dim, d,
-        INTERLEAVED=layout == "interleaved", BACKWARD=backward, HAS_K=k4 is not None,
-        CS_PER_HEAD=c[1] != 0 or s[1] != 0, BLOCK_H=bh, BLOCK_P=bp, BLOCK_REST=brest, num_warps=num_warps,
+        INTERLEAVED=layout != "half", BACKWARD=backward, HAS_K=k4 is not None,
+        CS_PER_HEAD=c[1] != 0 or s[1] != 0, CS_PAIRS=layout == "complex", BLOCK_H=bh, BLOCK_P=bp,
+        BLOCK_REST=brest, num_warps=num_warps,
     )
     return out_q, out_k
 
@@ -324,17 +335,21 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: 
 
 
 def rotate(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The partner of every column, signed: HF ``rotate_half`` or GPT-J ``rotate_every_two``."""
+    """The partner of every column, signed: HF ``rotate_half`` or GPT-J ``rotate_every_two`` (also the complex
+    form's: ``i * x`` on the pairs)."""
     if layout == "half":
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
-    if layout == "interleaved":
+    if layout in ("interleaved", "complex"):
         return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
     raise ValueError(f"rope: layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
-    """RoPE as a model writes it, in the tensors' own dtypes (what the kernels replace); differentiable."""
+    """RoPE as a model writes it, in the tensors' own dtypes (what the kernels replace); differentiable. For
+    the complex layout, cos/sin hold one value per pair (``freqs_cis.real``, ``.imag``)."""
+    if layout == "complex":
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     y = rot * cos + rotate(rot, layout) * sin
     return torch.cat((y, rest.to(y.dtype)), dim=-1) if rest.shape[-1] else y

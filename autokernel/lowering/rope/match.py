@@ -8,7 +8,11 @@ The spellings and the aten ops they reach (``x`` is q or k, ``R`` its rotated wi
   the halves also as ``x1, x2 = x.chunk(2, -1)`` (or ``split``): ``getitem``s of one ``split``
 - GPT-J / Cohere ``rotate_every_two``: ``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``
   -> ``view(stack([neg(slice(.., 1, end, 2)), slice(.., 0, end, 2)], -1))``            layout ``interleaved``
-- partial rotary (GPT-NeoX, Phi, GPT-J's ``rotary_dim``): either of the above applied to
+- Meta Llama / gpt-fast complex form: ``view_as_real(view_as_complex(x.float().reshape(..., -1, 2)) *
+  freqs_cis).flatten(3).type_as(x)`` -> ``[_to_copy] view view_as_complex mul view_as_real view [_to_copy]``
+                                                                                      layout ``complex``
+  (the op takes ``freqs_cis`` as cos and sin and reads its real and imaginary parts in place);
+- partial rotary (GPT-NeoX, Phi, GPT-J's ``rotary_dim``): any of the above applied to
   ``x[..., :R]`` and followed by ``cat((rotated, x[..., R:]), -1)``: the op takes the whole ``x`` and
   passes the last ``D - R`` columns through (flag ``rotary_dim``).
 
@@ -25,8 +29,9 @@ Declined with a reason (never rewritten): the minus on the other half (``cat((x2
 by minus the angle), no minus or two, halves in their own order, a rotation over another dim than the
 last, cos or sin that are not tensors or that broadcast ``x`` to a larger shape or run over another
 width, ``add`` with ``alpha``, q of rank other than 2 to 4 or of a non-float dtype, intermediates that
-other code reads. cos/sin that require grad are served (their gradient is computed with torch ops).
-The complex spelling (``view_as_complex(x) * freqs_cis``) is not matched: it stays Inductor's.
+other code reads; in the complex form, math in another precision than float32 (freqs_cis not complex64,
+an upcast to float64) or pairs that are not the last dim's. cos/sin that require grad are served (their
+gradient is computed with torch ops).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from autokernel.lowering.pattern import (
     Op,
     Var,
     aten,
+    cast,
+    cast_dtype,
     decline,
     dtype_name,
     find_all,
@@ -67,6 +74,14 @@ ROPE = Op((aten.add,), (
     Op((aten.mul,), (X, Var("cos")), name="mul_cos", commutative=True),
     Op((aten.mul,), (ROT, Var("sin")), name="mul_sin", commutative=True),
 ), name="core", commutative=True)
+# Meta Llama: view_as_real(view_as_complex(x.float().reshape(..., -1, 2)) * freqs_cis).flatten(-2).type_as(x)
+XF = Alt((cast(X, name="upcast"), X))
+VIEWS = (aten.view, aten._unsafe_view, aten.reshape)
+PAIRS = Op(VIEWS, (Alt((Op((aten.clone,), (XF,), name="pclone"), XF)),), name="pairs")
+CMUL = Op((aten.mul,), (Op((aten.view_as_complex,), (PAIRS,), name="as_complex"), Var("freqs")), name="cmul",
+          commutative=True)
+FLAT = Op(VIEWS, (Op((aten.view_as_real,), (CMUL,), name="as_real"),), name="flat")
+COMPLEX = Alt((cast(FLAT, name="outcast"), FLAT))
 
 
 # ---- the rotation --------------------------------------------------------------------------------
@@ -251,6 +266,40 @@ def _check(root: Node, b) -> Instance:
     return _describe(inst)
 
 
+def _check_complex(root: Node, b) -> Instance:
+    x, freqs = b["x"], b["freqs"]
+    xv, fv, outv = node_val(x), node_val(freqs), node_val(root)
+    width = xv.shape[-1] if isinstance(xv, torch.Tensor) and xv.dim() else 0
+    inst = Instance(
+        pattern=PATTERN, root=root, nodes=b.nodes, inputs={"q": x, "k": None, "cos": freqs, "sin": freqs},
+        params={"layout": "complex", "rotary_dim": size_hint(width), "out_dtype": getattr(outv, "dtype", None)},
+        flags={"layout": "complex"}, dtype=dtype_name(xv.dtype) if isinstance(xv, torch.Tensor) else "?",
+        shape=tuple(xv.shape) if isinstance(xv, torch.Tensor) else (), requires_grad=False,
+    )
+    if not isinstance(xv, torch.Tensor) or not 2 <= xv.dim() <= 4:
+        return decline(inst, "x is not a tensor of rank 2 to 4")
+    if xv.dtype not in FLOATS or outv.dtype not in FLOATS:
+        return decline(inst, f"x dtype {xv.dtype}, output {outv.dtype} (supported: fp32, fp16, bf16)")
+    upcast = b.get("upcast")
+    if upcast is not None and cast_dtype(upcast) != torch.float32:
+        return decline(inst, f"computes in {cast_dtype(upcast)}, not float32")
+    if b.get("outcast") is not None and cast_dtype(b["outcast"]) is None:
+        return decline(inst, "output conversion changes more than the dtype")
+    pv, cv = node_val(b["pairs"]), node_val(b["cmul"])
+    if not _same_shape(pv.shape, (*xv.shape[:-1], width // 2, 2)) or not _known(width % 2 == 0):
+        return decline(inst, f"pairs {tuple(pv.shape)} are not the last dim's (even, odd) columns of {tuple(xv.shape)}")
+    if not isinstance(fv, torch.Tensor) or fv.dtype != torch.complex64:
+        return decline(inst, f"freqs_cis is {getattr(fv, 'dtype', type(fv).__name__)}, not a complex64 tensor")
+    if fv.dim() > xv.dim() or not _known(fv.shape[-1] * 2 == width) or not _same_shape(cv.shape, pv.shape[:-1]):
+        return decline(inst, f"freqs_cis of shape {tuple(fv.shape)} for pairs of shape {tuple(pv.shape[:-1])}")
+    if not _same_shape(outv.shape, xv.shape):
+        return decline(inst, f"flattens to {tuple(outv.shape)}, not x's shape {tuple(xv.shape)}")
+    if fv.device != xv.device:
+        return decline(inst, "freqs_cis on another device than x")
+    inst.status = "miss"
+    return _describe(inst)
+
+
 def _users_inside(node: Node, inside: set[Node]) -> bool:
     return all(u in inside or (not u.users and u.op == "call_function") for u in node.users)
 
@@ -356,5 +405,6 @@ def _pair(instances: list[Instance], graph: Graph) -> list[Instance]:
 
 def find_instances(graph: Graph) -> list[Instance]:
     """Every RoPE in ``graph`` (q/k pairs merged), accepted or declined with a reason."""
-    found = find_all(graph, ((ROPE, _check),), skip=lambda b: _rotation(b) is None, on_accept=_absorb_partial)
+    found = find_all(graph, ((ROPE, _check), (COMPLEX, _check_complex)),
+                     skip=lambda b: "parts" in b.values and _rotation(b) is None, on_accept=_absorb_partial)
     return _pair(found, graph)

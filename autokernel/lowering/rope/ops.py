@@ -2,7 +2,9 @@
 
 ``(q_out, k_out) = (q * cos + rotate(q) * sin, k * cos + rotate(k) * sin)`` over the first ``rotary_dim``
 columns of each head, the others passed through (see :mod:`autokernel.lowering.rope.kernels`). ``k`` may be
-None (a tensor rotated alone); the op then returns an empty second output.
+None (a tensor rotated alone); the op then returns an empty second output. With layout ``complex`` the op
+takes ``freqs_cis`` (complex) as both cos and sin: ``view_as_real(x) * freqs_cis``, its real and imaginary
+parts read in place.
 
 The ops are functional (no input mutation, outputs never alias inputs; an in-place RoPE becomes this op)
 and pick their kernel configuration at run time from the actual shape, through the in-memory table of the
@@ -99,15 +101,25 @@ def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return like.new_empty((0,), dtype=dtype)
 
 
+def _real_parts(cos: torch.Tensor, sin: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' cos and sin: for the complex layout, freqs_cis's real and imaginary parts (strided views)."""
+    if layout == "complex" and cos.is_complex():
+        parts = torch.view_as_real(cos)
+        return parts[..., 0], parts[..., 1]
+    return cos, sin
+
+
 def _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir, traceable: bool):
+    c, s = _real_parts(cos, sin, layout)
     qo, ko = _run(q, k, cos, layout, rotary_dim, q.dtype, out_dtype, cache_dir, lambda config, kernels: rope_fwd(
-        q, k, cos, sin, layout, rotary_dim, out_dtype, config, kernels, traceable))
+        q, k, c, s, layout, rotary_dim, out_dtype, config, kernels, traceable))
     return qo, ko if ko is not None else _empty(q, out_dtype)
 
 
 def _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, cache_dir, traceable: bool):
+    c, s = _real_parts(cos, sin, layout)
     gq, gk = _run(dq, dk, cos, layout, rotary_dim, in_dtype, dq.dtype, cache_dir, lambda config, kernels: rope_bwd(
-        dq, dk, cos, sin, layout, rotary_dim, in_dtype, config, kernels, traceable))
+        dq, dk, c, s, layout, rotary_dim, in_dtype, config, kernels, traceable))
     return gq, gk if gk is not None else _empty(dq, in_dtype)
 
 
@@ -168,7 +180,16 @@ def _define_ops(suffix: str, inline: bool) -> None:
 
 
 def _cos_sin_grads(q, k, dq_out, dk_out, cos, sin, layout, rotary_dim):
-    """Gradients of a trained cos/sin table, with torch ops (rare: not worth a kernel), in float32."""
+    """Gradients of a trained cos/sin table, with torch ops (rare: not worth a kernel), in float32. A complex
+    ``freqs_cis`` (passed as cos and as sin) gets ``sum(dy * conj(x))`` through its cos slot alone."""
+    if layout == "complex" and cos.is_complex():
+        dfreqs = None
+        for x, dy in ((q, dq_out), (k, dk_out)):
+            if x is not None:
+                xc, gc = (torch.view_as_complex(t.float().contiguous().unflatten(-1, (-1, 2))) for t in (x, dy))
+                d = (gc * xc.conj()).sum_to_size(cos.shape)
+                dfreqs = d if dfreqs is None else dfreqs + d
+        return dfreqs.to(cos.dtype), None
     dcos = dsin = None
     for x, dy in ((q, dq_out), (k, dk_out)):
         if x is None:

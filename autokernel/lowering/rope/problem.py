@@ -8,11 +8,13 @@ Shape and flags (``ak-tune --pattern rope --shape 4x32x4096x128 --flags kv_heads
 - ``shape`` is q's shape as ``[B, heads, S, D]`` (what ``autokernel.explain`` reports for an instance,
   whatever the model's own layout), or ``[rows, D]`` with ``rows = B * heads * S`` (then B is 1 and the
   heads come from the flags);
-- ``layout``: ``half`` (HF rotate_half, the default) or ``interleaved`` (GPT-J);
+- ``layout``: ``half`` (HF rotate_half, the default), ``interleaved`` (GPT-J) or ``complex`` (Meta Llama's
+  ``freqs_cis``: cos/sin are its float32 real and imaginary parts, one per pair; full rotary only);
 - ``rotary_dim``: the rotated columns (default D: all; less is partial rotary);
 - ``heads``: q's heads (default: dim 1 of a 4-D shape); ``kv_heads``: k's heads (default: as many as q;
   ``0``: q alone);
-- ``cs``: cos/sin dtype (default: the dtype); ``out``: the outputs' dtype (default: the promoted dtype).
+- ``cs``: cos/sin dtype (default: the dtype; ``complex64`` for the complex layout); ``out``: the outputs' dtype
+  (default: the promoted dtype; for the complex layout float32, or the dtype after ``type_as``).
 
 The case is HF's: q and k as ``view(B, S, H, D).transpose(1, 2)`` (read in place), cos/sin ``[B, 1, S, R]``
 gathered at random position ids. The kernel space: both passes are pure streams (read q, k, cos, sin; write
@@ -99,10 +101,16 @@ class RopeProblem:
         if self.rotary_dim < 2 or self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ValueError(f"rope problem: rotary_dim must be even and in [2, {self.head_dim}], "
                              f"got {self.rotary_dim}")
-        self.cs_dtype = _dtype(flags.get("cs", dtype), "flag cs")
-        self.out_dtype = _dtype(flags.get("out", dtype_name(torch.promote_types(self.dtype, self.cs_dtype))),
-                                "flag out")
-        if self.out_dtype != torch.promote_types(self.dtype, self.cs_dtype):
+        if self.layout == "complex":
+            if flags.get("cs", "complex64") != "complex64" or self.rotary_dim != self.head_dim:
+                raise ValueError("rope problem: the complex layout takes cs=complex64 and full rotary")
+            self.cs_dtype, self.cs_real = torch.complex64, torch.float32
+            self.out_dtype = _dtype(flags.get("out", "fp32"), "flag out")
+        else:
+            self.cs_dtype = self.cs_real = _dtype(flags.get("cs", dtype), "flag cs")
+            self.out_dtype = _dtype(flags.get("out", dtype_name(torch.promote_types(self.dtype, self.cs_dtype))),
+                                    "flag out")
+        if self.layout != "complex" and self.out_dtype != torch.promote_types(self.dtype, self.cs_dtype):
             raise ValueError(f"rope problem: flag out={dtype_name(self.out_dtype)} is not the promoted dtype of "
                              f"{dtype_name(self.dtype)} and cs={dtype_name(self.cs_dtype)}")
         self.batch = shape[0] if len(shape) == 4 else 1
@@ -182,10 +190,10 @@ class RopeProblem:
             positions = torch.randint(0, 4 * max(seq, 1), (batch, seq), generator=g).double()
             inv_freq = 1.0 / BASE ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim)
             angles = positions[..., None] * inv_freq
-            emb = (torch.cat((angles, angles), -1) if self.layout == "half"
-                   else angles.repeat_interleave(2, dim=-1))
-            cos = emb.cos().to(self.cs_dtype).to(self.device)[:, None]
-            sin = emb.sin().to(self.cs_dtype).to(self.device)[:, None]
+            emb = {"half": torch.cat((angles, angles), -1), "interleaved": angles.repeat_interleave(2, dim=-1),
+                   "complex": angles}[self.layout]
+            cos = emb.cos().to(self.cs_real).to(self.device)[:, None]
+            sin = emb.sin().to(self.cs_real).to(self.device)[:, None]
             dq = torch.randn(q.shape, generator=g).to(self.out_dtype).to(self.device)
             dk = torch.randn(k.shape, generator=g).to(self.out_dtype).to(self.device) if k is not None else None
             self._cases[key] = Case(q, k, cos, sin, dq, dk)
@@ -249,9 +257,17 @@ class RopeProblem:
 
     def eager(self, q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
         """This variant as a model writes it (HF ``q * cos + rotate_half(q) * sin``, partial and interleaved
-        alike); what Inductor compiles in the race."""
-        qo = rope_apply(q, cos, sin, self.layout, self.rotary_dim)
-        return qo if k is None else (qo, rope_apply(k, cos, sin, self.layout, self.rotary_dim))
+        alike; Meta Llama's ``view_as_complex(q) * freqs_cis``); what Inductor compiles in the race."""
+        if self.layout == "complex":
+            freqs = torch.complex(cos, sin)
+
+            def one(x):
+                xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+                return torch.view_as_real(xc * freqs).flatten(-2).to(self.out_dtype)
+        else:
+            def one(x):
+                return rope_apply(x, cos, sin, self.layout, self.rotary_dim)
+        return one(q) if k is None else (one(q), one(k))
 
     def peer_passes(self, compiled, case: Case) -> dict[str, Any]:
         """Forward and forward+backward callables of a compiled :meth:`eager` (Inductor's race entry)."""
@@ -280,7 +296,8 @@ class RopeProblem:
         tokens = self.rows // self.heads
         heads_total = self.heads + self.kv_heads
         qk = tokens * heads_total * self.head_dim
-        cs = 2 * tokens * self.rotary_dim * self.cs_dtype.itemsize
+        width = self.rotary_dim // 2 if self.layout == "complex" else self.rotary_dim  # values per position
+        cs = 2 * tokens * width * self.cs_real.itemsize
         fwd = qk * self.dtype.itemsize + qk * self.out_dtype.itemsize + cs
         return {"fwd": fwd, "train": 2 * fwd}
 
