@@ -20,10 +20,11 @@ pytestmark = [pytest.mark.gpu,
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def _cos_sin(b, s, r, dtype, g, interleaved=False):
+def _cos_sin(b, s, r, dtype, g, layout="half"):
+    """cos/sin [B, 1, S, R] at random positions (one value per pair, R/2 of them, for the complex layout)."""
     pos = torch.randint(0, 8 * s, (b, s), device="cuda", generator=g).double()
     ang = pos[..., None] / 10000.0 ** (torch.arange(0, r, 2, device="cuda", dtype=torch.float64) / r)
-    emb = ang.repeat_interleave(2, -1) if interleaved else torch.cat((ang, ang), -1)
+    emb = {"half": torch.cat((ang, ang), -1), "interleaved": ang.repeat_interleave(2, -1), "complex": ang}[layout]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
@@ -33,7 +34,9 @@ def _check(b, hq, hk, s, d, dtype, layout="half", rotary_dim=None, config=None, 
     g = torch.Generator(device="cuda").manual_seed(b * 131 + s + d)
     q = torch.randn(b, s, hq, d, device="cuda", generator=g).to(dtype).transpose(1, 2)
     k = torch.randn(b, s, hk, d, device="cuda", generator=g).to(dtype).transpose(1, 2) if hk else None
-    cos, sin = _cos_sin(b, s, r, cs_dtype or dtype, g, layout == "interleaved")
+    if layout == "complex":  # freqs_cis's parts are float32
+        cs_dtype = torch.float32
+    cos, sin = _cos_sin(b, s, r, cs_dtype or dtype, g, layout)
     out_dtype = torch.promote_types(dtype, cos.dtype)
     cfg = config or default_config(d, b * hq * s, dtype)
     qo, ko = rope_fwd(q, k, cos, sin, layout, r, out_dtype, cfg)
@@ -63,7 +66,8 @@ def _check(b, hq, hk, s, d, dtype, layout="half", rotary_dim=None, config=None, 
     (2, 32, 32, 1000, 128, "half", 32),  # Pythia: a quarter of the columns rotated
     (2, 16, 16, 512, 256, "interleaved", 64),  # GPT-J: 64 of 256, even/odd pairs
     (3, 7, 0, 333, 80, "half", 24),  # q alone, odd heads, 12 pairs (not a power of two)
-], ids=["llama3_8b", "decode", "odd_seq", "pythia_partial", "gptj_interleaved", "lone_partial"])
+    (2, 32, 8, 1024, 128, "complex", None),  # Meta Llama's freqs_cis
+], ids=["llama3_8b", "decode", "odd_seq", "pythia_partial", "gptj_interleaved", "lone_partial", "complex"])
 def test_kernels_real_sizes(b, hq, hk, s, d, layout, r, dtype):
     _check(b, hq, hk, s, d, dtype, layout, r)
 
