@@ -377,7 +377,7 @@ def test_deterministic_and_zero_size():
 def test_bad_arguments():
     q, cos = torch.randn(2, 8), torch.randn(2, 8)
     with pytest.raises(ValueError, match="layout must be one of"):
-        rope_fwd(q, None, cos, cos, "complex", 8, torch.float32, SMALL)
+        rope_fwd(q, None, cos, cos, "spiral", 8, torch.float32, SMALL)
     with pytest.raises(ValueError, match="rotary_dim must be even"):
         rope_fwd(q, None, cos, cos, "half", 7, torch.float32, SMALL)
     with pytest.raises(ValueError, match="does not pair with q"):
@@ -446,7 +446,12 @@ def test_problem_shape_flags_and_bytes():
     assert {phase for phase, _ in p.candidates()} == {"fwd", "bwd"}
     # what verify_entry passes: [rows, D] and the entry's flags
     assert RopeProblem(p.flags, "bf16", [64, 128], "cpu").key == p.key
-    for flags, shape, needle in [({"layout": "complex"}, [1, 2, 3, 8], "flag layout"),
+    complex_ = RopeProblem({"layout": "complex", "kv_heads": 0}, "bf16", [1, 2, 3, 8], "cpu")
+    assert (complex_.flags["cs"], complex_.flags["out"]) == ("complex64", "fp32")
+    # 48 values of q read in bf16 and written in fp32; 3 positions x 4 pairs of complex64 freqs_cis
+    assert complex_.bytes_moved()["fwd"] == 48 * 2 + 48 * 4 + 3 * 4 * 8
+    for flags, shape, needle in [({"layout": "spiral"}, [1, 2, 3, 8], "flag layout"),
+                                 ({"layout": "complex", "rotary_dim": 4}, [1, 2, 3, 8], "full rotary"),
                                  ({"rotary_dim": "5"}, [1, 2, 3, 8], "rotary_dim must be even"),
                                  ({"heads": "3"}, [1, 2, 3, 8], "flag heads=3"),
                                  ({"cs": "fp32", "out": "bf16"}, [1, 2, 3, 8], "promoted dtype"),
