@@ -252,6 +252,52 @@ def add_rms_norm_liger() -> Callable[..., Any]:
     return lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, RMS_EPS, 0.0, "llama", False)
 
 
+ROPE_KV_HEADS = 8  # k's heads in the rope cases (GQA); q's are the case's second dim
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_hf(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF Llama's apply_rotary_pos_emb: cos/sin [B, S, D] unsqueezed over the heads, rotate_half."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    b, h, s, d = shape  # q's [B, heads, S, head_dim]; k has ROPE_KV_HEADS heads
+    # As HF makes them: view(B, S, H, D).transpose(1, 2), strided views of the projections' outputs
+    q = torch.randn(b, s, h, d, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(b, s, ROPE_KV_HEADS, d, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    pos = torch.randint(0, 4 * s, (b, s), generator=gen).double()
+    ang = pos[..., None] / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    emb = torch.cat((ang, ang), dim=-1)
+    return [q, k, emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)]
+
+
+def rope_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    b, h, s, d = shape
+    qk = b * (h + ROPE_KV_HEADS) * s * d
+    return (2 * qk + 2 * b * s * d) * itemsize  # read q and k, write both outputs, read cos and sin
+
+
+def rope_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    # bwd: read both outputs' grads, cos and sin, write dq and dk (q and k themselves are not needed)
+    return 2 * rope_bytes_fwd(shape, itemsize)
+
+
+def rope_liger() -> Callable[..., Any]:
+    from liger_kernel.transformers.functional import liger_rotary_pos_emb
+
+    return liger_rotary_pos_emb
+
+
 @dataclass(frozen=True)
 class PatternSpec:
     eager: Callable[..., Any]
@@ -356,6 +402,22 @@ PATTERNS: dict[str, PatternSpec] = {
             "eager": "F.layer_norm(x, (H,), w, b, 1e-5) (nn.LayerNorm)",
             "liger": "LigerLayerNormFunction.apply(x, w, b, 1e-5)",
         },
+    ),
+    "rope": PatternSpec(
+        eager=rope_hf,
+        make_inputs=rope_inputs,
+        grad_inputs=(0, 1),
+        bytes_fwd=rope_bytes_fwd,
+        bytes_fwd_bwd=rope_bytes_fwd_bwd,
+        liger=rope_liger,
+        shapes=("4x32x4096x128",),
+        smoke_shapes=("1x8x4x16",),
+        notes={
+            "eager": "HF Llama apply_rotary_pos_emb (rotate_half), q [B, H, S, D] and k with 8 heads as strided "
+                     "transposes of [B, S, H, D], cos/sin [B, S, D] at random position ids",
+            "liger": "liger_rotary_pos_emb(q, k, cos, sin)",
+        },
+        tune_args=("--pattern", "rope", "--flags", f"kv_heads={ROPE_KV_HEADS}"),
     ),
 }
 

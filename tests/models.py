@@ -123,3 +123,19 @@ def compile_log_statuses(caplog) -> list[str]:
         if r.name == "autokernel" and len(parts) > 2 and parts[0] == "autokernel:":
             out.append(f"{parts[1]} {parts[2]}")
     return out
+
+
+def rope_entry(inst, config: dict) -> dict:
+    """A cache entry serving the RoPE instance ``inst`` (an ``autokernel.InstanceReport``) with ``config``."""
+    import math
+
+    from autokernel.lowering.rope.ops import pattern_key
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "complex64": torch.complex64}
+    f = inst.flags
+    key = pattern_key(f["layout"], f["rotary_dim"], inst.shape[-1], f["heads"], f["kv_heads"], dtypes[inst.dtype],
+                      dtypes[f["cs"]], dtypes[f["out"]])
+    return {"version": 1, "pattern": "rope", "pattern_key": key, "hidden": inst.shape[-1],
+            "row_bucket": row_bucket(math.prod(inst.shape[:-1])), "kernel": {"kind": "family", "config": config},
+            "winner": {"fwd": "autokernel", "train": "autokernel"}, "producer": {"strategy": "test"},
+            "checks": [], "created": time.time()}

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from models import rope_entry
 
 import autokernel
 from autokernel.cache import KernelCache
@@ -48,8 +49,12 @@ def test_llama_rms_norms_found_tuned_and_served(tmp_path, dtype, compiler):
     report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
     norms = [i for i in report.instances if i.pattern == "rms_norm"]
     assert [i.flags.get("residual", False) for i in norms] == [False, True, True, True, False], str(report)
+    # RoPE: one instance per layer, q (4 heads) and k (2 heads, GQA) rotated by one op
+    ropes = [i for i in report.instances if i.pattern == "rope"]
+    assert [(i.flags["heads"], i.flags["kv_heads"], i.shape) for i in ropes] == [(4, 2, (2, 4, 16, 16))] * 2, \
+        str(report)
     assert all(i.status == "miss" for i in report.instances), str(report)
-    assert all("modeling_llama.py" in i.source for i in norms)
+    assert all("modeling_llama.py" in i.source for i in norms + ropes)
     torch.compile(model, backend="autokernel", options=options)(input_ids=ids, labels=ids)
     variants = {(i.pattern, tuple(sorted(i.flags.items())), i.dtype, i.shape) for i in report.instances}
     assert len(KernelCache(tmp_path, device="cpu").wanted()) == len(variants)  # one record per variant and shape
@@ -67,6 +72,35 @@ def test_llama_rms_norms_found_tuned_and_served(tmp_path, dtype, compiler):
     if dtype == torch.float32:
         for name, g in grads_c.items():
             assert_close(g, grads_e[name].double(), dtype, f"grad {name}")
+
+
+def test_gpt_neox_partial_rotary_found_and_served(tmp_path):
+    """GPT-NeoX rotates 6 of 16 columns per head (q, k and v from one fused projection): the q/k pair is served
+    by our op, and the loss and every gradient match eager."""
+    cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                     vocab_size=256, max_position_embeddings=64, rotary_pct=0.375)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(cfg)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    options = {"autokernel.cache_dir": str(tmp_path), "autokernel.compiler": "aot_eager"}
+    report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
+    ropes = [i for i in report.instances if i.pattern == "rope"]
+    assert [(i.status, i.flags["rotary_dim"], i.flags["kv_heads"]) for i in ropes] == [("miss", 6, 4)], str(report)
+    cache = KernelCache(tmp_path, device="cpu")
+    for inst in ropes:
+        cache.put_entry(rope_entry(inst, {"fwd_block_h": 2, "bwd_block_h": 4}))
+    cache.close()
+    torch._dynamo.reset()
+    report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
+    assert [i.status for i in report.instances if i.pattern == "rope"] == ["hit"], str(report)
+
+    torch._dynamo.reset()
+    loss_c, grads_c = _step(torch.compile(model, backend="autokernel", options=options), model, ids)
+    loss_e, grads_e = _step(model, model, ids)
+    assert_close(loss_c, loss_e.double(), torch.float32, "loss")
+    for name, g in grads_c.items():
+        assert_close(g, grads_e[name].double(), torch.float32, f"grad {name}")
 
 
 def test_ak_tune_hf_config(tmp_path, capsys):

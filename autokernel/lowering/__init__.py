@@ -49,7 +49,7 @@ def launches_inline(value: Any) -> bool:
 
 # Subpackages of autokernel.lowering, one per family, in claiming order: a family whose pattern contains
 # another's comes first (cross-entropy's log_softmax is not softmax's to take).
-FAMILY_MODULES = ("layer_norm", "rms_norm", "cross_entropy", "softmax", "swiglu")
+FAMILY_MODULES = ("layer_norm", "rms_norm", "cross_entropy", "softmax", "swiglu", "rope")
 
 
 def families() -> dict[str, PatternFamily]:

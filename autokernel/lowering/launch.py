@@ -1,12 +1,16 @@
-"""Small helpers the families' launch wrappers share: row views, block sizes, the SM count."""
+"""Small helpers the families' launch wrappers share: row views, block sizes, the SM count, the cache's
+choice of configuration with its fallback."""
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
 import torch
+
+logger = logging.getLogger("autokernel")
 
 VALID_WARPS = (1, 2, 4, 8, 16, 32)
 
@@ -72,3 +76,54 @@ def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t.reshape(-1, hidden)
+
+
+def load_source_kernels(root: str, source: str, names: tuple[str, ...]) -> list[Any]:
+    """The kernels named ``names`` that a cache entry's source text defines (loaded under ``root``);
+    ValueError naming the ones it lacks."""
+    from autokernel.cache.sources import load_source
+
+    module = load_source(root, source)
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        raise ValueError(f"its source defines no {' or '.join(missing)}")
+    return [getattr(module, n) for n in names]
+
+
+def cached_choice(cache_dir: str, device: torch.device, key: str, hidden: int, rows: int,
+                  config_class: type[_Config], load_kernels: Any, default: _Config) -> tuple[_Config, Any]:
+    """(config, source kernels or None) of the cache entry for variant ``key`` at this shape, else
+    ``(default, None)``. ``load_kernels(cache_dir, source)`` turns a source entry's text into its kernels.
+    A bad entry costs the tuned kernel (logged), never the model."""
+    from autokernel.cache import runtime
+
+    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
+    if entry is not None:
+        kernel = entry["kernel"]
+        try:
+            config = config_class.from_dict(kernel.get("config") or {})
+            if kernel["kind"] == "family":
+                return config, None
+            return config, load_kernels(cache_dir, kernel["source"])
+        except Exception as exc:
+            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
+                           key, hidden, exc)
+    return default, None
+
+
+def run_with_fallback(memo_key: tuple, chosen: tuple[Any, Any], default: Any, run: Any, what: str) -> Any:
+    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
+    compile on this GPU, say), log it once and serve this shape with the built-in ``default`` from now on
+    (the run-time memo under ``memo_key`` is replaced)."""
+    from autokernel.cache import runtime
+
+    config, kernels = chosen
+    try:
+        return run(config, kernels)
+    except Exception as exc:
+        if kernels is None and config == default:
+            raise
+        logger.warning("autokernel: the cached %s kernel failed (%s: %s); using the built-in default",
+                       what, type(exc).__name__, exc)
+        runtime.memo[memo_key] = (default, None)
+        return run(default, None)
