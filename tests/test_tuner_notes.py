@@ -57,7 +57,7 @@ def test_concurrent_writers_and_a_torn_line(tmp_path, caplog):
     assert len(NotesStore(path).failures("p/k", 8, 1)) == 100
 
 
-def test_playbook_is_data_that_refers_to_the_problem():
+def test_playbook_is_data_that_refers_to_the_problem(capsys):
     problem = families()["rms_norm"].problem({"mode": "llama"}, "bf16", [4096, 8192], CPU)
     book = playbook_for(problem)
     assert book["floor"]["bytes"] == problem.bytes_moved() and "DRAM" in book["floor"]["formula"]
@@ -66,6 +66,9 @@ def test_playbook_is_data_that_refers_to_the_problem():
     assert all(o["gpu"] and o["source"] for r in RULES.values() for o in map(vars, r.observed))
     assert all(set(c.rules) <= set(RULES) for c in CHAPTERS.values())
     json.dumps(book)  # plain data: the agent reads it as JSON
+    assert cli.main(["--playbook", "--pattern", "rms_norm"]) == 0
+    out = capsys.readouterr().out
+    assert "split-huge-rows: " in out and "measured on NVIDIA H100" in out and "swiglu:" not in out
 
 
 def _agent_script(config: dict) -> list:

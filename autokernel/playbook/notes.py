@@ -189,8 +189,10 @@ class NotesStore:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             # A line cut off by a full disk (or a killed writer) is closed, so that this record starts a line.
             size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line
+            if size:
+                os.lseek(fd, size - 1, os.SEEK_SET)  # O_APPEND writes go to the end whatever the offset
+                if os.read(fd, 1) != b"\n":
+                    line = b"\n" + line
             written = os.write(fd, line)
             if written != len(line):
                 raise OSError(f"wrote {written} of {len(line)} bytes")
