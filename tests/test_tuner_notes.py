@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import multiprocessing
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,16 @@ def test_resume_reads_a_results_tsv_of_the_old_format(tmp_path):
     assert learned.passed == {candidate_id(ok)}
     assert [(f["candidate"], f["check"]) for f in learned.failed] == [(candidate_id(bad), "smoke"),
                                                                       (candidate_id(ok), "hang")]
+
+
+def test_no_matplotlib_no_picture(tmp_path, monkeypatch, caplog):
+    """Without matplotlib (not a dependency of autokernel) there is no progress.png, and only a debug line."""
+    from autokernel.playbook.tuner import plot_progress
+
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.ticker"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an environment without matplotlib gives
+    rows = [{"n": 1, "status": "ok", "fwd_ms": "1.0", "train_ms": "2.0"}]
+    with caplog.at_level(logging.DEBUG, logger="autokernel"):
+        assert plot_progress(tmp_path / "progress.png", rows, "t", {}, {}) is False
+    assert not (tmp_path / "progress.png").exists()
+    assert [r.levelname for r in caplog.records] == ["DEBUG"] and "matplotlib is not installed" in caplog.text
