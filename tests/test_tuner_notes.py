@@ -172,7 +172,10 @@ def test_a_broken_notes_store_costs_one_warning(tmp_path, caplog, damage):
     cache = KernelCache(tmp_path, device="cpu")
     cache.notes_path.parent.mkdir(parents=True)
     if damage == "corrupt":
-        cache.notes_path.write_text('not json\n{"v": 1}\n[1, 2]\n')
+        key = families()["rms_norm"].problem({"mode": "llama"}, "bf16", SHAPE, CPU).key
+        bad_shape = {"v": 1, "pattern": "rms_norm", "pattern_key": key, "hidden": 0, "row_bucket": 8,
+                     "shape": [8, 0], "failed": [], "winner": {"config": {}}}  # typed right, a size of 0
+        cache.notes_path.write_text(f'not json\n{{"v": 1}}\n[1, 2]\n{json.dumps(bad_shape)}\n')
     else:
         cache.notes_path.mkdir()  # neither readable nor writable as a file
     with caplog.at_level(logging.WARNING, logger="autokernel"):

@@ -84,6 +84,8 @@ def record_problem(record: Any) -> str | None:
                      ("failed", list), ("shape", list)):
         if not isinstance(record.get(key), typ):
             return f"field {key!r} missing or not a {typ.__name__}"
+    if record["hidden"] < 1 or record["row_bucket"] < 1:
+        return "a shape size below 1"
     winner = record.get("winner")
     if winner is not None and not (isinstance(winner, dict) and isinstance(winner.get("config"), dict)):
         return "winner without a config"
