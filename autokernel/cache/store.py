@@ -1,7 +1,8 @@
 """The per-GPU disk cache of tuned kernels, and the table of what is wanted.
 
 Layout: ``$AUTOKERNEL_CACHE_DIR`` (default ``~/.cache/autokernel``) / ``<fingerprint>`` / a diskcache
-database holding two kinds of records, and ``runs/`` holding one folder per tuning run.
+database holding two kinds of records, ``runs/`` holding one folder per tuning run, and ``notes.jsonl``,
+what the tuner learned on this GPU (written and read by ``autokernel.playbook.notes``).
 
 - ``entry/<pattern key>/H=<hidden>/R=<row bucket>``: a tuned kernel for one shape bucket: the kernel
   (a configuration of a built-in family, or a complete source), its measured times and Inductor's on
@@ -142,6 +143,11 @@ class KernelCache:
     @property
     def runs_dir(self) -> Path:
         return self.path / "runs"
+
+    @property
+    def notes_path(self) -> Path:
+        """The tuner's notes file of this namespace (its format is the playbook's, not the cache's)."""
+        return self.path / "notes.jsonl"
 
     def close(self) -> None:
         if self._db is not None:

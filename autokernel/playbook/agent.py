@@ -1,11 +1,14 @@
 """``ak-tune --strategy agent``: an LLM writes kernels, the tuner checks and times them.
 
 The agent talks to the Anthropic Messages API with tool use and has exactly three tools: read the
-task (reference semantics, the kernel contract, the built-in kernel's source), read the best kernel
-so far with its times, and submit a kernel (complete Triton source and/or a launch configuration).
+task (reference semantics, the kernel contract, the built-in kernel's source, the playbook's rules for
+the pattern with its floor formula and parameter space, and the notes of earlier runs on this GPU:
+winners of the nearest shapes, candidates that failed on this one and why), read the best kernel so far
+with its times, and submit a kernel (complete Triton source and/or a launch configuration).
 A submission goes through the same child process and the same five correctness checks as every
-search candidate before it is timed; the agent gets the verdict back. It has no shell and no file
-system; its source runs only in the tuner's child process.
+search candidate before it is timed; the agent gets the verdict back (a submission that the notes say
+failed on this shape before is not run again: the verdict is ``skipped``, with the old reason). It has
+no shell and no file system; its source runs only in the tuner's child process.
 
 The tuner knows nothing of the pattern: the problem object supplies the brief, and ``evaluate``
 runs a candidate. API errors are retried with backoff by the SDK; if the API stays down, the
@@ -28,7 +31,9 @@ DEFAULT_MODEL = "claude-sonnet-4-5"
 
 TOOLS = [
     {"name": "read_task", "description": "The pattern's reference semantics, the kernel contract your source "
-     "must satisfy, and the built-in kernels' source to start from.",
+     "must satisfy, the built-in kernels' source to start from, the playbook (rules for fast memory-bound "
+     "kernels, this pattern's DRAM floor formula and parameter space, what was measured on which GPU) and "
+     "the notes of earlier tuning runs on this GPU (nearest shapes' winners, candidates that failed here).",
      "input_schema": {"type": "object", "properties": {}}},
     {"name": "read_best", "description": "The best kernel so far (config, and source if it is one), its times, "
      "Inductor's times and the DRAM floor on this shape.",
@@ -65,7 +70,7 @@ def _client() -> Any:
     return anthropic.Anthropic(max_retries=4)
 
 
-def run_agent(brief: dict[str, str], best: Callable[[], dict[str, Any]],
+def run_agent(brief: dict[str, Any], best: Callable[[], dict[str, Any]],
               evaluate: Callable[[dict[str, Any]], dict[str, Any]], *, model: str = DEFAULT_MODEL,
               max_turns: int = 20, deadline: float | None = None,
               say: Callable[[str], None] = lambda _m: None) -> AgentRun:

@@ -3,6 +3,8 @@
     ak-tune                                   # every miss in the wanted table, most-seen first
     ak-tune --pattern rms_norm --shape 8192x4096 --dtype bf16 [--flags mode=gemma,offset=1]
     ak-tune --list                            # show the wanted table and exit
+    ak-tune --notes [--pattern rms_norm [--shape 8192x4096]]   # what earlier runs learned on this GPU
+    ak-tune --playbook [--pattern rms_norm]   # the playbook's rules (and what was measured, on which GPU)
 """
 
 from __future__ import annotations
@@ -64,7 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", help="tune on these GPUs at once, e.g. 0,1 (one worker each, one shared queue); "
                                   "under the interpreter, N CPU workers")
     p.add_argument("--cache-dir", help="cache root (default $AUTOKERNEL_CACHE_DIR or ~/.cache/autokernel)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run candidates the notes say failed on the same shape before (skipped otherwise)")
     p.add_argument("--list", action="store_true", help="print the wanted table and exit")
+    p.add_argument("--notes", action="store_true",
+                   help="print what earlier runs learned on this GPU (winners, failed candidates) and exit; "
+                        "--pattern and --shape narrow it down")
+    p.add_argument("--playbook", action="store_true",
+                   help="print the playbook's rules (for --pattern, the ones that apply) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     return p
 
@@ -107,9 +116,37 @@ def _summary(results: list[TuneResult]) -> str:
     return "\n".join(lines)
 
 
+def _print_notes(args: argparse.Namespace) -> int:
+    """``ak-tune --notes``: the notes of this GPU's cache namespace, oldest run first."""
+    from autokernel.cache import KernelCache, row_bucket
+    from autokernel.cache.fingerprint import default_device
+    from autokernel.playbook.notes import NotesStore, render
+
+    cache = KernelCache(args.cache_dir, device=default_device())
+    records = NotesStore(cache.notes_path).records()
+    if args.pattern:
+        records = [r for r in records if r["pattern"] == args.pattern]
+    if args.shape:
+        rows = 1
+        for d in args.shape[:-1]:
+            rows *= d
+        records = [r for r in records if (r["hidden"], r["row_bucket"]) == (args.shape[-1], row_bucket(rows))]
+    print(f"notes in {cache.notes_path}: {len(records)} run(s)" + (":" if records else ""))
+    if records:
+        print(render(records))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s %(levelname)s] %(message)s")
+    if args.playbook:
+        from autokernel.playbook.rules import render
+
+        print(render(args.pattern))
+        return 0
+    if args.notes:
+        return _print_notes(args)
     if args.pattern and not args.shape:
         _parser().error("--pattern needs --shape")
     if args.strategy != "search" and not os.environ.get("ANTHROPIC_API_KEY"):
@@ -138,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             factory = load_factory(args.model) if args.model else hf_factory(args.hf_config, args.batch, args.seq)
             results = tune_model(factory, cache, device, args.budget * 60, args.timeout, strategy=args.strategy,
-                                 agent_model=args.agent_model, max_turns=args.max_turns)
+                                 agent_model=args.agent_model, max_turns=args.max_turns,
+                                 retry_failed=args.retry_failed)
         except ModelError as exc:
             print(f"ak-tune: {exc}", file=sys.stderr)
             return 2
@@ -184,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix = f"{i + 1}/{len(work)} {req.label()}" + (f" on {dev}" if len(devices) > 1 else "")
             result = tune(req, local, dev, budget_s=min(share, left), timeout_s=args.timeout,
                           progress=lambda msg, prefix=prefix: progress(prefix, msg), strategy=args.strategy,
-                          agent_model=args.agent_model, max_turns=args.max_turns)
+                          agent_model=args.agent_model, max_turns=args.max_turns, retry_failed=args.retry_failed)
             with lock:
                 progress.done()
                 results.append(result)

@@ -4,7 +4,13 @@ candidates in a child process, race the best against Inductor, and write the cac
 The loop is edit -> check -> benchmark -> keep or revert, over the family's kernel space in phases
 (forward knobs, then backward knobs with the forward's winner). A phase stops on the budget, on a
 plateau (no candidate 1% better for a while), or within 3% of the DRAM floor. Every candidate is
-written to ``results.tsv`` under the cache's ``runs/`` folder.
+written to ``results.tsv`` in the run's folder under the cache's ``runs/``, with ``progress.png`` (best
+time over candidates, Inductor's and the floor) when matplotlib is installed.
+
+The run starts from what earlier runs learned on this GPU (:mod:`autokernel.playbook.notes`): the
+nearest tuned shape's winner (a cache entry or a note) goes first, and candidates that failed their
+checks on this shape before are skipped (``retry_failed`` runs them). When the shape's run ends, its
+winner and its failed candidates are appended to the notes. A killed run is resumed by the next one.
 
 Under the Triton interpreter (CPU) timings mean nothing: there a few candidates run on tiny shapes,
 the best correct one is kept without the race against Inductor, and the entry says so.
@@ -20,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -32,6 +38,15 @@ from autokernel import __version__
 from autokernel.cache import KernelCache, row_bucket
 from autokernel.cache.fingerprint import interpreter_enabled
 from autokernel.cache.store import WRITE_ERRORS, CacheWriteError, describe_write_error
+from autokernel.playbook.notes import (
+    NOTES_VERSION,
+    REASON_CHARS,
+    NotesStore,
+    candidate_id,
+    shape_distance,
+    shown_config,
+)
+from autokernel.playbook.notes import brief as notes_brief
 
 logger = logging.getLogger("autokernel")
 
@@ -69,6 +84,10 @@ class WorkerFailure(Exception):
     pass
 
 
+class WorkerHang(WorkerFailure):
+    """The worker did not answer within the timeout (and was killed)."""
+
+
 class Worker:
     """A child process holding one problem; restarted after a crash or a hang."""
 
@@ -98,7 +117,7 @@ class Worker:
     def _receive(self, timeout: float) -> dict[str, Any]:
         if not self.from_child.poll(timeout):
             self.kill()
-            raise WorkerFailure(f"no answer within {timeout:.0f} s (hang?)")
+            raise WorkerHang(f"no answer within {timeout:.0f} s (hang?)")
         try:
             return self.from_child.recv()
         except (EOFError, OSError):
@@ -137,13 +156,24 @@ class Worker:
 
 class _Log:
     """A run's results.tsv. A full disk must not end the run: the first failed write is logged, the file
-    keeps what was written before it, and the run goes on without the log."""
+    keeps what was written before it, and the run goes on without the log.
+
+    Columns, those of older logs first in their old order (readers by position keep working): ``n`` (the
+    candidate's number in this run), ``phase``, ``status`` (ok, failed, crashed, error, skipped), ``fwd_ms``,
+    ``train_ms``, ``speedup_vs_inductor`` and ``pct_of_floor`` (of ``ms``), ``seconds``, ``config``,
+    ``detail`` (what went wrong); then ``time``, ``shape``, ``strategy`` (where the candidate came from:
+    search, warm start, resume, agent), ``candidate`` (its id, as in the notes), ``check_failed`` (the check
+    stage, or crash, hang, error), ``ms`` (the phase's time: forward for ``fwd``, forward + backward
+    otherwise) and ``notes`` (what the tuner made of it). Resume reads ``phase``, ``status``, ``config``,
+    ``fwd_ms`` and ``train_ms``."""
 
     FIELDS = ["n", "phase", "status", "fwd_ms", "train_ms", "speedup_vs_inductor", "pct_of_floor", "seconds",
-              "config", "detail"]
+              "config", "detail", "time", "shape", "strategy", "candidate", "check_failed", "ms", "notes"]
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shape: str):
         self.path = path
+        self.shape = shape
+        self.rows: list[dict[str, Any]] = []  # every row, also once the file cannot be written (for the plot)
         self.file = None
         self.failure = ""  # what went wrong writing it, or ''
         try:
@@ -156,10 +186,13 @@ class _Log:
             self._failed(exc)
 
     def row(self, **values: Any) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "shape": self.shape,
+                  **{k: ("" if v is None else v) for k, v in values.items()}}
+        self.rows.append(record)
         if self.file is None:
             return
         try:
-            self.writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
+            self.writer.writerow(record)
             self.file.flush()
         except OSError as exc:
             self._failed(exc)
@@ -189,14 +222,15 @@ STRATEGIES = ("search", "agent", "both")
 
 def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_s: float,
          timeout_s: float = 180.0, progress: Callable[[str], None] | None = None, strategy: str = "search",
-         agent_model: str | None = None, max_turns: int = 20,
+         agent_model: str | None = None, max_turns: int = 20, retry_failed: bool = False,
          baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None) -> TuneResult:
     """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened.
 
     ``strategy``: "search" (the playbook's kernel space), "agent" (an LLM writes kernels; needs
-    ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it). ``baseline``: the floor
-    and Inductor's times already measured on this GPU for this request (``measure_baseline``), not measured
-    again."""
+    ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it). ``retry_failed``: run
+    the candidates that the notes say failed on this shape before, instead of skipping them. ``baseline``:
+    the floor and Inductor's times already measured on this GPU for this request (``measure_baseline``),
+    not measured again."""
     from autokernel.lowering import families
 
     t0 = time.time()
@@ -211,90 +245,123 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     max_rows = INTERPRETER_ROWS if interpret else None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     variant = hashlib.sha256(json.dumps(request.flags, sort_keys=True).encode()).hexdigest()[:8]
-    slug = f"{request.pattern}-{'x'.join(map(str, request.shape))}-{request.dtype}-{variant}"
+    shape = "x".join(map(str, request.shape))
+    slug = f"{request.pattern}-{shape}-{request.dtype}-{variant}"
     interrupted = _interrupted_run(cache.runs_dir, slug)
     run_dir = cache.runs_dir / f"{stamp}-{slug}"
-    log = _Log(run_dir / "results.tsv")
+    log = _Log(run_dir / "results.tsv", shape)
     completed = False
     result = TuneResult(request, "no correct candidate", run_dir=str(run_dir))
     worker = Worker(request, device, max_rows, timeout_s)
     say = progress or (lambda _msg: None)
+    notes = NotesStore(cache.notes_path)
+    bucket = row_bucket(problem.rows)
+    learned = _Learned()
+    floor: dict[str, float | None] = {k: None for k in problem.bytes_moved()}
+    peer: dict[str, float | None] = {"fwd_ms": None, "train_ms": None}
     try:
-        floor = {k: None for k in problem.bytes_moved()}
-        peer = {"fwd_ms": None, "train_ms": None}
         if baseline is not None and not interpret:
             floor, peer = baseline
-            log.row(n=0, phase="peer", status="inductor ok (measured before this run)",
+            log.row(strategy="inductor", n=0, phase="peer", status="inductor ok (measured before this run)",
                     fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail="")
         elif not interpret:
             say("racing Inductor")
             floor, peer, detail = measure_baseline(worker, problem)
-            log.row(n=0, phase="peer", status="inductor " + ("ok" if not detail else "error"),
+            log.row(strategy="inductor", n=0, phase="peer", status="inductor " + ("ok" if not detail else "error"),
                     fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail=detail)
-        candidates = problem.candidates() if strategy in ("search", "both") else []
+        records = notes.records()
+        known_failed = {} if retry_failed else notes.failures(problem.key, problem.hidden, bucket, records)
+        candidates: list[tuple[str, dict[str, Any], str]] = []  # (phase, config, where it came from)
+        if strategy in ("search", "both"):
+            candidates = [(phase, config, "search") for phase, config in problem.candidates()]
         if interpret:
             candidates = candidates[:1] + [c for c in candidates if c[0] == "bwd"][:INTERPRETER_CANDIDATES - 1]
-        warm = _nearest_tuned(cache, problem)
+        warm = _nearest_tuned(cache, problem, notes.winners(problem.key, problem.hidden, bucket, records))
+        warm_note = ""
         if warm is not None and candidates:
             # Warm start: the nearest tuned shape's winner goes first in both phases, so a good baseline
             # sets the plateau's bar from the first candidate.
-            say(f"warm start from {warm[0]}")
-            candidates = [("fwd", warm[1]), ("bwd", warm[1])] + candidates
+            warm_note = f"warm start from {warm[0]}"
+            say(warm_note)
+            candidates = [("fwd", warm[1], "warm start"), ("bwd", warm[1], "warm start")] + candidates
         skip: set[str] = set()
+        front_count = 0
         if interrupted is not None and candidates:
             # Resume: what the killed run checked is not run again, except each phase's best so far,
             # which is re-measured first (its times are this run's baseline).
             old_dir, old_rows = interrupted
             skip = {r["config"] for r in old_rows if r.get("phase") in ("fwd", "bwd")}
+            learned.adopt(old_rows)
             front = []
             for phase, metric in (("fwd", "fwd_ms"), ("bwd", "train_ms")):
                 ok = [r for r in old_rows if r.get("phase") == phase and r.get("status") == "ok" and r.get(metric)]
                 if ok:
-                    front.append((phase, json.loads(min(ok, key=lambda r: float(r[metric]))["config"])))
-            log.row(n="", phase="resume", status="resumed",
+                    front.append((phase, json.loads(min(ok, key=lambda r: float(r[metric]))["config"]), "resume"))
+            log.row(strategy="resume", phase="resume", status="resumed",
                     detail=f"from {old_dir.name}: {len(skip)} candidates already checked there")
             say(f"resuming {old_dir.name}")
             candidates = front + candidates
             front_count = len(front)
-        else:
-            front_count = 0
         best: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
         stale = {"fwd": 0, "bwd": 0, "agent": 0}
         counter = {"n": 0}
+        tried: set[tuple[str, str]] = set()  # (phase, candidate id) run in this run
 
-        def evaluate(phase: str, config: dict[str, Any]) -> dict[str, Any]:
-            """Check and time one candidate in the worker; log it; keep it if it is the phase's best."""
+        def evaluate(phase: str, config: dict[str, Any], origin: str) -> dict[str, Any]:
+            """Check and time one candidate in the worker (unless it failed on this shape before); log it;
+            keep it if it is the phase's best."""
             metric, passname = ("fwd_ms", "fwd") if phase == "fwd" else ("train_ms", "train")
+            cid = candidate_id(config)
+            shown = json.dumps(shown_config(config), sort_keys=True)
+            known = known_failed.get(cid)
+            if known is not None:
+                log.row(strategy=origin, candidate=cid, phase=phase, status="skipped", check_failed=known.get("check"),
+                        config=shown, detail=str(known.get("reason", ""))[:500],
+                        notes=f"failed on this shape in run {known['run']}; not run again (--retry-failed runs it)")
+                tried.add((phase, cid))
+                say(f"{phase} candidate {cid} skipped: failed here before")
+                return {"status": "skipped", "stage": known.get("check"),
+                        "detail": f"this candidate failed on this shape in an earlier run and is not run again: "
+                                  f"{known.get('check')}: {known.get('reason', '')}"}
             counter["n"] += 1
+            tried.add((phase, cid))
             t1 = time.time()
+            check = ""
             try:
                 reply = worker.call("candidate", config)
             except WorkerFailure as exc:
                 reply = {"status": "crashed", "detail": str(exc)}
+                check = "hang" if isinstance(exc, WorkerHang) else "crash"
             ms = reply.get(metric)
             if reply["status"] == "ok":
                 stale[phase] = 0 if phase not in best or ms < best[phase][0] * 0.99 else stale[phase] + 1
                 if phase not in best or ms < best[phase][0]:
                     best[phase] = (ms, config, reply)
+                learned.passed.add(cid)
             detail = reply.get("detail", "") if reply["status"] != "ok" else ""
             if reply["status"] == "failed":
-                detail = f"{reply['stage']}: {detail}"
+                check = reply["stage"]
+                detail = f"{check}: {detail}"
+            elif reply["status"] == "error":
+                check = "error"
+            if check:
+                learned.failed.append({"candidate": cid, "phase": phase, "config": shown_config(config),
+                                       "status": reply["status"], "check": check, "reason": detail[:REASON_CHARS]})
             peer_ms = peer.get(metric)
-            shown = {k: v for k, v in config.items() if k != "source"}
-            if "source" in config:
-                shown["source_sha256"] = hashlib.sha256(config["source"].encode()).hexdigest()[:16]
-            log.row(n=counter["n"], phase=phase, status=reply["status"], fwd_ms=_fmt(reply.get("fwd_ms")),
+            log.row(strategy=origin, n=counter["n"], candidate=cid, phase=phase, status=reply["status"],
+                    check_failed=check, ms=_fmt(ms), fwd_ms=_fmt(reply.get("fwd_ms")),
                     train_ms=_fmt(reply.get("train_ms")),
                     speedup_vs_inductor=_fmt(peer_ms / ms) if (peer_ms and ms) else "",
                     pct_of_floor=f"{100 * floor[passname] / ms:.1f}" if (floor[passname] and ms) else "",
-                    seconds=f"{time.time() - t1:.1f}", config=json.dumps(shown, sort_keys=True), detail=detail[:500])
+                    seconds=f"{time.time() - t1:.1f}", config=shown, detail=detail[:500],
+                    notes=warm_note if origin == "warm start" else "")
             best_ms = best.get(phase, (None,))[0]
             say(f"candidate {counter['n']} {phase} {reply['status']}"
                 + (f", best {phase} {best_ms:.4f} ms" if best_ms is not None else ""))
             return reply
 
         fwd_winner: dict[str, Any] | None = None
-        for index, (phase, config) in enumerate(candidates):
+        for index, (phase, config, origin) in enumerate(candidates):
             passname = "fwd" if phase == "fwd" else "train"
             if time.time() - t0 > budget_s:
                 say("budget spent")
@@ -309,9 +376,12 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 config = {**config, **{k: v for k, v in fwd_winner.items() if k.startswith("fwd_")}}
             if index >= front_count and json.dumps(config, sort_keys=True) in skip:
                 continue
-            evaluate(phase, config)
+            if (phase, candidate_id(config)) in tried:
+                continue  # e.g. the warm start's config is also in the search space
+            evaluate(phase, config, origin)
         if strategy in ("agent", "both") and time.time() - t0 < budget_s:
-            _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, t0 + budget_s, say, log)
+            _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, t0 + budget_s, say, log,
+                         notes_brief(notes, problem.key, problem.hidden, bucket) | {"gpu": cache.fingerprint})
         # The final kernel: the fastest forward+backward among the backward and agent phases' winners.
         trained = [best[p] for p in ("bwd", "agent") if p in best]
         final = min(trained, key=lambda b: b[2]["train_ms"]) if trained else best.get("fwd")
@@ -324,6 +394,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
                  "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"],
                  "floor_fwd_ms": floor["fwd"], "floor_train_ms": floor["train"]}
+        learned.winner = _winner_note(config, times)
         if interpret:
             winner = {"fwd": "autokernel", "train": "autokernel"}
         else:
@@ -331,7 +402,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                           else "inductor") for p in ("fwd", "train")}
         entry = {
             "version": 1, "pattern": request.pattern, "pattern_key": problem.key,
-            "hidden": problem.hidden, "row_bucket": row_bucket(problem.rows),
+            "hidden": problem.hidden, "row_bucket": bucket,
             "shape": list(request.shape), "flags": problem.flags, "dtype": request.dtype,
             "kernel": _kernel_record(request.pattern, config),
             "winner": winner, "times": times, "raced": not interpret,
@@ -362,11 +433,18 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     except WRITE_ERRORS as exc:  # the cache (or the disk under it) failed: this shape is lost, not the run
         result.status, result.detail = "error", f"cache {cache.path}: {describe_write_error(exc)}"
         return result
+    except BaseException:
+        # Interrupted (Ctrl-C) or a bug: no notes, the next run resumes from this run's results.tsv.
+        learned.aborted = True
+        raise
     finally:
         worker.stop()
         log.close()
         if log.failure:
             result.detail = "; ".join(filter(None, [result.detail, f"results.tsv incomplete: {log.failure}"]))
+        if not learned.aborted and (learned.winner is not None or learned.failed):
+            notes.append(learned.record(request, problem, run_dir.name, result.status, strategy, not interpret))
+        plot_progress(run_dir / "progress.png", log.rows, f"{problem.describe()} ({strategy})", peer, floor)
         if completed:
             try:
                 (run_dir / "done").write_text(result.status + "\n")
@@ -393,8 +471,97 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], peer: dict[str, floa
         if before[p] == "autokernel" and (ms is None or (peer[f"{p}_ms"] is not None and ms >= peer[f"{p}_ms"])):
             entry["winner"][p] = "inductor"
     changed = f"winner {before} -> {entry['winner']}" if entry["winner"] != before else ""
-    log.row(n="", phase="in context", status=ctx["status"], fwd_ms=_fmt(ctx.get("fwd_ms")),
+    log.row(strategy="inductor", n="", phase="in context", status=ctx["status"], fwd_ms=_fmt(ctx.get("fwd_ms")),
             train_ms=_fmt(ctx.get("train_ms")), detail="; ".join(filter(None, [ctx.get("detail", ""), changed]))[:500])
+
+
+@dataclass
+class _Learned:
+    """What one run learned, for the notes: its winner, the candidates that failed and those that passed."""
+
+    winner: dict[str, Any] | None = None
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    passed: set[str] = field(default_factory=set)
+    aborted: bool = False  # the run ended by an exception: nothing to note
+
+    def adopt(self, rows: list[dict[str, str]]) -> None:
+        """Take over what a killed run (its results.tsv rows, old format or new) had learned."""
+        for r in rows:
+            if r.get("phase") not in ("fwd", "bwd", "agent") or not r.get("config"):
+                continue
+            try:
+                config = json.loads(r["config"])
+            except ValueError:
+                continue
+            cid = candidate_id(config)
+            if r.get("status") == "ok":
+                self.passed.add(cid)
+            elif r.get("status") in ("failed", "crashed", "error"):
+                check = r.get("check_failed") or {
+                    "failed": r.get("detail", "").split(":")[0], "error": "error",
+                    "crashed": "hang" if "no answer within" in r.get("detail", "") else "crash"}[r["status"]]
+                self.failed.append({"candidate": cid, "phase": r["phase"], "config": config, "status": r["status"],
+                                    "check": check, "reason": r.get("detail", "")[:REASON_CHARS]})
+
+    def record(self, request: TuneRequest, problem: Any, run: str, status: str, strategy: str,
+               raced: bool) -> dict[str, Any]:
+        return {"v": NOTES_VERSION, "time": time.time(), "run": run, "pattern": request.pattern,
+                "pattern_key": problem.key, "flags": problem.flags, "dtype": request.dtype,
+                "shape": list(request.shape), "hidden": problem.hidden, "row_bucket": row_bucket(problem.rows),
+                "status": status, "strategy": strategy, "raced": raced, "autokernel": __version__,
+                "winner": self.winner, "failed": self.failed, "passed": sorted(self.passed)}
+
+
+def _winner_note(candidate: dict[str, Any], times: dict[str, float | None]) -> dict[str, Any]:
+    """The notes' view of a run's winner: its config and times, against Inductor and the floor, per pass."""
+    def ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
+        return round(scale * num / den, 3) if num and den else None
+
+    return {"candidate": candidate_id(candidate), "kind": "source" if "source" in candidate else "family",
+            "config": shown_config(candidate), "fwd_ms": times["fwd_ms"], "train_ms": times["train_ms"],
+            "vs_inductor": {p: ratio(times[f"inductor_{p}_ms"], times[f"{p}_ms"]) for p in ("fwd", "train")},
+            "pct_floor": {p: ratio(times[f"floor_{p}_ms"], times[f"{p}_ms"], 100.0) for p in ("fwd", "train")}}
+
+
+def plot_progress(path: Path, rows: list[dict[str, Any]], title: str, peer: dict[str, float | None],
+                  floor: dict[str, float | None]) -> bool:
+    """Draw ``progress.png``: per pass, each candidate's time and the best so far over the run's candidates,
+    with Inductor's time and the DRAM floor as lines. Only when matplotlib is installed (not a dependency of
+    autokernel: ``pip install 'autokernel[bench]'``); a figure that cannot be drawn costs a warning."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        logger.debug("ak-tune: matplotlib is not installed; no %s", path)
+        return False
+    measured = [r for r in rows if r.get("status") == "ok" and r.get("n")]
+    if not measured:
+        return False
+    try:
+        fig = Figure(figsize=(10, 4))
+        for ax, (passname, metric, label) in zip(fig.subplots(1, 2), (("fwd", "fwd_ms", "forward"),
+                                                                    ("train", "train_ms", "forward + backward")),
+                                                 strict=True):
+            xs = [int(r["n"]) for r in measured]
+            ys = [float(r[metric]) for r in measured]
+            ax.scatter(xs, ys, s=12, color="0.6", label="candidate")
+            ax.step(xs, [min(ys[:i + 1]) for i in range(len(ys))], where="post", color="C0", label="best so far")
+            if peer.get(metric):
+                ax.axhline(peer[metric], color="C3", linestyle="--", label=f"Inductor {peer[metric]:.4f} ms")
+            if floor.get(passname):
+                ax.axhline(floor[passname], color="C2", linestyle=":", label=f"DRAM floor {floor[passname]:.4f} ms")
+            ax.set_title(label)
+            ax.set_xlabel("candidate")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("ms")
+            ax.legend(fontsize="small")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        return True
+    except Exception as exc:  # a picture must never cost the run
+        logger.warning("ak-tune: could not draw %s: %s: %s", path, type(exc).__name__, exc)
+        return False
 
 
 def measure_baseline(worker: Worker, problem: Any) -> tuple[dict[str, float | None], dict[str, float | None], str]:
@@ -417,23 +584,29 @@ def _interrupted_run(runs_dir: Path, slug: str) -> tuple[Path, list[dict[str, st
         return runs[-1], list(csv.DictReader(f, delimiter="\t"))
 
 
-def _nearest_tuned(cache: KernelCache, problem: Any) -> tuple[str, dict[str, Any]] | None:
-    """The config of the closest tuned shape of the same variant (hidden size first, then rows), if any."""
-    import math
-
+def _nearest_tuned(cache: KernelCache, problem: Any,
+                   noted: Iterable[dict[str, Any]] = ()) -> tuple[str, dict[str, Any]] | None:
+    """The config of the closest tuned shape of the same variant (hidden size first, then rows), if any: among
+    the cache's entries and the notes' winners (``noted``, as :meth:`NotesStore.winners` gives them). The
+    same shape counts too: a retune starts from what the last one found, and re-measures it. Source kernels
+    are left out (a config of the built-in family is what the search varies)."""
     from autokernel.cache.store import entry_problem
 
-    best = None
+    here = (problem.hidden, row_bucket(problem.rows))
+    found = []  # (distance, order, label, config); entries before notes at equal distance
     for key, entry in cache.entries():
         if entry_problem(entry) or entry["pattern_key"] != problem.key or entry["kernel"]["kind"] != "family":
             continue
-        if entry["hidden"] == problem.hidden and entry["row_bucket"] == row_bucket(problem.rows):
-            continue  # the same shape: being retuned
-        distance = (abs(math.log2(entry["hidden"] / problem.hidden)),
-                    abs(math.log2(entry["row_bucket"] / row_bucket(problem.rows))))
-        if best is None or distance < best[0]:
-            best = (distance, key, dict(entry["kernel"]["config"]))
-    return (best[1], best[2]) if best else None
+        found.append((shape_distance(entry["hidden"], entry["row_bucket"], *here), 0, key,
+                      dict(entry["kernel"]["config"])))
+    for record in noted:
+        if record["pattern_key"] == problem.key and record["winner"].get("kind", "family") == "family":
+            found.append((shape_distance(record["hidden"], record["row_bucket"], *here), 1,
+                          f"notes: run {record.get('run', '?')}", dict(record["winner"]["config"])))
+    if not found:
+        return None
+    _distance, _order, label, config = min(found, key=lambda f: f[:2])
+    return label, config
 
 
 def entry_candidate(entry: dict[str, Any]) -> dict[str, Any]:
@@ -464,9 +637,12 @@ def _kernel_record(pattern: str, candidate: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "family", "family": pattern, "config": config}
 
 
-def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadline, say, log) -> None:
-    """Let the agent try to beat the best so far; an unavailable agent is logged, never fatal."""
+def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadline, say, log, noted) -> None:
+    """Let the agent try to beat the best so far; an unavailable agent is logged, never fatal. Its task
+    (``read_task``) is the problem's brief, the playbook for the problem and ``noted``: what the notes say
+    about this pattern key on this GPU."""
     from autokernel.playbook.agent import DEFAULT_MODEL, AgentUnavailable, run_agent
+    from autokernel.playbook.rules import playbook_for
 
     base = (best.get("bwd") or best.get("fwd") or (None, problem.default_candidate(), {}))[1]
     base = {k: v for k, v in base.items() if k != "source"}
@@ -481,12 +657,13 @@ def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadlin
         candidate = {**base, **(tool_input.get("config") or {})}
         if tool_input.get("source"):
             candidate["source"] = tool_input["source"]
-        reply = evaluate("agent", candidate)
+        reply = evaluate("agent", candidate, "agent")
         return {k: v for k, v in reply.items() if k != "traceback"}
 
     say("agent")
     try:
-        run = run_agent(problem.agent_brief(), current_best, submit, model=model or DEFAULT_MODEL,
+        brief = {**problem.agent_brief(), "playbook": playbook_for(problem), "notes_on_this_gpu": noted}
+        run = run_agent(brief, current_best, submit, model=model or DEFAULT_MODEL,
                         max_turns=max_turns, deadline=deadline, say=say)
         log.row(n="", phase="agent", status=f"done ({run.stop})",
                 detail=f"{run.turns} turns, {run.submissions} submissions, "
