@@ -375,7 +375,7 @@ def test_in_context_race_decides_each_pass(tmp_path, reply, winner):
             return reply
 
     entry = _entry(8, times={})
-    log = _Log(tmp_path / "results.tsv")
+    log = _Log(tmp_path / "results.tsv", "8x48")
     _race_in_context(Replies(), entry, {"fwd_ms": 1.0, "train_ms": 1.0}, log, lambda _msg: None)
     log.close()
     assert entry["winner"] == winner
