@@ -460,27 +460,16 @@ def time_ms(fn: Callable[[], Any], ctx: Ctx) -> float:
 
 
 def gpu_ms(step: Callable[[], Any], ctx: Ctx) -> float | None:
-    """GPU time of one ``step``: captured once in a CUDA graph and replayed, so the host's launch and
-    Python cost drops out (what the step costs inside a model whose GPU work hides the host). The
-    replay reads one input set: do_bench flushes L2 between replays. None where capture fails."""
-    if ctx.device.type != "cuda" or ctx.smoke:
+    """GPU time of one ``step`` (CUDA-graph replay: ``autokernel.playbook.timing.graph_ms``); None on the
+    CPU, in smoke runs, or where capture fails."""
+    if ctx.smoke:
         return None
-    try:
-        side = torch.cuda.Stream(ctx.device)
-        side.wait_stream(torch.cuda.current_stream(ctx.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream(ctx.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        ms = time_ms(graph.replay, ctx)
-        del graph
-        return ms
-    except Exception as e:  # a peer that syncs or allocates on the host in its step cannot be captured
-        print(f"[gpu_ms] capture failed: {short_error(e)}", flush=True)
-        return None
+    from autokernel.playbook.timing import graph_ms
+
+    ms = graph_ms(step, ctx.device)
+    if ms is None and ctx.device.type == "cuda":
+        print("[gpu_ms] capture failed (a step that syncs or allocates on the host)", flush=True)
+    return ms
 
 
 def copy_gbps(ctx: Ctx) -> float:

@@ -354,14 +354,17 @@ def test_in_context_race_times_the_entry_served_by_the_backend():
     assert entry["pattern_key"] == problem.key
     reply = handle(problem, ("in_context", entry))
     assert reply["status"] == "ok", reply
-    assert reply["fwd_ms"] > 0 and reply["train_ms"] > 0
+    assert reply["fwd_ms"] > 0 and reply["train_ms"] > 0 and reply["inductor_fwd_ms"] > 0
+    assert reply["clock"] == "host"  # no CUDA graphs on the CPU
     reply = handle(problem, ("in_context", _entry(8, hidden=H + 1)))
     assert reply["status"] == "error" and "does not hit the tuned entry" in reply["detail"], reply
 
 
 @pytest.mark.parametrize("reply, winner", [
-    ({"status": "ok", "fwd_ms": 0.5, "train_ms": 0.9}, {"fwd": "autokernel", "train": "autokernel"}),
-    ({"status": "ok", "fwd_ms": 1.5, "train_ms": 0.9}, {"fwd": "inductor", "train": "autokernel"}),
+    ({"status": "ok", "fwd_ms": 0.5, "train_ms": 0.9, "inductor_fwd_ms": 1.0, "inductor_train_ms": 1.0},
+     {"fwd": "autokernel", "train": "autokernel"}),
+    ({"status": "ok", "fwd_ms": 1.5, "train_ms": 0.9, "inductor_fwd_ms": 1.0, "inductor_train_ms": 1.0},
+     {"fwd": "inductor", "train": "autokernel"}),
     ({"status": "error", "detail": "the compiled pattern does not hit the tuned entry"},
      {"fwd": "inductor", "train": "inductor"}),
 ])
@@ -376,7 +379,7 @@ def test_in_context_race_decides_each_pass(tmp_path, reply, winner):
 
     entry = _entry(8, times={})
     log = _Log(tmp_path / "results.tsv", "8x48")
-    _race_in_context(Replies(), entry, {"fwd_ms": 1.0, "train_ms": 1.0}, log, lambda _msg: None)
+    _race_in_context(Replies(), entry, log, lambda _msg: None)
     log.close()
     assert entry["winner"] == winner
     assert entry["times"]["in_context_fwd_ms"] == reply.get("fwd_ms")

@@ -23,6 +23,30 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: int = 2
     return statistics.median(samples)
 
 
+def graph_ms(fn: Callable[[], object], device: torch.device) -> float | None:
+    """GPU time of ``fn``: captured once in a CUDA graph and replayed, so the host's launch and Python cost
+    drops out (what ``fn`` costs inside a model whose GPU work hides the host; host-inclusive times of a
+    compiled fwd+bwd step vary by 2x from run to run on the device machine). The replay reads the same
+    inputs each time; do_bench flushes L2 between replays. None off CUDA or where capture fails (a step
+    that syncs or allocates on the host)."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return median_ms(graph.replay, device)
+    except Exception:
+        torch.cuda.synchronize(device)
+        return None
+
+
 def copy_gbps(device: torch.device) -> float | None:
     """Device-to-device copy bandwidth (bytes read + written per second, in GB/s); None off CUDA."""
     if device.type != "cuda":

@@ -412,7 +412,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             "checks": reply["checks"], "created": time.time(),
         }
         if not interpret and "autokernel" in winner.values():
-            _race_in_context(worker, entry, peer, log, say)
+            _race_in_context(worker, entry, log, say)
         result.best, result.times = config, times
         try:
             cache.put_entry(entry)
@@ -454,11 +454,10 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
 
 
-def _race_in_context(worker: Worker, entry: dict[str, Any], peer: dict[str, float | None], log: _Log,
-                     say: Callable[[str], None]) -> None:
-    """The kernel won alone; it wins only if it also wins served through torch.compile, timed as Inductor
-    is (a pattern kernel that wins alone and loses in context is a loss). Updates ``entry``'s winner and
-    records the in-context times in it."""
+def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Callable[[str], None]) -> None:
+    """The kernels won alone; a pass stays ours only if it also wins served through torch.compile against
+    Inductor's compile of the same function, both timed the same way in the worker (a pattern kernel that
+    wins alone and loses in context is a loss). Updates ``entry``'s winner and records the times."""
     say("racing Inductor in context")
     try:
         ctx = worker.call("in_context", entry)
@@ -466,13 +465,18 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], peer: dict[str, floa
         ctx = {"status": "crashed", "detail": str(exc)}
     before = dict(entry["winner"])
     for p in ("fwd", "train"):
-        ms = ctx.get(f"{p}_ms")
-        entry["times"][f"in_context_{p}_ms"] = ms
-        if before[p] == "autokernel" and (ms is None or (peer[f"{p}_ms"] is not None and ms >= peer[f"{p}_ms"])):
+        ours, theirs = ctx.get(f"{p}_ms"), ctx.get(f"inductor_{p}_ms")
+        entry["times"][f"in_context_{p}_ms"], entry["times"][f"in_context_inductor_{p}_ms"] = ours, theirs
+        if before[p] == "autokernel" and (ours is None or (theirs is not None and ours >= theirs)):
             entry["winner"][p] = "inductor"
+    entry["times"]["in_context_clock"] = ctx.get("clock")
     changed = f"winner {before} -> {entry['winner']}" if entry["winner"] != before else ""
+    theirs = ", ".join(f"Inductor {p} {ctx[f'inductor_{p}_ms']:.4f} ms" for p in ("fwd", "train")
+                       if ctx.get(f"inductor_{p}_ms") is not None)
     log.row(strategy="inductor", n="", phase="in context", status=ctx["status"], fwd_ms=_fmt(ctx.get("fwd_ms")),
-            train_ms=_fmt(ctx.get("train_ms")), detail="; ".join(filter(None, [ctx.get("detail", ""), changed]))[:500])
+            train_ms=_fmt(ctx.get("train_ms")),
+            detail="; ".join(filter(None, [ctx.get("detail", ""), f"{ctx.get('clock')} clock" if theirs else "",
+                                            theirs, changed]))[:500])
 
 
 @dataclass
