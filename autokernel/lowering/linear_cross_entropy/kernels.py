@@ -37,7 +37,6 @@ below the matmul's own time while ``C`` is a few hundred rows or more; :data:`MA
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,8 +53,6 @@ from autokernel.lowering.cross_entropy.kernels import (
 )
 from autokernel.lowering.cross_entropy.kernels import default_config as ce_default_config
 from autokernel.lowering.launch import KernelConfig
-
-logger = logging.getLogger("autokernel")
 
 CHUNK_BYTES = 256 * 2**20  # the default chunk buffer: 1024 rows of a 128256 bf16 vocabulary
 MAX_CHUNK_BYTES = 320 * 2**20  # no candidate's chunk buffer is larger (keeps the 1.4 GiB budget at 8192x4096x128256)
@@ -200,7 +197,7 @@ def linear_cross_entropy(
                          f"'none', got {dloss_rows.numel()} with {reduction!r}")
     device, dtype = x.device, x.dtype
     h = _rows(x, hidden)
-    y = labels.reshape(-1)
+    y = labels.reshape(-1).contiguous()  # the kernel reads one label per row at unit stride
     wt = weight.t()
     n_valid = count_valid(y, ignore_index)
     loss_rows = torch.empty((rows,), dtype=torch.float32, device=device)
@@ -214,8 +211,6 @@ def linear_cross_entropy(
     buffer = (torch.empty((chunk, vocab), dtype=dtype, device=device)
               if rows and (want_grad or not keep_logits) else None)
     ce = config.ce_config()
-    # For 'none' the kernel's per-row gradient is unscaled; the rows are scaled by dloss below.
-    kernel_reduction = reduction
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         n = stop - start
@@ -227,10 +222,10 @@ def linear_cross_entropy(
             torch.mm(h_c, wt, out=z)
         g = buffer[:n] if want_grad else None
         launch_rows(z, y[start:stop], loss_rows[start:stop], g, n_valid, ignore_index, label_smoothing,
-                    kernel_reduction, ce, kernels=kernels)
+                    reduction, ce, kernels=kernels)
         if g is None:
             continue
-        if dloss_rows is not None:
+        if dloss_rows is not None:  # 'none': the kernel wrote each row's gradient unscaled
             g.mul_(dloss_rows[start:stop].reshape(-1, 1).to(dtype))
         if dx is not None:
             torch.mm(g, weight, out=dx[start:stop])
