@@ -115,6 +115,8 @@ def _grads_like(x, weight, bias, grad_x, grad_weight, grad_bias):
 
 
 def _define_ops() -> None:
+    """Define ``autokernel::linear_cross_entropy``, ``linear_cross_entropy_train`` and ``linear_cross_entropy_backward``
+    (see the module docstring), their fakes, and the training op's autograd."""
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 ignore_index: int, label_smoothing: float, reduction: str, out_dtype: torch.dtype, keep_logits: bool,
                 cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
