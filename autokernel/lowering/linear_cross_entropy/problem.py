@@ -43,6 +43,7 @@ from autokernel.lowering.linear_cross_entropy.kernels import (
 )
 from autokernel.lowering.linear_cross_entropy.ops import PATTERN, pattern_key
 from autokernel.lowering.pattern import dtype_name
+from autokernel.lowering.row_problem import RowProblem
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IGNORE_EVERY = 5  # rows 2, 7, 12, ... of every case carry ignore_index
@@ -69,8 +70,9 @@ def _flag_bool(flags: dict[str, Any], name: str, default: bool) -> bool:
     raise ValueError(f"linear_cross_entropy problem: flag {name} must be true or false, got {value!r}")
 
 
-class LinearCrossEntropyProblem:
-    """One (variant, shape) to tune (see the module docstring for the shape and the flags)."""
+class LinearCrossEntropyProblem(RowProblem):
+    """One (variant, shape) to tune (see the module docstring for the shape and the flags): ``rows`` rows of
+    ``hidden`` elements, as the row-wise families' problems, with the vocabulary beside them."""
 
     pattern = PATTERN
 
@@ -166,9 +168,6 @@ class LinearCrossEntropyProblem:
         return 1 << max(self.vocab - 1, 0).bit_length()
 
     # ---- inputs and references ---------------------------------------------------------------
-    def target_shape(self, max_rows: int | None = None) -> tuple[int, int]:
-        return (min(self.rows, max_rows) if max_rows else self.rows, self.hidden)
-
     def sweep_shapes(self, max_rows: int | None = None) -> list[tuple[int, int]]:
         """1 row, a few awkward row counts (not multiples of a chunk), the target rows; the hidden size one
         less on the small row counts (the vocabulary stays: a second weight of 128256 rows costs a GiB)."""
