@@ -298,6 +298,39 @@ def rope_liger() -> Callable[..., Any]:
     return liger_rotary_pos_emb
 
 
+def linear_cross_entropy_hf(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """An lm_head and its loss as HF's causal LMs compute them: bf16 logits, upcast, ignore_index -100, mean."""
+    return torch.nn.functional.cross_entropy((h @ w.T).float(), labels)
+
+
+def linear_cross_entropy_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[torch.Tensor]:
+    m, k, v = shape  # tokens, hidden, vocab (case "8192x4096->128256")
+    h = torch.randn(m, k, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    w = (torch.randn(v, k, generator=gen, dtype=torch.float32) * 2 / k**0.5).to(device=device, dtype=dtype)
+    labels = torch.randint(0, v, (m,), generator=gen)
+    labels[::16] = -100
+    return [h, w, labels.to(device)]
+
+
+def linear_cross_entropy_bytes_fwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, k, v = shape
+    return (m * k + v * k) * itemsize + 8 * m  # read h, W and the labels (the pass is compute-bound)
+
+
+def linear_cross_entropy_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
+    m, k, v = shape
+    return linear_cross_entropy_bytes_fwd(shape, itemsize) + (m * k + v * k) * itemsize  # write dh and dW
+
+
+def linear_cross_entropy_liger() -> Callable[..., Any]:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    return lambda h, w, labels: loss(w, h, labels)
+
+
 @dataclass(frozen=True)
 class PatternSpec:
     eager: Callable[..., Any]
@@ -419,6 +452,20 @@ PATTERNS: dict[str, PatternSpec] = {
         },
         tune_args=("--pattern", "rope", "--flags", f"kv_heads={ROPE_KV_HEADS}"),
     ),
+    "linear_cross_entropy": PatternSpec(
+        eager=linear_cross_entropy_hf,
+        make_inputs=linear_cross_entropy_inputs,
+        grad_inputs=(0, 1),
+        bytes_fwd=linear_cross_entropy_bytes_fwd,
+        bytes_fwd_bwd=linear_cross_entropy_bytes_fwd_bwd,
+        liger=linear_cross_entropy_liger,
+        shapes=("8192x4096->128256", "8192x2048->128256", "16384x4096->32000"),
+        smoke_shapes=("16x32->64",),
+        notes={
+            "eager": "F.cross_entropy((h @ W.T).float(), labels), every 16th label -100; case tokens x hidden -> vocab",
+            "liger": "LigerFusedLinearCrossEntropyLoss(ignore_index=-100)(W, h, labels)",
+        },
+    ),
 }
 
 
@@ -433,7 +480,8 @@ class Ctx:
 
 
 def parse_shape(case: str) -> tuple[int, ...]:
-    return tuple(int(d) for d in case.lower().split("x"))
+    # "8192x4096->128256" (tokens x hidden -> vocab) is one more dim
+    return tuple(int(d) for d in case.lower().replace("->", "x").split("x"))
 
 
 def sync(device: torch.device) -> None:
@@ -556,7 +604,7 @@ def explain_cache(spec: PatternSpec, inputs: Sequence[torch.Tensor]) -> tuple[st
 
 def run_tune(pattern: str, case: str, dtype: str, ctx: Ctx) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "autokernel.playbook.cli", *(PATTERNS[pattern].tune_args or ("--pattern", pattern))]
-    cmd += ["--shape", case]
+    cmd += ["--shape", "x".join(map(str, parse_shape(case)))]
     cmd += ["--dtype", dtype]
     if ctx.tune_budget is not None:
         cmd += ["--budget", f"{ctx.tune_budget:g}"]

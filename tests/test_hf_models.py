@@ -1,4 +1,5 @@
-"""An unmodified transformers model: every RMSNorm found, tuned, served, and the step still right."""
+"""An unmodified transformers model: every RMSNorm (and the lm_head + loss) found, tuned, served, and the step
+still right."""
 
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ def test_llama_rms_norms_found_tuned_and_served(tmp_path, dtype, compiler):
         str(report)
     assert all(i.status == "miss" for i in report.instances), str(report)
     assert all("modeling_llama.py" in i.source for i in norms + ropes)
+    # The lm_head and the loss are one linear_cross_entropy (no cross_entropy instance is left): the logits the
+    # model also returns are the op's side output.
+    heads = [(i.pattern, i.flags.get("logits_out")) for i in report.instances if "cross_entropy" in i.pattern]
+    assert heads == [("linear_cross_entropy", True)], str(report)
     torch.compile(model, backend="autokernel", options=options)(input_ids=ids, labels=ids)
     variants = {(i.pattern, tuple(sorted(i.flags.items())), i.dtype, i.shape) for i in report.instances}
     assert len(KernelCache(tmp_path, device="cpu").wanted()) == len(variants)  # one record per variant and shape
@@ -114,7 +119,8 @@ def test_ak_tune_hf_config(tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     found = re.search(r"(\d+) pattern instance\(s\), (\d+) to tune", out)
-    # 1 layer x 2 norms + the final norm (2 variants: plain and add + RMSNorm), and whatever else is found
+    # 1 layer x 2 norms + the final norm (2 variants: plain and add + RMSNorm), the lm_head + loss
+    # (linear_cross_entropy), and whatever else is found
     assert found and int(found[1]) >= 3 and int(found[2]) >= 2, out
     assert len(list(KernelCache(tmp_path / "c", device="cpu").entries())) == int(found[2])
     assert cli.main(["--hf-config", str(tmp_path / "none.json"), "--cache-dir", str(tmp_path / "c")]) == 2

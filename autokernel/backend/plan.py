@@ -36,6 +36,8 @@ class Rewrite:
     train: bool
     # Instance.side_outputs, as the Dynamo nodes holding each value (no-op casts make several)
     side_roots: dict[str, tuple[Node, ...]] = field(default_factory=dict)
+    # Where the op goes when not before its first output: right after this input (see _dynamo_region)
+    after: Node | None = None
 
 
 @dataclass
@@ -50,6 +52,7 @@ class _Region:
     nodes: set[Node]
     inputs: dict[str, Node | None]
     side_roots: dict[str, tuple[Node, ...]]
+    after: Node | None = None
 
 
 def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
@@ -79,8 +82,6 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
         outside = [u for u in d.users if u not in nodes]
         if outside:
             return f"intermediate {d.name} is also used by {outside[0].name}"
-    # The op goes where its first output was; every input must exist by then.
-    first = min([root, *side], key=position)
     inputs: dict[str, Node | None] = {}
     for name, a in inst.inputs.items():
         if a is None:
@@ -89,10 +90,20 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
         d = view.producer.get(a)
         if d is None or d in nodes:
             return f"input {name} is not the value of a Dynamo node outside the pattern"
-        if position(d) > position(first):
-            return f"input {name} is computed after the pattern's first output"
         inputs[name] = d
-    return _Region(root, nodes, inputs, provided)
+    # The op goes where its first output was. When an input is computed later (HF's loss shifts the labels after
+    # the lm_head whose logits the op also returns), it goes right after the last input instead, provided that
+    # no node outside the pattern reads one of its outputs before then.
+    first = min([root, *side], key=position)
+    given = [(name, d) for name, d in inputs.items() if d is not None]
+    last = max(given, key=lambda item: position(item[1]), default=None)
+    after = None
+    if last is not None and position(last[1]) > position(first):
+        early = [u for d in (root, *side) for u in d.users if u not in nodes and position(u) <= position(last[1])]
+        if early:
+            return f"input {last[0]} is computed after {early[0].name} reads the pattern's output"
+        after = last[1]
+    return _Region(root, nodes, inputs, provided, after)
 
 
 def _shape_numbers(shape: tuple[Any, ...]) -> tuple[int, int, list[int]]:
@@ -130,6 +141,9 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             region = _dynamo_region(view, inst)
             if isinstance(region, str):
                 inst.status, inst.reason = "declined", region
+                # A smaller pattern inside this one may still be cut out (the cross-entropy of a linear +
+                # cross-entropy): the nodes go back to the later families.
+                claimed.difference_update(inst.nodes)
                 continue
             example = region.root.meta.get("example_value")
             train = bool(getattr(example, "requires_grad", False))
@@ -161,7 +175,7 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             raced = "" if entry.get("raced", True) else " (interpreter entry, not raced against Inductor)"
             inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}"
             plan.rewrites.append(Rewrite(family, inst, region.root, region.nodes, region.inputs, train,
-                                         region.side_roots))
+                                         region.side_roots, region.after))
     for cache in caches.values():
         cache.close()
     return plan
@@ -208,7 +222,12 @@ def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
         args = tuple(replaced.get(a, a) if isinstance(a, Node) else a for a in rep.args)
         provided = [((rw.root,), rep.output_index)] + [(rw.side_roots[name], index)
                                                       for name, index in rep.side_output_indices.items()]
-        with graph.inserting_before(min((d for ds, _ in provided for d in ds), key=_position(graph))):
+        if rw.after is not None:
+            # Before the node that follows it (inserting_after would put each new node ahead of the last one).
+            place = graph.inserting_before(replaced.get(rw.after, rw.after).next)
+        else:
+            place = graph.inserting_before(min((d for ds, _ in provided for d in ds), key=_position(graph)))
+        with place:
             call = graph.call_function(rep.op, args)
             call.meta["example_value"] = result
             values = []

@@ -48,8 +48,10 @@ def launches_inline(value: Any) -> bool:
 
 
 # Subpackages of autokernel.lowering, one per family, in claiming order: a family whose pattern contains
-# another's comes first (cross-entropy's log_softmax is not softmax's to take).
-FAMILY_MODULES = ("layer_norm", "rms_norm", "cross_entropy", "softmax", "swiglu", "rope")
+# another's comes first (the loss over an lm_head matmul is not cross_entropy's to take, nor cross-entropy's
+# log_softmax softmax's).
+FAMILY_MODULES = ("layer_norm", "rms_norm", "linear_cross_entropy", "cross_entropy", "softmax", "swiglu",
+                  "rope")
 
 
 def families() -> dict[str, PatternFamily]:

@@ -283,3 +283,16 @@ def find_all(graph: Graph, alternatives: Sequence[tuple[Pattern, Callable[[Node,
             kept.append(d)
     order = {n: i for i, n in enumerate(graph.nodes)}
     return sorted(accepted + kept, key=lambda i: order[i.root])
+
+
+def substitute(pattern: Pattern, name: str, replacement: Pattern) -> Pattern:
+    """``pattern`` with every ``Var(name)`` replaced by ``replacement``: a family whose pattern contains
+    another's (the matmul feeding a cross-entropy) writes only what it adds."""
+    if isinstance(pattern, Var):
+        return replacement if pattern.name == name else pattern
+    if isinstance(pattern, Alt):
+        return Alt(tuple(substitute(p, name, replacement) for p in pattern.options))
+    if isinstance(pattern, Op):
+        return Op(pattern.targets, tuple(substitute(p, name, replacement) for p in pattern.args), pattern.name,
+                  pattern.commutative)
+    return pattern

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="--hf-config: batch size (default 1)")
     p.add_argument("--seq", type=int, default=512, help="--hf-config: sequence length (default 512)")
     p.add_argument("--pattern", help="tune one pattern instance instead of the wanted table (e.g. rms_norm)")
-    p.add_argument("--shape", type=_shape, help="input shape, e.g. 8192x4096 (rows x hidden)")
+    p.add_argument("--shape", type=_shape, help="input shape, e.g. 8192x4096 (rows x hidden); linear_cross_entropy: "
+                                                "8192x4096x128256 (tokens x hidden x vocab)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--flags", type=_flags, default={}, help="variant flags, e.g. mode=gemma,offset=1")
     p.add_argument("--budget", type=float, default=30.0, help="minutes for the whole run (default 30)")

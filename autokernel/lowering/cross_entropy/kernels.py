@@ -264,7 +264,65 @@ def _check(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[
     return rows, vocab
 
 
-def _reduce(loss_rows: torch.Tensor, n_valid: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+def count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The number of rows not ignored, counted on the device: the kernel reads it, so 'mean' needs no host sync."""
+    return (labels != ignore_index).sum()
+
+
+def launch_rows(
+    x2: torch.Tensor,
+    labels: torch.Tensor,
+    loss_rows: torch.Tensor,
+    grad: torch.Tensor | None,
+    n_valid: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    config: CrossEntropyConfig,
+    kernels: SourceKernels | None = None,
+    traceable: bool = False,
+) -> None:
+    """Launch the forward kernel over the rows of ``x2`` (``[rows, C]``, unit column stride): write each
+    row's float32 loss into ``loss_rows`` and, when ``grad`` is given (``[rows, C]``, unit column stride),
+    the gradient of the reduced loss with respect to the row, scaled by ``1 / n_valid`` for 'mean'.
+
+    ``n_valid`` may count more rows than ``x2`` holds (a chunk of a larger batch, the loss being the mean
+    over the whole batch). ``grad`` may be ``x2`` itself: every program reads its row in full before it
+    writes any of the row's gradient (the chunked linear + cross-entropy computes the gradient in place
+    of the logits of its chunk).
+    """
+    rows, vocab = x2.shape
+    if rows == 0:
+        return
+    cfg = effective_config(config, vocab)
+    block = cfg.train_block_n if grad is not None else cfg.fwd_block_n
+    kernel = kernels.fwd if kernels is not None else _cross_entropy_fwd_kernel
+    if traceable:
+        kernel = wrap_triton(kernel)
+    kernel[(rows,)](
+        x2,
+        labels,
+        loss_rows,
+        grad if grad is not None else loss_rows,  # dummy pointer, never written without HAS_GRAD
+        n_valid,
+        x2.stride(0),
+        grad.stride(0) if grad is not None else 0,
+        vocab,
+        int(ignore_index),
+        float(label_smoothing),
+        HAS_GRAD=grad is not None,
+        MEAN=reduction == "mean",
+        SMOOTHING=label_smoothing != 0.0,
+        SINGLE=vocab <= block,
+        BLOCK_N=block,
+        num_warps=cfg.train_num_warps if grad is not None else cfg.fwd_num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def reduce_loss(loss_rows: torch.Tensor, n_valid: torch.Tensor, reduction: str,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """The loss of ``reduction`` from the per-row losses, in a fixed order (deterministic)."""
     if reduction == "mean":
         # 0 / 0 = NaN when every row is ignored, as PyTorch's mean.
         loss = loss_rows.sum() / n_valid
@@ -300,34 +358,10 @@ def cross_entropy_fwd(
     y = labels.reshape(-1).contiguous()
     loss_rows = torch.empty((rows,), dtype=torch.float32, device=logits.device)
     grad = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device) if with_grad else None
-    # Counted on the device: the kernel reads it, so 'mean' needs no host sync.
-    n_valid = (y != ignore_index).sum()
-    if rows > 0:
-        cfg = effective_config(config, vocab)
-        block = cfg.train_block_n if grad is not None else cfg.fwd_block_n
-        kernel = kernels.fwd if kernels is not None else _cross_entropy_fwd_kernel
-        if traceable:
-            kernel = wrap_triton(kernel)
-        kernel[(rows,)](
-            x2,
-            y,
-            loss_rows,
-            grad if grad is not None else loss_rows,  # dummy pointer, never written without HAS_GRAD
-            n_valid,
-            x2.stride(0),
-            grad.stride(0) if grad is not None else 0,
-            vocab,
-            int(ignore_index),
-            float(label_smoothing),
-            HAS_GRAD=grad is not None,
-            MEAN=reduction == "mean",
-            SMOOTHING=label_smoothing != 0.0,
-            SINGLE=vocab <= block,
-            BLOCK_N=block,
-            num_warps=cfg.train_num_warps if grad is not None else cfg.fwd_num_warps,
-            num_stages=cfg.num_stages,
-        )
-    loss = _reduce(loss_rows, n_valid, reduction, out_dtype)
+    n_valid = count_valid(y, ignore_index)
+    launch_rows(x2, y, loss_rows, grad, n_valid, ignore_index, label_smoothing, reduction, config, kernels=kernels,
+                traceable=traceable)
+    loss = reduce_loss(loss_rows, n_valid, reduction, out_dtype)
     return loss, (grad.view(logits.shape) if grad is not None else None)
 
 

@@ -180,7 +180,10 @@ def _check_nll2d(root: Node, b) -> Instance:
     return decline(inst, "class dim of a >2-D tensor (flatten the logits to [rows, classes])")
 
 
-PATTERNS = ((SMOOTHED, _check_smoothed), (NLL, _check_nll), (PROBS, _check_probs), (NLL2D, _check_nll2d))
+# The spellings served, each with its checker (linear_cross_entropy matches them over a matmul's output, in
+# place of ``X``), then the near-misses worth a reason.
+SERVED = ((SMOOTHED, _check_smoothed), (NLL, _check_nll))
+PATTERNS = (*SERVED, (PROBS, _check_probs), (NLL2D, _check_nll2d))
 
 
 def find_instances(graph: Graph) -> list[Instance]:

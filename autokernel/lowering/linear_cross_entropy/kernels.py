@@ -1,0 +1,307 @@
+"""Linear + cross-entropy, chunked over rows: the logits and their gradient exist one chunk at a time.
+
+Notation: ``h`` ``[N, H]`` (the hidden states, flattened to rows), ``W`` ``[V, H]`` (the lm_head), an optional
+bias ``b`` ``[V]``, labels ``y`` ``[N]``; ``t`` is the logits' dtype (that of ``h`` and ``W``). The model
+computes::
+
+    z    = round_t(h @ W^T + b)                       the matmul's output, in t
+    loss = CE(z.float(), y)                           ignore_index, label smoothing, reduction: see
+                                                      autokernel.lowering.cross_entropy.kernels
+    G    = round_t(d loss / d z)                      the backward of .float() rounds the gradient to t
+    dh = G @ W,    dW = G^T @ h,    db = sum_rows G
+
+For reductions 'mean' and 'sum' the loss is a scalar, so the gradients for an upstream gradient ``g`` are
+``g`` times those for ``g = 1``: they are all computed in the forward, and the backward only scales them.
+Per chunk of ``C`` rows ``[s, s + C)``::
+
+    Z          = h[s:s+C] @ W^T (+ b)     cuBLAS (torch.mm / addmm) into a [C, V] buffer of dtype t
+    CE kernel:   the rows' losses, and G written over Z in place (each row is read whole before any of
+                 its gradient is written; 'mean' scales by 1 / n_valid of the whole batch)
+    dh[s:s+C]  = G @ W                    cuBLAS into the slice of dh
+    dW        += G^T @ h[s:s+C]           cuBLAS addmm into dW, in W's dtype (one rounding per chunk, as Liger)
+    db        += sum_rows G               a float32 accumulator, rounded to b's dtype at the end
+
+Reduction 'none' gives one loss per row, and ``dW = sum_r g_r G_r^T h_r`` needs the upstream gradient
+``g`` before the products are summed: the forward computes the losses alone and the backward recomputes
+each chunk's ``G``, scales its rows by ``g`` and then forms the products (one matmul more than 'mean').
+
+Memory beyond the inputs: ``dh`` (N x H), ``dW`` (V x H), ``db`` and one ``[C, V]`` buffer; never an
+``[N, V]`` tensor, nor a float32 copy of any logits. When the model also reads the logits (HF returns
+them), they are written once into that ``[N, V]`` output, and the gradient goes to the chunk buffer.
+At 8192 x 4096 -> 128256 in bf16 with ``C = 1024``: dh 64 MiB, dW 1002 MiB, chunk 250.5 MiB.
+
+``C`` (``fwd_chunk_rows``, ``train_chunk_rows``) trades memory against the matmuls' efficiency and against
+re-reading ``dW``: every chunk reads and writes all of ``dW`` (2 GB per chunk at 128256 x 4096), which stays
+below the matmul's own time while ``C`` is a few hundred rows or more; :data:`MAX_CHUNK_BYTES` caps the buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from autokernel.lowering.cross_entropy.kernels import (
+    LABEL_DTYPES,
+    REDUCTIONS,
+    CrossEntropyConfig,
+    SourceKernels,
+    count_valid,
+    launch_rows,
+    reduce_loss,
+)
+from autokernel.lowering.cross_entropy.kernels import default_config as ce_default_config
+from autokernel.lowering.launch import KernelConfig
+
+CHUNK_BYTES = 256 * 2**20  # the default chunk buffer: 1024 rows of a 128256 bf16 vocabulary
+MAX_CHUNK_BYTES = 320 * 2**20  # no candidate's chunk buffer is larger (keeps the 1.4 GiB budget at 8192x4096x128256)
+ROW_MULTIPLE = 128  # chunk rows: a multiple of cuBLAS's row tiles
+MAX_DEFAULT_ROWS = 16384  # a small vocabulary gains nothing from larger chunks (the matmuls are long enough)
+
+
+@dataclass(frozen=True)
+class LinearCrossEntropyConfig(KernelConfig):
+    """Rows per chunk and the cross-entropy kernel's launch parameters, for the forward alone (``fwd_*``) and
+    for the pass that also computes the gradients (``train_*``): see
+    :class:`autokernel.lowering.cross_entropy.kernels.CrossEntropyConfig`."""
+
+    fwd_chunk_rows: int = 1024
+    train_chunk_rows: int = 1024
+    fwd_num_warps: int = 16
+    fwd_block_n: int = 8192
+    train_num_warps: int = 32
+    train_block_n: int = 16384
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_common(("fwd_num_warps", "train_num_warps"),
+                           positive=("fwd_chunk_rows", "train_chunk_rows", "num_stages"))
+        self.ce_config()  # the cross-entropy fields' own checks, with their messages
+
+    def ce_config(self) -> CrossEntropyConfig:
+        return _ce_config(self.fwd_num_warps, self.fwd_block_n, self.train_num_warps, self.train_block_n,
+                          self.num_stages)
+
+
+def _ce_config(fwd_num_warps: int, fwd_block_n: int, train_num_warps: int, train_block_n: int,
+               num_stages: int) -> CrossEntropyConfig:
+    return CrossEntropyConfig(fwd_num_warps=fwd_num_warps, fwd_block_n=fwd_block_n, train_num_warps=train_num_warps,
+                              train_block_n=train_block_n, num_stages=num_stages)
+
+
+def chunk_rows_for(vocab: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
+    """The most rows (a multiple of :data:`ROW_MULTIPLE`, at least one multiple) whose ``[rows, vocab]``
+    buffer fits in ``budget`` bytes."""
+    rows = budget // max(vocab * itemsize, 1)
+    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
+def default_config(rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> LinearCrossEntropyConfig:
+    """A heuristic starting point: a chunk buffer of about :data:`CHUNK_BYTES` (1024 rows at a 128256
+    vocabulary in bf16, 4096 at 32000), and the cross-entropy family's own default for the vocabulary.
+
+    ``rows`` and ``hidden`` are accepted so that a tuned table can key on them; the heuristic ignores them."""
+    del rows, hidden
+    ce = ce_default_config(vocab, 1, dtype)
+    chunk = min(chunk_rows_for(vocab, dtype.itemsize), MAX_DEFAULT_ROWS)
+    return LinearCrossEntropyConfig(fwd_chunk_rows=chunk, train_chunk_rows=chunk, fwd_num_warps=ce.fwd_num_warps,
+                                    fwd_block_n=ce.fwd_block_n, train_num_warps=ce.train_num_warps,
+                                    train_block_n=ce.train_block_n, num_stages=ce.num_stages)
+
+
+class Grads(NamedTuple):
+    """Which gradients a call computes (a frozen lm_head needs no ``dW``, a frozen trunk no ``dh``)."""
+
+    x: bool
+    weight: bool
+    bias: bool
+
+    def any(self) -> bool:
+        return self.x or self.weight or self.bias
+
+
+NO_GRADS = Grads(False, False, False)
+
+
+class Result(NamedTuple):
+    """The loss (a scalar for 'mean'/'sum', ``[N]`` for 'none', in ``out_dtype``), the logits when kept
+    (``x``'s leading shape + ``[V]``), and the gradients asked for (``dx`` of ``x``'s shape, ``dw`` and
+    ``db`` of the parameters'), each None when not computed."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    dx: torch.Tensor | None
+    dw: torch.Tensor | None
+    db: torch.Tensor | None
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+           reduction: str) -> tuple[int, int, int]:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: x [..., H] and weight [V, H] expected, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    vocab, hidden = weight.shape
+    if vocab == 0:
+        raise ValueError("linear_cross_entropy: weight has no rows (classes)")
+    if x.dtype != weight.dtype or not x.dtype.is_floating_point:
+        raise ValueError(f"linear_cross_entropy: x and weight must share one floating dtype, got {x.dtype} and "
+                         f"{weight.dtype}")
+    if bias is not None and (bias.shape != (vocab,) or bias.dtype != x.dtype):
+        raise ValueError(f"linear_cross_entropy: bias must be [{vocab}] of {x.dtype}, got {tuple(bias.shape)} "
+                         f"of {bias.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(f"linear_cross_entropy: labels must be int64 or int32 class indices, got {labels.dtype}")
+    rows = x.shape[:-1].numel()
+    if labels.numel() != rows:
+        raise ValueError(f"linear_cross_entropy: labels hold {labels.numel()} elements for {rows} rows of x "
+                         f"{tuple(x.shape)}")
+    return rows, hidden, vocab
+
+
+def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """``t`` as ``[rows, hidden]``, a view when the leading dims can be merged (cuBLAS takes a row stride)."""
+    return t.reshape(-1, hidden)
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    out_dtype: torch.dtype,
+    config: LinearCrossEntropyConfig,
+    grads: Grads = NO_GRADS,
+    keep_logits: bool = False,
+    dloss_rows: torch.Tensor | None = None,
+    kernels: SourceKernels | None = None,
+) -> Result:
+    """Cross-entropy of ``x @ weight.T (+ bias)`` against ``labels``, chunk by chunk (see the module docstring).
+
+    ``grads``: the gradients to compute, of the loss for an upstream gradient of 1 ('mean'/'sum'), or, with
+    ``dloss_rows`` (reduction 'none', the backward's recomputation), for the upstream gradient
+    ``dloss_rows`` (one value per row); the loss is not computed then. ``keep_logits``: also return the
+    logits (written once, in their dtype). ``kernels``: cross-entropy kernels from a cache entry's source.
+    """
+    rows, hidden, vocab = _check(x, weight, bias, labels, reduction)
+    if grads.any() and reduction == "none" and dloss_rows is None:
+        raise ValueError("linear_cross_entropy: reduction 'none' computes gradients only from dloss_rows (the "
+                         "backward's recomputation)")
+    if dloss_rows is not None and (reduction != "none" or dloss_rows.numel() != rows):
+        raise ValueError(f"linear_cross_entropy: dloss_rows must hold one value per row ({rows}) with reduction "
+                         f"'none', got {dloss_rows.numel()} with {reduction!r}")
+    device, dtype = x.device, x.dtype
+    h = _rows(x, hidden)
+    y = labels.reshape(-1).contiguous()  # the kernel reads one label per row at unit stride
+    wt = weight.t()
+    n_valid = count_valid(y, ignore_index)
+    loss_rows = torch.empty((rows,), dtype=torch.float32, device=device)
+    logits = torch.empty((rows, vocab), dtype=dtype, device=device) if keep_logits else None
+    dx = torch.empty((rows, hidden), dtype=dtype, device=device) if grads.x else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if grads.weight else None
+    db32 = torch.zeros((vocab,), dtype=torch.float32, device=device) if grads.bias and bias is not None else None
+    want_grad = grads.any()
+    chunk = max(1, min(config.train_chunk_rows if want_grad else config.fwd_chunk_rows, rows))
+    # One buffer for every chunk: the logits when they are not kept, the gradient when it is wanted.
+    buffer = (torch.empty((chunk, vocab), dtype=dtype, device=device)
+              if rows and (want_grad or not keep_logits) else None)
+    ce = config.ce_config()
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        n = stop - start
+        h_c = h[start:stop]
+        z = logits[start:stop] if logits is not None else buffer[:n]
+        if bias is not None:
+            torch.addmm(bias, h_c, wt, out=z)
+        else:
+            torch.mm(h_c, wt, out=z)
+        g = buffer[:n] if want_grad else None
+        launch_rows(z, y[start:stop], loss_rows[start:stop], g, n_valid, ignore_index, label_smoothing,
+                    reduction, ce, kernels=kernels)
+        if g is None:
+            continue
+        if dloss_rows is not None:  # 'none': the kernel wrote each row's gradient unscaled
+            g.mul_(dloss_rows[start:stop].reshape(-1, 1).to(dtype))
+        if dx is not None:
+            torch.mm(g, weight, out=dx[start:stop])
+        if dw is not None:
+            if start == 0:
+                torch.mm(g.t(), h_c, out=dw)
+            else:
+                dw.addmm_(g.t(), h_c)
+        if db32 is not None:
+            db32 += g.sum(0, dtype=torch.float32)
+    if dw is not None and rows == 0:
+        dw.zero_()
+    loss = None if dloss_rows is not None else reduce_loss(loss_rows, n_valid, reduction, out_dtype)
+    lead = tuple(x.shape[:-1])
+    return Result(
+        loss,
+        logits.view(*lead, vocab) if logits is not None else None,
+        dx.view(x.shape) if dx is not None else None,
+        dw,
+        db32.to(dtype) if db32 is not None else None,
+    )
+
+
+def linear_cross_entropy_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    dloss: torch.Tensor,
+    keep_logits: bool = False,
+    chunk_rows: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """The model's math in float64, chunked so that no float64 tensor of the whole batch's logits exists.
+
+    The logits are rounded to ``x``'s dtype as the model's matmul writes them (the loss of a bf16 model is
+    the loss of its bf16 logits); everything else is float64. ``dloss``: the upstream gradient of the loss
+    (a scalar, or one value per row for 'none'). Returns ``loss`` (float64) and ``dx``, ``dw`` (float32:
+    a float64 dW of a 128256 x 4096 head is 4 GiB), with a bias ``db``, with ``keep_logits`` the rounded
+    ``logits``."""
+    rows, hidden, vocab = _check(x, weight, bias, labels, reduction)
+    h = _rows(x.detach(), hidden).double()
+    w = weight.detach().double()
+    b = bias.detach().double() if bias is not None else None
+    y = labels.reshape(-1)
+    n_valid = (y != ignore_index).sum()
+    d = dloss.detach().double().reshape(-1)
+    # d loss / d (per-row loss): what the reduction makes of the upstream gradient
+    row_grad = d.expand(rows) / n_valid if reduction == "mean" else d.expand(rows)
+    losses, dx = [], torch.empty((rows, hidden), dtype=torch.float64, device=x.device)
+    dw = torch.zeros((vocab, hidden), dtype=torch.float64, device=x.device)
+    db = torch.zeros((vocab,), dtype=torch.float64, device=x.device)
+    logits = torch.empty((rows, vocab), dtype=x.dtype, device=x.device) if keep_logits else None
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        z = h[start:stop] @ w.t()
+        if b is not None:
+            z += b
+        z = z.to(x.dtype)
+        if logits is not None:
+            logits[start:stop] = z
+        z = z.double().requires_grad_(True)
+        per_row = torch.nn.functional.cross_entropy(z, y[start:stop], ignore_index=ignore_index, reduction="none",
+                                                    label_smoothing=label_smoothing)
+        (g,) = torch.autograd.grad(per_row, z, row_grad[start:stop])
+        losses.append(per_row.detach())
+        dx[start:stop] = g @ w
+        dw.addmm_(g.t(), h[start:stop])
+        db += g.sum(0)
+    per_row = torch.cat(losses) if losses else torch.zeros((0,), dtype=torch.float64, device=x.device)
+    loss = {"none": per_row, "sum": per_row.sum(), "mean": per_row.sum() / n_valid}[reduction]
+    out = {"loss": loss, "dx": dx.view(x.shape).float(), "dw": dw.float()}
+    if bias is not None:
+        out["db"] = db.float()
+    if logits is not None:
+        out["logits"] = logits.view(*x.shape[:-1], vocab)
+    return out
