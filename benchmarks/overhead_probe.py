@@ -22,7 +22,7 @@ import triton.language as tl
 
 import autokernel.lowering.rms_norm as rms_norm_family
 from autokernel.cache import KernelCache, row_bucket
-from autokernel.lowering import launches_inline
+from autokernel.lowering import inline_suffix
 from autokernel.lowering.rms_norm.kernels import default_config, rms_norm_bwd, rms_norm_fwd
 from autokernel.lowering.rms_norm.ops import pattern_key, select_config
 
@@ -113,11 +113,11 @@ def main() -> None:
         return run
 
     # The same graph with the opaque ops (what dynamic shapes get), for comparison with the inline ones.
-    rms_norm_family.launches_inline = lambda value: False
+    rms_norm_family.inline_suffix = lambda inputs: ""
     ak_opaque = torch.compile(separate(hf, "hf_opaque"), backend="autokernel", options={"autokernel.cache_dir": cache})
     train(ak_opaque)()
     no_grad(ak_opaque)()
-    rms_norm_family.launches_inline = launches_inline
+    rms_norm_family.inline_suffix = inline_suffix
 
     ops = torch.ops.autokernel
     rows = {

@@ -47,6 +47,18 @@ def launches_inline(value: Any) -> bool:
             and all(isinstance(s, int) for s in value.shape))
 
 
+def inline_suffix(inputs: dict[str, Node | None]) -> str:
+    """``"_inline"`` when every tensor input of an op allows the inline flavour (:func:`launches_inline`),
+    else ``""`` (the opaque op). Decided on the Dynamo graph's example values, which carry the sizes the
+    op is called with: the analysis view's values can be static where Dynamo's are symbolic (seen on CUDA
+    with ``dynamic=True``), and an inline op traced with symbolic sizes fails, costing the whole rewrite."""
+    import torch
+
+    values = [n.meta.get("example_value") for n in inputs.values() if isinstance(n, Node)]
+    values = [v for v in values if isinstance(v, torch.Tensor)]
+    return "_inline" if values and all(launches_inline(v) for v in values) else ""
+
+
 # Subpackages of autokernel.lowering, one per family, in claiming order: a family whose pattern contains
 # another's comes first (the loss over an lm_head matmul is not cross_entropy's to take, nor cross-entropy's
 # log_softmax softmax's).

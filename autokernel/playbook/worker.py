@@ -114,8 +114,8 @@ def serve(conn_in, conn_out, pattern: str, flags: dict, dtype: str, shape: list[
     """Child-process main loop: requests arrive on ``conn_in``, answers leave on ``conn_out``."""
     from autokernel.lowering import families
 
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))  # Triton launches on the current device
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))  # Triton launches on the current device ("cuda": the default)
     problem = families()[pattern].problem(flags, dtype, shape, device)
     problem.max_rows = max_rows
     conn_out.send({"status": "ready"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from autokernel.lowering import PatternFamily, Replacement, launches_inline
+from autokernel.lowering import PatternFamily, Replacement, inline_suffix
 from autokernel.lowering.cross_entropy import ops
 from autokernel.lowering.cross_entropy.match import find_instances
 from autokernel.lowering.pattern import Instance, node_val
@@ -21,7 +21,7 @@ def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replace
     p = inst.params
     args = (inputs["logits"], inputs["labels"], p["ignore_index"], p["label_smoothing"], p["reduction"],
             p["out_dtype"], cache_dir)
-    suffix = "_inline" if launches_inline(node_val(inst.inputs["logits"])) else ""
+    suffix = inline_suffix(inputs)
     if train:
         return Replacement(getattr(torch.ops.autokernel, f"cross_entropy_train{suffix}").default, args, 0)
     return Replacement(getattr(torch.ops.autokernel, f"cross_entropy{suffix}").default, args, None)

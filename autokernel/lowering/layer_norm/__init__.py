@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from autokernel.lowering import PatternFamily, Replacement, launches_inline
+from autokernel.lowering import PatternFamily, Replacement, inline_suffix
 from autokernel.lowering.layer_norm import ops
 from autokernel.lowering.layer_norm.match import find_instances
 from autokernel.lowering.pattern import Instance, node_val
@@ -24,7 +24,7 @@ def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replace
     p = inst.params
     args = (inputs["x"], inputs["weight"], inputs["bias"], p["eps"], p["norm_ndim"], p["mode"], p["out_dtype"],
             cache_dir)
-    suffix = "_inline" if launches_inline(node_val(inst.inputs["x"])) else ""
+    suffix = inline_suffix(inputs)
     if train:
         return Replacement(getattr(torch.ops.autokernel, f"layer_norm_train{suffix}").default, args, 0)
     return Replacement(getattr(torch.ops.autokernel, f"layer_norm{suffix}").default, args, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from autokernel.lowering import PatternFamily, Replacement, launches_inline
+from autokernel.lowering import PatternFamily, Replacement, inline_suffix
 from autokernel.lowering.pattern import Instance, node_val
 from autokernel.lowering.rms_norm import ops
 from autokernel.lowering.rms_norm.match import find_instances
@@ -20,7 +20,7 @@ def _pattern_key(inst: Instance) -> str:
 def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replacement:
     p = inst.params
     scalars = (p["eps"], p["offset"], p["mode"], p["out_dtype"], cache_dir)
-    suffix = "_inline" if launches_inline(node_val(inst.inputs["x"])) else ""
+    suffix = inline_suffix(inputs)
     ak = torch.ops.autokernel
     if "residual" in inst.inputs:  # add + RMSNorm: (y, h[, rstd])
         args = (inputs["x"], inputs["residual"], inputs["weight"], *scalars)

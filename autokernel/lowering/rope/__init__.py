@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from autokernel.lowering import PatternFamily, Replacement, launches_inline
+from autokernel.lowering import PatternFamily, Replacement, inline_suffix
 from autokernel.lowering.pattern import Instance, node_val, size_hint
 from autokernel.lowering.rope import ops
 from autokernel.lowering.rope.match import find_instances
@@ -22,7 +22,7 @@ def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replace
     p = inst.params
     args = (inputs["q"], inputs["k"], inputs["cos"], inputs["sin"], p["layout"], p["rotary_dim"], p["out_dtype"],
             cache_dir)
-    suffix = "_inline" if launches_inline(node_val(inst.inputs["q"])) else ""
+    suffix = inline_suffix(inputs)
     name = "rope_train" if train else "rope"
     side = {"k": 1} if inst.inputs["k"] is not None else {}
     return Replacement(getattr(torch.ops.autokernel, f"{name}{suffix}").default, args, 0, side)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from autokernel.lowering import PatternFamily, Replacement, launches_inline
+from autokernel.lowering import PatternFamily, Replacement, inline_suffix
 from autokernel.lowering.pattern import Instance, node_val
 from autokernel.lowering.softmax import ops
 from autokernel.lowering.softmax.match import find_instances
@@ -18,7 +18,7 @@ def _pattern_key(inst: Instance) -> str:
 def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replacement:
     p = inst.params
     args = (inputs["x"], p["log"], p["out_dtype"], cache_dir)
-    suffix = "_inline" if launches_inline(node_val(inst.inputs["x"])) else ""
+    suffix = inline_suffix(inputs)
     name = "softmax_train" if train else "softmax"
     return Replacement(getattr(torch.ops.autokernel, f"{name}{suffix}").default, args, None)
 

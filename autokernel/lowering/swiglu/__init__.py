@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from autokernel.lowering import PatternFamily, Replacement, launches_inline
+from autokernel.lowering import PatternFamily, Replacement, inline_suffix
 from autokernel.lowering.pattern import Instance, node_val
 from autokernel.lowering.swiglu import ops
 from autokernel.lowering.swiglu.match import find_instances
@@ -25,7 +25,7 @@ def _replacement(inst: Instance, inputs, cache_dir: str, train: bool) -> Replace
         args = (inputs["gate"], inputs["up"], p["act"], p["layout"], cache_dir)
     else:
         args = (inputs["x"], None, p["act"], p["layout"], cache_dir)
-    suffix = "_inline" if launches_inline(node_val(_x(inst))) else ""
+    suffix = inline_suffix(inputs)
     name = "swiglu_train" if train else "swiglu"
     return Replacement(getattr(torch.ops.autokernel, f"{name}{suffix}").default, args, None)
 
