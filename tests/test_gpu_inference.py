@@ -39,16 +39,17 @@ def _fill(model, ids, cache_dir) -> None:
     torch._dynamo.reset()
 
 
-def test_reduce_overhead_captures_and_replays_our_kernels(tmp_path, caplog):
+def test_reduce_overhead_captures_and_replays_our_kernels(tmp_path, caplog, monkeypatch):
     from torch._dynamo.utils import counters
 
+    # torch.compile takes mode= or options=, not both: the cache is named by the environment.
+    monkeypatch.setenv("AUTOKERNEL_CACHE_DIR", str(tmp_path))
     model = _llama()
     ids = torch.randint(1, VOCAB, (4, 64), device="cuda")
     _fill(model, ids, tmp_path)
     counters.clear()
     caplog.set_level(logging.INFO, logger="autokernel")
-    compiled = torch.compile(model, backend="autokernel", mode="reduce-overhead",
-                             options={"autokernel.cache_dir": str(tmp_path)})
+    compiled = torch.compile(model, backend="autokernel", mode="reduce-overhead")
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
         for _ in range(4):  # warm-up, record, then replays
@@ -59,16 +60,16 @@ def test_reduce_overhead_captures_and_replays_our_kernels(tmp_path, caplog):
     assert_close(got.float(), expected.double(), torch.bfloat16, "logits under CUDA graphs")
 
 
-def test_generate_static_cache_reduce_overhead_matches_eager(tmp_path, caplog):
+def test_generate_static_cache_reduce_overhead_matches_eager(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("AUTOKERNEL_CACHE_DIR", str(tmp_path))  # mode= excludes options=
     model = _llama()
     ids = torch.randint(1, VOCAB, (2, 16), device="cuda")
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
                                   disable_compile=True, pad_token_id=0)
     eager_forward = model.forward
-    options = {"autokernel.cache_dir": str(tmp_path)}
     for _ in range(2):  # misses recorded, then served
-        model.forward = torch.compile(eager_forward, backend="autokernel", mode="reduce-overhead", options=options)
+        model.forward = torch.compile(eager_forward, backend="autokernel", mode="reduce-overhead")
         caplog.clear()
         caplog.set_level(logging.INFO, logger="autokernel")
         with torch.no_grad():
