@@ -149,7 +149,7 @@ def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor],
     return row
 
 
-def run_tune(dims: dict[str, int], minutes: float, cache_dir: str | None) -> dict[str, Any]:
+def run_tune(dims: dict[str, int], minutes: float, cache_dir: str | None, out: Path) -> dict[str, Any]:
     env = dict(os.environ, **{CONFIG_ENV: json.dumps(dims)})
     cmd = [sys.executable, "-m", "autokernel.playbook.cli", "--model", f"{Path(__file__).resolve()}:factory",
            "--budget", str(minutes), "--quiet"]
@@ -158,6 +158,7 @@ def run_tune(dims: dict[str, int], minutes: float, cache_dir: str | None) -> dic
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    (out / "llama-step-tune.log").write_text(proc.stdout + proc.stderr)  # the ranking table and each shape's result
     print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", sep="\n", flush=True)
     return {"command": shlex.join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1)}
 
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "case": case_name(dims),
     }
     if args.tune is not None and "autokernel" in args.impl_list:
-        meta["tune"] = run_tune(dims, args.tune, cache_dir)
+        meta["tune"] = run_tune(dims, args.tune, cache_dir, out)
     # First-step times compare compilers, not caches: no impl may reuse another's (or ak-tune's) compiled graphs.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False

@@ -293,7 +293,7 @@ def rope_bytes_fwd_bwd(shape: tuple[int, ...], itemsize: int) -> int:
 
 
 def rope_liger() -> Callable[..., Any]:
-    from liger_kernel.transformers.functional import liger_rotary_pos_emb
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
     return liger_rotary_pos_emb
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that refresh the measurements (each fits a 10-minute call; run them back to back so
 # the next finds the machine warm). Run from the repo root on the device machine, with .whl carried.
-#   bash benchmarks/device_session.sh tests      every GPU test (pytest -m gpu, 4 xdist workers on one GPU)
+#   bash benchmarks/device_session.sh tests      every GPU test (pytest -m gpu, 2 xdist workers on one GPU)
 #   bash benchmarks/device_session.sh patterns P1,P2   pattern benchmarks (headline shape, ak-tune first)
 #   bash benchmarks/device_session.sh e2e MIN    the Llama step after ak-tune --model (MIN minutes), then
 #                                                the cache exported, imported into a fresh directory and
@@ -20,7 +20,7 @@ declare -A SHAPE=([rms_norm]=8192x8192 [add_rms_norm]=8192x4096 [softmax]=8192x8
                   [linear_cross_entropy]=8192x4096-\>128256)
 case "${1:-}" in
 tests)
-  timeout 560 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 4 2>&1 | tail -40 > "$out/gpu_tests.log"
+  timeout 560 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tail -40 > "$out/gpu_tests.log"
   grep -E "passed|failed|FAILED|ERROR" "$out/gpu_tests.log" | head -30
   ;;
 patterns)
