@@ -295,6 +295,19 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.rms_norm_backward, (dy, x.detach(), w.detach(), rstd, 0.0, "llama", dtype, ""))
 
 
+def test_ak_tune_with_no_budget_left_still_writes_one_checked_kernel(tmp_path):
+    """A shape once started gets one forward and one backward candidate past its budget (ak-tune --model
+    may hand a shape a budget its ranking already spent): a checked entry, never nothing."""
+    from autokernel.playbook.tuner import TuneRequest, tune
+
+    cache = KernelCache(tmp_path, device="cpu")
+    result = tune(TuneRequest("rms_norm", {"mode": "llama"}, "bf16", [4, 32]), cache, torch.device("cpu"),
+                  budget_s=0.0)
+    assert result.status == "written" and result.candidates == 2, result
+    (entry,) = [e for _, e in cache.entries()]
+    assert entry["checks"] == ["smoke", "shape sweep", "stability", "determinism", "edge cases"]
+
+
 def test_ak_tune_survives_hung_candidates(tmp_path):
     """A candidate that does not answer in time is killed with its worker; the tuner goes on, writes no entry."""
     from autokernel.playbook.tuner import TuneRequest, tune

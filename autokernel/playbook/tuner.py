@@ -361,11 +361,18 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             return reply
 
         fwd_winner: dict[str, Any] | None = None
+        late: set[str] = set()  # phases given a candidate after the budget ran out
         for index, (phase, config, origin) in enumerate(candidates):
             passname = "fwd" if phase == "fwd" else "train"
-            if time.time() - t0 > budget_s:
-                say("budget spent")
-                break
+            # Past the budget, each phase still gets one candidate if it has no passing one yet, so a shape
+            # once started writes a checked, raced kernel (a run whose ranking used the budget wrote nothing).
+            overtime = time.time() - t0 > budget_s
+            if overtime:
+                if all(p in best or p in late for p in ("fwd", "bwd")):
+                    say("budget spent")
+                    break
+                if phase in best or phase in late:
+                    continue
             if stale[phase] >= PLATEAU:
                 continue
             if phase in best and floor[passname] and best[phase][0] <= floor[passname] * NEAR_FLOOR:
@@ -378,6 +385,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 continue
             if (phase, candidate_id(config)) in tried:
                 continue  # e.g. the warm start's config is also in the search space
+            if overtime:
+                late.add(phase)
             evaluate(phase, config, origin)
         if strategy in ("agent", "both") and time.time() - t0 < budget_s:
             _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, t0 + budget_s, say, log,
