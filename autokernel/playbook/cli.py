@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                                                 "8192x4096x128256 (tokens x hidden x vocab)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--flags", type=_flags, default={}, help="variant flags, e.g. mode=gemma,offset=1")
-    p.add_argument("--budget", type=float, default=30.0, help="minutes for the whole run (default 30)")
+    p.add_argument("--budget", type=float, default=30.0,
+                   help="minutes for the whole run (default 30); a shape once started still gets one checked "
+                        "forward and backward candidate past it")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds before a candidate counts as hung")
     p.add_argument("--strategy", choices=STRATEGIES, default="search",
                    help="search: the playbook's kernel space; agent: an LLM writes kernels (ANTHROPIC_API_KEY, "
