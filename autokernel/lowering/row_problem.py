@@ -1,10 +1,35 @@
-"""What the row-wise families' tuning problems share: a (rows, hidden) target, the shapes the checks
-sweep, and the elements-per-thread rule that prunes launch configurations. Each family's problem class
-keeps its own math (reference, kernels, floor); the tuner knows none of this."""
+"""What the families' tuning problems share: dtype and flag parsing, and for the row-wise ones a
+(rows, hidden) target, the shapes the checks sweep, and the elements-per-thread rule that prunes launch
+configurations. Each family's problem class keeps its own math (reference, kernels, floor); the tuner
+knows none of this."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def problem_dtype(pattern: str, name: str, what: str) -> torch.dtype:
+    """The dtype a problem's flag or argument ``what`` names; ValueError naming it otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"{pattern} problem: {what} must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def flag_bool(pattern: str, flags: dict[str, Any], name: str, default: bool) -> bool:
+    """A true/false flag given as a bool or as text (``1``/``true``/``yes``, ``0``/``false``/``no``)."""
+    value = flags.get(name, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{pattern} problem: flag {name} must be true or false, got {value!r}")
 
 
 def next_pow2(n: int) -> int:

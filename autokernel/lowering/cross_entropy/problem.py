@@ -33,9 +33,8 @@ from autokernel.lowering.cross_entropy.kernels import (
 )
 from autokernel.lowering.cross_entropy.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key, source_kernels
 from autokernel.lowering.pattern import dtype_name
-from autokernel.lowering.row_problem import RowProblem
+from autokernel.lowering.row_problem import RowProblem, flag_bool, problem_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IGNORE_EVERY = 5  # rows 2, 7, 12, ... of every case carry ignore_index
 
 
@@ -44,17 +43,6 @@ class Case:
     logits: torch.Tensor
     labels: torch.Tensor
     dloss: torch.Tensor
-
-
-def _flag_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes"):
-        return True
-    if text in ("0", "false", "no"):
-        return False
-    raise ValueError(f"cross_entropy problem: flag upcast must be true or false, got {value!r}")
 
 
 class CrossEntropyProblem(RowProblem):
@@ -76,10 +64,8 @@ class CrossEntropyProblem(RowProblem):
                              f"(a float): {exc}") from None
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"cross_entropy problem: label_smoothing must be in [0, 1], got {self.label_smoothing}")
-        if dtype not in DTYPES:
-            raise ValueError(f"cross_entropy problem: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dtype = DTYPES[dtype]
-        self.upcast = _flag_bool(flags.get("upcast", True)) and self.dtype != torch.float32
+        self.dtype = problem_dtype(PATTERN, dtype, "dtype")
+        self.upcast = flag_bool(PATTERN, flags, "upcast", True) and self.dtype != torch.float32
         self.out_dtype = torch.float32 if self.upcast else self.dtype
         if len(shape) < 1 or any(int(s) < 1 for s in shape):
             raise ValueError(f"cross_entropy problem: shape must be positive sizes, got {shape}")

@@ -31,9 +31,8 @@ from autokernel.lowering.layer_norm.kernels import (
 )
 from autokernel.lowering.layer_norm.ops import PATTERN, pattern_key
 from autokernel.lowering.pattern import dtype_name
-from autokernel.lowering.row_problem import RowProblem, norm_candidates
+from autokernel.lowering.row_problem import RowProblem, norm_candidates, problem_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EPS = 1e-5
 
 
@@ -43,12 +42,6 @@ class Case:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     dy: torch.Tensor
-
-
-def _dtype(name: str, what: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"layer_norm problem: {what} must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 class LayerNormProblem(RowProblem):
@@ -61,11 +54,11 @@ class LayerNormProblem(RowProblem):
         self.mode = flags.get("mode", "fp32")
         if self.mode not in MODES:
             raise ValueError(f"layer_norm problem: flag mode must be one of {MODES}, got {self.mode!r}")
-        self.dtype = _dtype(dtype, "dtype")
+        self.dtype = problem_dtype(PATTERN, dtype, "dtype")
         wname, bname = flags.get("weight", dtype), flags.get("bias", dtype)
-        self.w_dtype = None if wname == "none" else _dtype(wname, "flag weight")
-        self.b_dtype = None if bname == "none" else _dtype(bname, "flag bias")
-        self.out_dtype = _dtype(flags.get("out", dtype), "flag out")
+        self.w_dtype = None if wname == "none" else problem_dtype(PATTERN, wname, "flag weight")
+        self.b_dtype = None if bname == "none" else problem_dtype(PATTERN, bname, "flag bias")
+        self.out_dtype = problem_dtype(PATTERN, flags.get("out", dtype), "flag out")
         if len(shape) < 1 or any(int(s) < 1 for s in shape):
             raise ValueError(f"layer_norm problem: shape must be positive sizes, got {shape}")
         self.hidden = int(shape[-1])

@@ -43,9 +43,8 @@ from autokernel.lowering.linear_cross_entropy.kernels import (
 )
 from autokernel.lowering.linear_cross_entropy.ops import PATTERN, pattern_key
 from autokernel.lowering.pattern import dtype_name
-from autokernel.lowering.row_problem import RowProblem
+from autokernel.lowering.row_problem import RowProblem, flag_bool, problem_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IGNORE_EVERY = 5  # rows 2, 7, 12, ... of every case carry ignore_index
 
 
@@ -56,18 +55,6 @@ class Case:
     bias: torch.Tensor | None
     labels: torch.Tensor
     dloss: torch.Tensor
-
-
-def _flag_bool(flags: dict[str, Any], name: str, default: bool) -> bool:
-    value = flags.get(name, default)
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes"):
-        return True
-    if text in ("0", "false", "no"):
-        return False
-    raise ValueError(f"linear_cross_entropy problem: flag {name} must be true or false, got {value!r}")
 
 
 class LinearCrossEntropyProblem(RowProblem):
@@ -106,13 +93,11 @@ class LinearCrossEntropyProblem(RowProblem):
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"linear_cross_entropy problem: label_smoothing must be in [0, 1], "
                              f"got {self.label_smoothing}")
-        if dtype not in DTYPES:
-            raise ValueError(f"linear_cross_entropy problem: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dtype = DTYPES[dtype]
-        self.upcast = _flag_bool(flags, "upcast", True) and self.dtype != torch.float32
+        self.dtype = problem_dtype(PATTERN, dtype, "dtype")
+        self.upcast = flag_bool(PATTERN, flags, "upcast", True) and self.dtype != torch.float32
         self.out_dtype = torch.float32 if self.upcast else self.dtype
-        self.bias = _flag_bool(flags, "bias", False)
-        self.keep_logits = _flag_bool(flags, "logits_out", False)
+        self.bias = flag_bool(PATTERN, flags, "bias", False)
+        self.keep_logits = flag_bool(PATTERN, flags, "logits_out", False)
         self.flags = {"reduction": self.reduction, "ignore_index": self.ignore_index,
                       "label_smoothing": self.label_smoothing, "upcast": self.upcast, "bias": self.bias,
                       "vocab": self.vocab, "logits_out": self.keep_logits}

@@ -29,9 +29,8 @@ from autokernel.lowering.rms_norm.kernels import (
     rms_norm_reference,
 )
 from autokernel.lowering.rms_norm.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key, source_kernels
-from autokernel.lowering.row_problem import RowProblem, norm_candidates
+from autokernel.lowering.row_problem import RowProblem, norm_candidates, problem_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EPS = 1e-6
 
 
@@ -42,12 +41,6 @@ class Case:
     dy: torch.Tensor
     residual: torch.Tensor | None = None  # add + RMSNorm: the second addend
     dh: torch.Tensor | None = None  # add + RMSNorm: the gradient h gets from its other readers
-
-
-def _dtype(name: str, what: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"rms_norm problem: {what} must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 class RmsNormProblem(RowProblem):
@@ -61,10 +54,10 @@ class RmsNormProblem(RowProblem):
         if self.mode not in ("llama", "gemma"):
             raise ValueError(f"rms_norm problem: flag mode must be 'llama' or 'gemma', got {self.mode!r}")
         self.offset = float(flags.get("offset", 0.0))
-        self.dtype = _dtype(dtype, "dtype")
+        self.dtype = problem_dtype(PATTERN, dtype, "dtype")
         wname = flags.get("weight", dtype)
-        self.w_dtype = None if wname == "none" else _dtype(wname, "flag weight")
-        self.out_dtype = _dtype(flags.get("out", dtype), "flag out")
+        self.w_dtype = None if wname == "none" else problem_dtype(PATTERN, wname, "flag weight")
+        self.out_dtype = problem_dtype(PATTERN, flags.get("out", dtype), "flag out")
         self.residual = bool(flags.get("residual", False))
         if len(shape) < 1 or any(int(s) < 1 for s in shape):
             raise ValueError(f"rms_norm problem: shape must be positive sizes, got {shape}")

@@ -43,8 +43,8 @@ from autokernel.lowering.rope.kernels import (
     rope_reference,
 )
 from autokernel.lowering.rope.ops import KERNEL, PATTERN, pattern_key, source_kernels
+from autokernel.lowering.row_problem import problem_dtype
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BASE = 10000.0
 _FP16_MAX_SCALE = 1e3  # RoPE's frequency base (Llama's); any base exercises the same kernel
 
@@ -57,12 +57,6 @@ class Case:
     sin: torch.Tensor
     dq: torch.Tensor  # upstream gradients of the outputs
     dk: torch.Tensor | None
-
-
-def _dtype(name: str, what: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"rope problem: {what} must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def _int_flag(flags: dict[str, Any], name: str, default: int) -> int:
@@ -80,7 +74,7 @@ class RopeProblem:
 
     def __init__(self, flags: dict[str, Any], dtype: str, shape: list[int], device: torch.device | str):
         self.device = torch.device(device)
-        self.dtype = _dtype(dtype, "dtype")
+        self.dtype = problem_dtype(PATTERN, dtype, "dtype")
         if len(shape) not in (2, 4) or any(int(s) < 1 for s in shape):
             raise ValueError(f"rope problem: shape must be [B, heads, S, D] or [rows, D] of positive sizes, "
                              f"got {shape}")
@@ -105,11 +99,11 @@ class RopeProblem:
             if flags.get("cs", "complex64") != "complex64" or self.rotary_dim != self.head_dim:
                 raise ValueError("rope problem: the complex layout takes cs=complex64 and full rotary")
             self.cs_dtype, self.cs_real = torch.complex64, torch.float32
-            self.out_dtype = _dtype(flags.get("out", "fp32"), "flag out")
+            self.out_dtype = problem_dtype(PATTERN, flags.get("out", "fp32"), "flag out")
         else:
-            self.cs_dtype = self.cs_real = _dtype(flags.get("cs", dtype), "flag cs")
-            self.out_dtype = _dtype(flags.get("out", dtype_name(torch.promote_types(self.dtype, self.cs_dtype))),
-                                    "flag out")
+            self.cs_dtype = self.cs_real = problem_dtype(PATTERN, flags.get("cs", dtype), "flag cs")
+            promoted = dtype_name(torch.promote_types(self.dtype, self.cs_dtype))
+            self.out_dtype = problem_dtype(PATTERN, flags.get("out", promoted), "flag out")
         if self.layout != "complex" and self.out_dtype != torch.promote_types(self.dtype, self.cs_dtype):
             raise ValueError(f"rope problem: flag out={dtype_name(self.out_dtype)} is not the promoted dtype of "
                              f"{dtype_name(self.dtype)} and cs={dtype_name(self.cs_dtype)}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from autokernel.lowering.pattern import dtype_name
-from autokernel.lowering.row_problem import RowProblem, next_pow2, plausible_warps
+from autokernel.lowering.row_problem import RowProblem, next_pow2, plausible_warps, problem_dtype
 from autokernel.lowering.softmax.kernels import (
     SoftmaxConfig,
     SourceKernels,
@@ -31,19 +31,11 @@ from autokernel.lowering.softmax.kernels import (
 )
 from autokernel.lowering.softmax.ops import BWD_KERNEL, FWD_KERNEL, OPS, PATTERN, pattern_key, source_kernels
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class Case:
     x: torch.Tensor
     dy: torch.Tensor
-
-
-def _dtype(name: str, what: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"softmax problem: {what} must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 class SoftmaxProblem(RowProblem):
@@ -60,8 +52,8 @@ class SoftmaxProblem(RowProblem):
         if op not in OPS:
             raise ValueError(f"softmax problem: flag op must be one of {OPS}, got {op!r}")
         self.log = op == "log_softmax"
-        self.dtype = _dtype(dtype, "dtype")
-        self.out_dtype = _dtype(flags.get("out", dtype), "flag out")
+        self.dtype = problem_dtype(PATTERN, dtype, "dtype")
+        self.out_dtype = problem_dtype(PATTERN, flags.get("out", dtype), "flag out")
         if len(shape) < 1 or any(int(s) < 1 for s in shape):
             raise ValueError(f"softmax problem: shape must be positive sizes, got {shape}")
         self.hidden = int(shape[-1])

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from autokernel.lowering.pattern import dtype_name
-from autokernel.lowering.row_problem import RowProblem
+from autokernel.lowering.row_problem import RowProblem, problem_dtype
 from autokernel.lowering.swiglu.kernels import (
     ACTS,
     LAYOUTS,
@@ -32,7 +32,6 @@ from autokernel.lowering.swiglu.kernels import (
 )
 from autokernel.lowering.swiglu.ops import BWD_KERNEL, FWD_KERNEL, PATTERN, pattern_key, source_kernels
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # fp16 tops out at 65504: a gate of 1e4 times a unit up (and dy) would overflow the outputs themselves, so
 # its "large" case stops at a gate of 1e2, where the sigmoid has long saturated.
 _FP16_MAX_SCALE = 1e2
@@ -59,9 +58,7 @@ class SwigluProblem(RowProblem):
         self.layout = flags.get("layout", "separate")
         if self.layout not in LAYOUTS:
             raise ValueError(f"swiglu problem: flag layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"swiglu problem: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dtype = DTYPES[dtype]
+        self.dtype = problem_dtype(PATTERN, dtype, "dtype")
         if len(shape) < 1 or any(int(s) < 1 for s in shape):
             raise ValueError(f"swiglu problem: shape must be positive sizes, got {shape}")
         self.hidden = int(shape[-1])
