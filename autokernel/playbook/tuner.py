@@ -480,12 +480,12 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Call
             entry["winner"][p] = "inductor"
     entry["times"]["in_context_clock"] = ctx.get("clock")
     changed = f"winner {before} -> {entry['winner']}" if entry["winner"] != before else ""
-    theirs = ", ".join(f"Inductor {p} {ctx[f'inductor_{p}_ms']:.4f} ms" for p in ("fwd", "train")
-                       if ctx.get(f"inductor_{p}_ms") is not None)
+    inductor_text = ", ".join(f"Inductor {p} {ctx[f'inductor_{p}_ms']:.4f} ms" for p in ("fwd", "train")
+                              if ctx.get(f"inductor_{p}_ms") is not None)
     log.row(strategy="inductor", n="", phase="in context", status=ctx["status"], fwd_ms=_fmt(ctx.get("fwd_ms")),
             train_ms=_fmt(ctx.get("train_ms")),
-            detail="; ".join(filter(None, [ctx.get("detail", ""), f"{ctx.get('clock')} clock" if theirs else "",
-                                            theirs, changed]))[:500])
+            detail="; ".join(filter(None, [ctx.get("detail", ""), f"{ctx.get('clock')} clock" if inductor_text else "",
+                                            inductor_text, changed]))[:500])
 
 
 @dataclass
