@@ -69,7 +69,15 @@ def test_generate_static_cache_reduce_overhead_matches_eager(tmp_path, caplog, m
                                   disable_compile=True, pad_token_id=0)
     eager_forward = model.forward
     for _ in range(2):  # misses recorded, then served
-        model.forward = torch.compile(eager_forward, backend="autokernel", mode="reduce-overhead")
+        compiled = torch.compile(eager_forward, backend="autokernel", mode="reduce-overhead")
+
+        def forward(*args, compiled=compiled, **kwargs):
+            # Each decode step is a new CUDA-graph step: the static cache's tensors and the last step's
+            # outputs are overwritten by the next replay (what transformers' own compiled generate marks too).
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args, **kwargs)
+
+        model.forward = forward
         caplog.clear()
         caplog.set_level(logging.INFO, logger="autokernel")
         with torch.no_grad():

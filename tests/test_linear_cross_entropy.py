@@ -25,6 +25,7 @@ from autokernel.lowering.linear_cross_entropy.kernels import (
     default_config,
     linear_cross_entropy,
     linear_cross_entropy_reference,
+    max_chunk_bytes,
 )
 from autokernel.lowering.linear_cross_entropy.ops import pattern_key
 from autokernel.playbook.tolerances import assert_close
@@ -401,9 +402,23 @@ def test_driver_is_deterministic_and_computes_only_what_is_asked():
 
 
 def test_default_config_sizes_the_chunk_by_bytes():
-    # 1024 rows of a 128256 bf16 vocabulary (250.5 MiB), 4096 of 32000.
+    # 1024 rows of a 128256 bf16 vocabulary (250.5 MiB) where dW leaves little of the 1.4 GiB budget (hidden
+    # 4096); twice that where it leaves room (hidden 2048: 2048 rows; a 32000 vocabulary: 8320 rows, 507 MiB).
     assert default_config(8192, 4096, 128256, torch.bfloat16).train_chunk_rows == 1024
-    assert default_config(8192, 4096, 32000, torch.bfloat16).train_chunk_rows == 4096
+    assert default_config(8192, 2048, 128256, torch.bfloat16).train_chunk_rows == 2048
+    assert default_config(8192, 4096, 32000, torch.bfloat16).train_chunk_rows == 8320
+    assert max_chunk_bytes(8192, 4096, 128256, 2) + (128256 + 8192) * 4096 * 2 <= 1.4 * 2**30
+
+
+def test_candidate_chunks_stay_in_the_memory_budget():
+    from autokernel.lowering.linear_cross_entropy.problem import LinearCrossEntropyProblem
+
+    for hidden, most in ((2048, 3584), (4096, 1408)):
+        problem = LinearCrossEntropyProblem({"vocab": 128256}, "bf16", [8192, hidden], "cpu")
+        chunks = {c["train_chunk_rows"] for phase, c in problem.candidates() if phase == "bwd"}
+        assert max(chunks) == most, chunks
+        grads = (128256 + 8192) * hidden * 2
+        assert max(chunks) * 128256 * 2 + grads <= 1.4 * 2**30 + 128 * 128256 * 2  # within one row tile
     with pytest.raises(ValueError, match="train_chunk_rows must be > 0"):
         LinearCrossEntropyConfig(train_chunk_rows=0)
     with pytest.raises(ValueError, match="fwd_block_n must be a power of two"):
@@ -456,3 +471,24 @@ def test_ak_tune_writes_an_entry_that_hits(cache_dir):
         cache.close()
     assert result.status == "written", result.detail
     assert [i.status for i in explain(upcast_mean, args, cache_dir)] == ["hit"]
+
+
+def test_floor_counts_the_matmuls():
+    """The tuner's floor for linear + CE is its FLOPs at the measured matmul rate when that exceeds the DRAM floor
+    (the Amdahl ranking of a Llama step put it at 0.76 ms for an op whose matmuls need 18.5 ms)."""
+    from autokernel.lowering.linear_cross_entropy.problem import LinearCrossEntropyProblem
+    from autokernel.playbook.tuner import measure_baseline
+
+    class Rates:
+        def call(self, kind):
+            if kind == "bandwidth":
+                return {"status": "ok", "copy_gbps": 4000.0, "matmul_tflops": 700.0}
+            return {"status": "ok", "fwd_ms": 7.5, "train_ms": 21.0}
+
+    problem = LinearCrossEntropyProblem({"vocab": 128256}, "bf16", [8192, 2048], "cpu")
+    floor, peer, detail = measure_baseline(Rates(), problem)
+    assert detail == "" and peer == {"fwd_ms": 7.5, "train_ms": 21.0}
+    matmul_ms = 2 * 8192 * 2048 * 128256 / 700e12 * 1e3
+    assert floor["fwd"] == pytest.approx(matmul_ms) and floor["train"] == pytest.approx(3 * matmul_ms)
+    dram_only = {k: v / 4000e9 * 1e3 for k, v in problem.bytes_moved().items()}
+    assert all(floor[k] > dram_only[k] for k in floor)

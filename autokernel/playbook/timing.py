@@ -56,3 +56,14 @@ def copy_gbps(device: torch.device) -> float | None:
     ms = median_ms(lambda: b.copy_(a), device)
     gbps = 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
     return gbps
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """Dense bf16 matmul rate on random data (8192^3, GPU time), in TFLOP/s: the compute floor's ceiling for
+    patterns that hold matmuls (linear + cross-entropy). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    ms = graph_ms(lambda: a @ b, device) or median_ms(lambda: a @ b, device)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12

@@ -578,10 +578,15 @@ def plot_progress(path: Path, rows: list[dict[str, Any]], title: str, peer: dict
 
 
 def measure_baseline(worker: Worker, problem: Any) -> tuple[dict[str, float | None], dict[str, float | None], str]:
-    """The DRAM floor of each pass (from the measured copy bandwidth) and Inductor's times, in ms, on the
-    worker's device; the third item says what went wrong with Inductor's run, or is ''."""
-    bw = worker.call("bandwidth").get("copy_gbps")
+    """The floor of each pass and Inductor's times, in ms, on the worker's device; the third item says what went
+    wrong with Inductor's run, or is ''. The floor is the DRAM floor (bytes over the measured copy bandwidth),
+    or for a pattern holding matmuls (``problem.flops()``) the larger of that and its FLOPs over the measured
+    bf16 matmul rate."""
+    rates = worker.call("bandwidth")
+    bw, tflops = rates.get("copy_gbps"), rates.get("matmul_tflops")
     floor = {k: (v / (bw * 1e9) * 1e3 if bw else None) for k, v in problem.bytes_moved().items()}
+    if tflops and hasattr(problem, "flops"):
+        floor = {k: max(v or 0.0, problem.flops()[k] / (tflops * 1e12) * 1e3) for k, v in floor.items()}
     reply = worker.call("inductor")
     if reply["status"] != "ok":
         return floor, {"fwd_ms": None, "train_ms": None}, reply.get("detail", reply["status"])

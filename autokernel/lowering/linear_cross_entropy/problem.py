@@ -10,7 +10,7 @@ Flags: ``vocab``; ``reduction`` (mean, sum, none; default mean), ``ignore_index`
 also returns the logits; default false). Every fifth row of the cases is ignored.
 
 The kernel space: rows per chunk (memory against the matmuls' efficiency and the re-reads of ``dW``; capped
-so that the chunk buffer stays under ``kernels.MAX_CHUNK_BYTES``: the tuner measures time, not memory), and
+so that the chunk buffer stays under ``kernels.max_chunk_bytes``: the tuner measures time, not memory), and
 the cross-entropy kernel's chunk width and warps, for the forward alone (``fwd_*``) and for the pass that
 computes the gradients (``train_*``).
 
@@ -32,7 +32,6 @@ from autokernel.lowering.cross_entropy.kernels import REDUCTIONS, SourceKernels
 from autokernel.lowering.cross_entropy.ops import BWD_KERNEL, FWD_KERNEL, source_kernels
 from autokernel.lowering.cross_entropy.problem import CrossEntropyProblem
 from autokernel.lowering.linear_cross_entropy.kernels import (
-    MAX_CHUNK_BYTES,
     ROW_MULTIPLE,
     Grads,
     LinearCrossEntropyConfig,
@@ -40,6 +39,7 @@ from autokernel.lowering.linear_cross_entropy.kernels import (
     default_config,
     linear_cross_entropy,
     linear_cross_entropy_reference,
+    max_chunk_bytes,
 )
 from autokernel.lowering.linear_cross_entropy.ops import PATTERN, pattern_key
 from autokernel.lowering.pattern import dtype_name
@@ -121,7 +121,8 @@ class LinearCrossEntropyProblem(RowProblem):
     def _chunks(self) -> list[int]:
         """Rows per chunk worth trying: multiples of the row tile, the buffer under the memory cap, no more
         rows than the batch holds (rounded up to the tile)."""
-        most = MAX_CHUNK_BYTES // (self.vocab * self.dtype.itemsize)
+        cap = max_chunk_bytes(self.rows, self.hidden, self.vocab, self.dtype.itemsize)
+        most = cap // (self.vocab * self.dtype.itemsize)
         batch = -(-self.rows // ROW_MULTIPLE) * ROW_MULTIPLE
         options = {r for r in (256, 512, 1024, 2048, 4096, 8192) if r <= most}
         options.add(max(ROW_MULTIPLE, most // ROW_MULTIPLE * ROW_MULTIPLE))
@@ -300,6 +301,11 @@ class LinearCrossEntropyProblem(RowProblem):
         return {"fwd": fwd, "train": fwd + self.rows * self.hidden * s + params}
 
     # ---- for the agent ---------------------------------------------------------------------
+    def flops(self) -> dict[str, int]:
+        """The matmuls' FLOPs: the logits (2 N H V) in the forward; training adds ``dh`` and ``dW``."""
+        one = 2 * self.rows * self.hidden * self.vocab
+        return {"fwd": one, "train": 3 * one}
+
     def agent_brief(self) -> dict[str, str]:
         """What the tuning agent reads: the task, the math, the kernel contract (the cross-entropy kernel the
         chunks run), the built-in source."""
