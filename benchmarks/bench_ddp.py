@@ -57,6 +57,8 @@ from bench_e2e import (  # noqa: E402
     compiled,
     describe_run,
     measure_step,
+    parse_step_args,
+    step_parser,
 )
 
 IMPLS = ("eager", "inductor", "inductor-max-autotune", "autokernel")
@@ -146,18 +148,10 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = step_parser(__doc__.splitlines()[0], IMPLS, "eager,inductor,autokernel",
+                    "tiny config on the CPU over gloo: tests the plumbing only")
     p.add_argument("--wrap", choices=WRAPS, required=True, help="DistributedDataParallel or FSDP2's fully_shard")
-    p.add_argument("--impls", default="eager,inductor,autokernel", help=f"comma list of {IMPLS}")
-    p.add_argument("--iters", type=int, default=10, help="timed steps per impl (median reported)")
-    p.add_argument("--cache-dir", default=None, help="autokernel cache (default: $AUTOKERNEL_CACHE_DIR)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny config on the CPU over gloo: tests the plumbing only")
-    args = p.parse_args(argv)
-    args.impl_list = args.impls.split(",")
-    for impl in args.impl_list:
-        if impl not in IMPLS:
-            p.error(f"unknown impl {impl!r}; known: {IMPLS}")
+    args = parse_step_args(p, argv, IMPLS)
     if "RANK" not in os.environ:
         p.error("launch with torchrun --nproc-per-node N (the environment has no RANK)")
     return args

@@ -207,20 +207,32 @@ def compile_cold() -> None:
     torch._functorch.config.enable_autograd_cache = False
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impls", default=DEFAULT_IMPLS, help=f"comma list of {IMPLS}")
+def step_parser(description: str, impls: Sequence[str], default_impls: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of the model's step: --impls (checked by ``parse_step_args``), --iters,
+    --cache-dir, --out, --smoke."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--impls", default=default_impls, help=f"comma list of {tuple(impls)}")
     p.add_argument("--iters", type=int, default=10, help="timed steps per impl (median reported)")
-    p.add_argument("--tune", type=float, default=None, metavar="MIN", help="run ak-tune --model first, MIN minutes")
     p.add_argument("--cache-dir", default=None, help="autokernel cache (default: $AUTOKERNEL_CACHE_DIR)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny config on the CPU: tests the plumbing only")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    return p
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: Sequence[str] | None, impls: Sequence[str]) -> argparse.Namespace:
+    """``p``'s arguments, with ``impl_list``: the --impls, each one of ``impls``."""
     args = p.parse_args(argv)
     args.impl_list = args.impls.split(",")
     for impl in args.impl_list:
-        if impl not in IMPLS:
-            p.error(f"unknown impl {impl!r}; known: {IMPLS}")
+        if impl not in impls:
+            p.error(f"unknown impl {impl!r}; known: {tuple(impls)}")
     return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = step_parser(__doc__.splitlines()[0], IMPLS, DEFAULT_IMPLS, "tiny config on the CPU: tests the plumbing only")
+    p.add_argument("--tune", type=float, default=None, metavar="MIN", help="run ak-tune --model first, MIN minutes")
+    return parse_step_args(p, argv, IMPLS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
