@@ -91,17 +91,11 @@ def compiled(impl: str, model: torch.nn.Module, cache_dir: str | None) -> Any:
     return torch.compile(model, backend="autokernel", options=options)
 
 
-def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
-              device: torch.device, cache_dir: str | None) -> dict[str, Any]:
-    torch._dynamo.reset()
-    model = copy.deepcopy(base)
-    if impl == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
-    fwd = compiled(impl, model, cache_dir)
-
+def measure_step(fwd: Any, model: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
+                 device: torch.device) -> dict[str, Any]:
+    """One training step (forward with labels, backward, gradients dropped) of ``fwd``, which runs ``model``:
+    the first step's seconds (compile included), then two warm-up steps and the median ms of ``iters`` steps
+    (CUDA events; wall clock on the CPU), the peak memory above what the warm model holds, and the loss."""
     def step() -> torch.Tensor:
         loss = fwd(**inputs).loss
         loss.backward()
@@ -134,10 +128,22 @@ def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor],
             step()
             times.append((time.perf_counter() - t) * 1e3)
     times.sort()
-    ms = times[len(times) // 2]
     peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20 if device.type == "cuda" else None
-    row: dict[str, Any] = {"impl": impl, "ms": round(ms, 3), "peak_mib": None if peak is None else round(peak, 1),
-                           "loss": round(float(loss), 5), "first_step_s": round(first_s, 2)}
+    return {"ms": round(times[len(times) // 2], 3), "peak_mib": None if peak is None else round(peak, 1),
+            "loss": float(loss), "first_step_s": round(first_s, 2)}
+
+
+def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
+              device: torch.device, cache_dir: str | None) -> dict[str, Any]:
+    torch._dynamo.reset()
+    model = copy.deepcopy(base)
+    if impl == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    row: dict[str, Any] = {"impl": impl, **measure_step(compiled(impl, model, cache_dir), model, inputs, iters, device)}
+    row["loss"] = round(row["loss"], 5)
     if impl == "autokernel":
         import autokernel
 
@@ -184,20 +190,49 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impls", default=DEFAULT_IMPLS, help=f"comma list of {IMPLS}")
+def describe_run(device: torch.device, dims: dict[str, int], launch: list[str],
+                 argv: Sequence[str] | None) -> dict[str, Any]:
+    """The results file's header (``BENCH_FORMAT.md``): device, versions, date, the command (``launch`` and
+    the script's arguments) and the case."""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "command": shlex.join([*launch, *(sys.argv[1:] if argv is None else argv)]), "case": case_name(dims)}
+
+
+def compile_cold() -> None:
+    """First-step times compare compilers, not caches: no impl may reuse another's (or ak-tune's) compiled graphs."""
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
+def step_parser(description: str, impls: Sequence[str], default_impls: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of the model's step: --impls (checked by ``parse_step_args``), --iters,
+    --cache-dir, --out, --smoke."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--impls", default=default_impls, help=f"comma list of {tuple(impls)}")
     p.add_argument("--iters", type=int, default=10, help="timed steps per impl (median reported)")
-    p.add_argument("--tune", type=float, default=None, metavar="MIN", help="run ak-tune --model first, MIN minutes")
     p.add_argument("--cache-dir", default=None, help="autokernel cache (default: $AUTOKERNEL_CACHE_DIR)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny config on the CPU: tests the plumbing only")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    return p
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: Sequence[str] | None, impls: Sequence[str]) -> argparse.Namespace:
+    """``p``'s arguments, with ``impl_list``: the --impls, each one of ``impls``."""
     args = p.parse_args(argv)
     args.impl_list = args.impls.split(",")
     for impl in args.impl_list:
-        if impl not in IMPLS:
-            p.error(f"unknown impl {impl!r}; known: {IMPLS}")
+        if impl not in impls:
+            p.error(f"unknown impl {impl!r}; known: {tuple(impls)}")
     return args
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = step_parser(__doc__.splitlines()[0], IMPLS, DEFAULT_IMPLS, "tiny config on the CPU: tests the plumbing only")
+    p.add_argument("--tune", type=float, default=None, metavar="MIN", help="run ak-tune --model first, MIN minutes")
+    return parse_step_args(p, argv, IMPLS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,19 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_e2e_")) if args.smoke
                                            else REPO / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    import triton
-
-    meta: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python", "benchmarks/bench_e2e.py", *(sys.argv[1:] if argv is None else argv)]),
-        "case": case_name(dims),
-    }
+    meta = describe_run(device, dims, ["python", "benchmarks/bench_e2e.py"], argv)
     if args.tune is not None and "autokernel" in args.impl_list:
         meta["tune"] = run_tune(dims, args.tune, cache_dir, out)
-    # First-step times compare compilers, not caches: no impl may reuse another's (or ak-tune's) compiled graphs.
-    torch._inductor.config.fx_graph_cache = False
-    torch._functorch.config.enable_autograd_cache = False
+    compile_cold()
     base, inputs = build(dims, device)
     tokens = dims["batch"] * dims["seq"]
     rows = []

@@ -1,4 +1,5 @@
-"""The benchmark script's plumbing, end to end on the CPU: ``bench_patterns.py --smoke``."""
+"""The benchmark scripts' plumbing, end to end on the CPU: ``bench_patterns.py --smoke`` and
+``bench_ddp.py --smoke`` (two gloo ranks)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_patterns.py"
@@ -49,3 +52,34 @@ def test_bench_smoke_rms_norm(tmp_path: Path) -> None:
         assert by_impl["autokernel"]["cache"] in ("hit", "miss")
         if by_impl["autokernel"]["cache"] == "miss":
             assert by_impl["autokernel"].get("reason")
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_bench_ddp_smoke(tmp_path: Path, wrap: str) -> None:
+    """``torchrun --nproc-per-node 2 bench_ddp.py --smoke``: two gloo ranks on the CPU, rank 0 writes the rows."""
+    out = tmp_path / "results"
+    env = dict(os.environ, TRITON_INTERPRET="1", AUTOKERNEL_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "benchmarks" / "bench_ddp.py"), "--smoke", "--wrap", wrap, "--impls", "eager,autokernel",
+           "--iters", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    data = json.loads((out / f"llama-step-{wrap}.json").read_text())
+    assert (out / f"llama-step-{wrap}.md").is_file()
+    for key in REQUIRED_TOP:
+        if key != "copy_gbps":  # whole-model benchmarks do not measure the copy bandwidth
+            assert key in data, key
+    assert data["world_size"] == 2 and data["command"].startswith("torchrun --nproc-per-node 2 ")
+    rows = {row["impl"]: row for row in data["rows"]}
+    assert set(rows) == {"eager", "autokernel"}
+    for row in rows.values():
+        for key in REQUIRED_ROW:
+            assert key in row, (key, row)
+        assert "error" not in row, row["error"]
+        assert row["pattern"] == f"llama-step-{wrap}" and row["world_size"] == 2 and row["ms"] > 0
+        assert len(row["ms_per_rank"]) == 2 and row["first_step_s"] > 0
+    assert abs(rows["autokernel"]["loss"] - rows["eager"]["loss"]) < 1e-3
+    instances = rows["autokernel"]["instances"]  # the cache is empty: every instance found was a miss
+    assert instances and all(key.endswith(":miss") for key in instances), instances

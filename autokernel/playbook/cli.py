@@ -3,6 +3,7 @@
     ak-tune                                   # every miss in the wanted table, most-seen first
     ak-tune --pattern rms_norm --shape 8192x4096 --dtype bf16 [--flags mode=gemma,offset=1]
     ak-tune --list                            # show the wanted table and exit
+    ak-tune --shard 2/4 --gpus all            # host 2 of 4: its share of the wanted table, on every GPU here
     ak-tune --notes [--pattern rms_norm [--shape 8192x4096]]   # what earlier runs learned on this GPU
     ak-tune --playbook [--pattern rms_norm]   # the playbook's rules (and what was measured, on which GPU)
 """
@@ -13,12 +14,12 @@ import argparse
 import logging
 import os
 import sys
-import threading
 import time
 
 import torch
 
-from autokernel.playbook.tuner import STRATEGIES, TuneRequest, TuneResult, set_interpreter_if_no_gpu, tune
+from autokernel.playbook.pool import Job, Shard, tune_all
+from autokernel.playbook.tuner import STRATEGIES, TuneRequest, TuneResult, set_interpreter_if_no_gpu
 
 
 def _shape(text: str) -> list[int]:
@@ -44,6 +45,13 @@ def _flags(text: str) -> dict[str, object]:
     return out
 
 
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ak-tune", description="Tune kernels for the cache misses of this GPU.")
     p.add_argument("--model", help="tune one model's misses in Amdahl order: path/to/file.py:factory, where "
@@ -66,12 +74,19 @@ def _parser() -> argparse.ArgumentParser:
                         "pip install 'autokernel[agent]'); both: search, then the agent tries to beat it")
     p.add_argument("--agent-model", default=None, help="Anthropic model for the agent")
     p.add_argument("--max-turns", type=int, default=20, help="agent replies per shape (default 20)")
-    p.add_argument("--gpus", help="tune on these GPUs at once, e.g. 0,1 (one worker each, one shared queue); "
-                                  "under the interpreter, N CPU workers")
+    p.add_argument("--gpus", help="tune on these GPUs at once, e.g. 0,1, or all visible ones: all (one worker each, "
+                                  "one shared queue); without CUDA (the interpreter) 0,1 means two CPU workers and "
+                                  "all means one")
+    p.add_argument("--shard", type=_shard, metavar="K/N",
+                   help="tune only share K of N (counted from 1: 1/2 and 2/2) of the wanted table or of --model's "
+                        "misses, for N hosts tuning at once without a coordinator; a request's share comes from a "
+                        "hash of its pattern, flags, dtype and shape bucket, so hosts with the same table split "
+                        "it the same way")
     p.add_argument("--cache-dir", help="cache root (default $AUTOKERNEL_CACHE_DIR or ~/.cache/autokernel)")
     p.add_argument("--retry-failed", action="store_true",
                    help="run candidates the notes say failed on the same shape before (skipped otherwise)")
-    p.add_argument("--list", action="store_true", help="print the wanted table and exit")
+    p.add_argument("--list", action="store_true",
+                   help="print the wanted table (with --model: the model's misses; with --shard: this share) and exit")
     p.add_argument("--notes", action="store_true",
                    help="print what earlier runs learned on this GPU (winners, failed candidates) and exit; "
                         "--pattern and --shape narrow it down")
@@ -82,9 +97,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
+    """One progress line on stderr (rewritten in place on a terminal), ended before any other output."""
+
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
+        self.open = False  # a progress line is on the terminal without its newline
 
     def __call__(self, prefix: str, msg: str) -> None:
         if self.quiet:
@@ -92,10 +110,16 @@ class _Progress:
         line = f"[ak-tune] {prefix}: {msg}"
         sys.stderr.write(("\r\033[K" + line) if self.tty else line + "\n")
         sys.stderr.flush()
+        self.open = self.tty
 
     def done(self) -> None:
-        if self.tty and not self.quiet:
+        if self.open:
             sys.stderr.write("\n")
+            self.open = False
+
+    def print(self, line: str) -> None:
+        self.done()
+        print(line, flush=True)
 
 
 def _summary(results: list[TuneResult]) -> str:
@@ -140,8 +164,33 @@ def _print_notes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devices(spec: str | None, device: torch.device, parser: argparse.ArgumentParser) -> list[torch.device]:
+    """The devices ``--gpus`` names: ``0,1`` or ``all`` (every visible CUDA device). Without CUDA they are
+    CPU workers running the interpreter, whose tuning exercises the loop rather than finds speed: ``0,1``
+    asks for two, and ``all`` gets one (there are no GPUs to count)."""
+    if not spec:
+        return [device]
+    if spec == "all":
+        if device.type != "cuda":
+            print("--gpus all: no CUDA device here; tuning with one CPU worker (the Triton interpreter)",
+                  file=sys.stderr)
+            return [device]
+        return [torch.device("cuda", g) for g in range(torch.cuda.device_count())]
+    try:
+        ids = [int(g) for g in spec.split(",")]
+    except ValueError:
+        parser.error(f"--gpus takes device numbers like 0,1 or all, got {spec!r}")
+    if device.type != "cuda":
+        return [device] * len(ids)
+    bad = [g for g in ids if not 0 <= g < torch.cuda.device_count()]
+    if bad:
+        parser.error(f"--gpus: no CUDA device {bad} (this machine has {torch.cuda.device_count()})")
+    return [torch.device("cuda", g) for g in ids]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s %(levelname)s] %(message)s")
     if args.playbook:
         from autokernel.playbook.rules import render
@@ -151,95 +200,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.notes:
         return _print_notes(args)
     if args.pattern and not args.shape:
-        _parser().error("--pattern needs --shape")
+        parser.error("--pattern needs --shape")
     if args.strategy != "search" and not os.environ.get("ANTHROPIC_API_KEY"):
         print(f"--strategy {args.strategy}: ANTHROPIC_API_KEY is not set; the agent phase will be skipped "
               "(the search still runs for --strategy both)", file=sys.stderr)
     device = set_interpreter_if_no_gpu()
-    devices = [device]
-    if args.gpus:
-        try:
-            ids = [int(g) for g in args.gpus.split(",")]
-        except ValueError:
-            _parser().error(f"--gpus takes device numbers like 0,1, got {args.gpus!r}")
-        if device.type == "cuda":
-            bad = [g for g in ids if not 0 <= g < torch.cuda.device_count()]
-            if bad:
-                _parser().error(f"--gpus: no CUDA device {bad} (this machine has {torch.cuda.device_count()})")
-            devices = [torch.device("cuda", g) for g in ids]
-        else:
-            devices = [device] * len(ids)
+    devices = _devices(args.gpus, device, parser)
     from autokernel.cache import KernelCache
 
     cache = KernelCache(args.cache_dir, device=device)
+    progress = _Progress(args.quiet or len(devices) > 1)
+    tune_kwargs = dict(progress=progress, strategy=args.strategy, agent_model=args.agent_model,
+                       max_turns=args.max_turns, retry_failed=args.retry_failed)
     if args.model or args.hf_config:
         from autokernel.playbook.model import ModelError, hf_factory, load_factory, tune_model
 
         try:
             factory = load_factory(args.model) if args.model else hf_factory(args.hf_config, args.batch, args.seq)
-            results = tune_model(factory, cache, device, args.budget * 60, args.timeout, strategy=args.strategy,
-                                 agent_model=args.agent_model, max_turns=args.max_turns,
-                                 retry_failed=args.retry_failed)
+            results = tune_model(factory, cache, devices, args.budget * 60, args.timeout, out=progress.print,
+                                 shard=args.shard, list_only=args.list, **tune_kwargs)
         except ModelError as exc:
             print(f"ak-tune: {exc}", file=sys.stderr)
             return 2
+        if args.list:
+            return 0
+        progress.done()
         print(_summary(results))
         return 0 if all(r.status in ("written", "inductor wins") for r in results) else 1
     if args.pattern:
         from autokernel.lowering import families
 
         if args.pattern not in families():
-            _parser().error(f"--pattern must be one of {sorted(families())}, got {args.pattern!r}")
-        work = [(None, TuneRequest(args.pattern, args.flags, args.dtype, args.shape))]
+            parser.error(f"--pattern must be one of {sorted(families())}, got {args.pattern!r}")
+        work = [Job(TuneRequest(args.pattern, args.flags, args.dtype, args.shape))]
     else:
-        work = [(key, TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"])) for key, w in cache.wanted()]
+        work = [Job(TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"]), key) for key, w in cache.wanted()]
+    wanted_count = len(work)
+    share = ""
+    if args.shard is not None:
+        work = [job for job in work if args.shard.owns(job.request)]
+        share = f" (shard {args.shard}: {len(work)} of {wanted_count})"
     if args.list:
-        print(f"wanted in {cache.path}:")
-        for _key, req in work:
-            print(f"  {req.label()}")
+        print(f"wanted in {cache.path}{share}:")
+        for job in work:
+            print(f"  {job.request.label()}")
         return 0
     if not work:
-        print(f"nothing to tune: the wanted table of {cache.path} is empty "
-              "(compile a model with backend='autokernel' first, or pass --pattern/--shape)")
+        print(f"nothing to tune{share}: " + (f"the other shares own all that {cache.path} wants" if wanted_count
+                                             else f"the wanted table of {cache.path} is empty (compile a model "
+                                                  "with backend='autokernel' first, or pass --pattern/--shape)"))
         return 0
-    progress = _Progress(args.quiet or len(devices) > 1)
-    deadline = time.time() + args.budget * 60
-    results: list[TuneResult] = []
-    queue = list(enumerate(work))
-    lock = threading.Lock()
-
-    def serve(dev: torch.device) -> None:
-        """One device's loop: take the next request, tune it there, until the queue or the budget runs out."""
-        local = KernelCache(args.cache_dir, fingerprint_=cache.fingerprint)
-        while True:
-            with lock:
-                if not queue:
-                    break
-                i, (key, req) = queue.pop(0)
-                left = deadline - time.time()
-                share = left * len(devices) / (len(queue) + 1)
-            if left <= 0:
-                with lock:
-                    print(f"budget spent: {req.label()} left in the wanted table")
-                continue
-            prefix = f"{i + 1}/{len(work)} {req.label()}" + (f" on {dev}" if len(devices) > 1 else "")
-            result = tune(req, local, dev, budget_s=min(share, left), timeout_s=args.timeout,
-                          progress=lambda msg, prefix=prefix: progress(prefix, msg), strategy=args.strategy,
-                          agent_model=args.agent_model, max_turns=args.max_turns, retry_failed=args.retry_failed)
-            with lock:
-                progress.done()
-                results.append(result)
-                if key is not None and result.status in ("written", "inductor wins"):
-                    local.remove_wanted(key)
-                if result.detail:
-                    print(f"{req.label()}: {result.status}: {result.detail}")
-        local.close()
-
-    threads = [threading.Thread(target=serve, args=(dev,)) for dev in devices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = tune_all(work, cache, devices, time.time() + args.budget * 60, args.timeout, out=progress.print,
+                       **tune_kwargs)
+    progress.done()
     print(_summary(results))
     print(f"cache: {cache.path}")
     cache.close()

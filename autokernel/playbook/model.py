@@ -4,7 +4,8 @@ The factory returns ``(model, inputs)`` (``inputs`` a dict of keyword arguments 
 training step runs under ``backend="autokernel"`` (its misses land in the wanted table) and is timed;
 each distinct wanted request of the model is timed as Inductor runs it and given its DRAM floor;
 the table ranks them by the step time they could save (count x (now - floor)), and they are tuned
-in that order within the budget. The step is timed again at the end.
+in that order within the budget (on several GPUs, taken in that order from one queue). The step is
+timed again at the end.
 
 This module drives models only through public API (``torch.compile``, ``autokernel.explain``) and
 the tuner; it knows nothing of FX.
@@ -13,7 +14,6 @@ the tuner; it knows nothing of FX.
 from __future__ import annotations
 
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from autokernel.cache import KernelCache, row_bucket
-from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, WorkerFailure, measure_baseline, tune
+from autokernel.cache import KernelCache
+from autokernel.playbook.pool import Job, Shard, tune_all
+from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, WorkerFailure, measure_baseline
 
 
 class ModelError(Exception):
@@ -155,16 +156,12 @@ def table(ranked: list[Ranked], step: float) -> str:
     return "\n".join(lines)
 
 
-def _instance_key(pattern: str, flags: dict, dtype: str, shape: list[int]) -> tuple:
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    return pattern, json.dumps(flags, sort_keys=True), dtype, shape[-1], row_bucket(rows)
-
-
-def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, device: torch.device, budget_s: float,
-               timeout_s: float, out: Callable[[str], None] = print, **tune_kwargs: Any) -> list[TuneResult]:
-    """Rank and tune the misses of ``factory()``'s model (see the module's docstring)."""
+def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devices: list[torch.device],
+               budget_s: float, timeout_s: float, out: Callable[[str], None] = print, shard: Shard | None = None,
+               list_only: bool = False, **tune_kwargs: Any) -> list[TuneResult]:
+    """Rank and tune the misses of ``factory()``'s model (see the module's docstring) on ``devices`` (ranked
+    on the first). ``shard``: only the misses this host's share owns. ``list_only``: print them after the
+    first timing of the step (which records them) and tune nothing."""
     import autokernel
 
     t0 = time.time()
@@ -177,36 +174,36 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
     counts: dict[tuple, int] = {}
     for inst in report.instances:
         if inst.status == "miss" and all(isinstance(d, int) for d in inst.shape):
-            key = _instance_key(inst.pattern, inst.flags, inst.dtype, list(inst.shape))
-            counts[key] = counts.get(key, 0) + 1
-    # This model's misses only (the wanted table may hold other models' too), keyed like the counts.
+            identity = TuneRequest(inst.pattern, inst.flags, inst.dtype, list(inst.shape)).identity()
+            counts[identity] = counts.get(identity, 0) + 1
+    # This model's misses only (the wanted table may hold other models' too), as the wanted table has them.
     wanted_key = {}
     requests = []
     for key, w in cache.wanted():
-        ikey = _instance_key(w["pattern"], w["flags"], w["dtype"], w["shape"])
-        if ikey in counts:
-            wanted_key[ikey] = key
-            requests.append((TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"]), counts[ikey]))
-    ranked = rank(requests, device, timeout_s)
+        request = TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"])
+        if request.identity() in counts:
+            wanted_key[request.identity()] = key
+            requests.append((request, counts[request.identity()]))
+    share = ""
+    if shard is not None:
+        mine = [(request, count) for request, count in requests if shard.owns(request)]
+        share = f" (shard {shard}: {len(mine)} of the model's {len(requests)})"
+        requests = mine
+    if list_only:
+        out(f"wanted by the model in {cache.path}{share}:")
+        for request, count in requests:
+            out(f"  {request.label()}  x{count}")
+        return []
+    ranked = rank(requests, devices[0], timeout_s)
     gain = sum(r.gain_ms or 0.0 for r in ranked)
-    out(f"step {before:.2f} ms; {len(report.instances)} pattern instance(s), {len(ranked)} to tune; "
+    out(f"step {before:.2f} ms; {len(report.instances)} pattern instance(s), {len(ranked)} to tune{share}; "
         f"at the floor the step would take about {max(before - gain, 0):.2f} ms (Amdahl)")
     out(table(ranked, before))
-    results = []
-    for r in ranked:
-        left = budget_s - (time.time() - t0)
-        if left <= 0:
-            out(f"budget spent before {r.request.label()}")
-            break
-        result = tune(r.request, cache, device, budget_s=left / max(1, len(ranked) - len(results)),
-                      timeout_s=timeout_s, baseline=r.baseline, **tune_kwargs)
-        results.append(result)
-        if result.status in ("written", "inductor wins"):
-            q = r.request
-            cache.remove_wanted(wanted_key[_instance_key(q.pattern, q.flags, q.dtype, list(q.shape))])
+    jobs = [Job(r.request, wanted_key[r.request.identity()], r.baseline) for r in ranked]
+    results = tune_all(jobs, cache, devices, t0 + budget_s, timeout_s, out=out, **tune_kwargs)
     torch._dynamo.reset()
     after = step_ms(torch.compile(model, backend="autokernel", options=options), model, inputs)
-    note = " (Triton interpreter on CPU: these times mean nothing)" if device.type == "cpu" else ""
+    note = " (Triton interpreter on CPU: these times mean nothing)" if devices[0].type == "cpu" else ""
     out(f"step before tuning {before:.2f} ms, after {after:.2f} ms "
         f"(expected at the floor: {max(before - gain, 0):.2f} ms){note}")
     sys.stdout.flush()

@@ -22,6 +22,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +68,12 @@ class TuneRequest:
         flags = ",".join(f"{k}={v}" for k, v in self.flags.items())
         return " ".join(p for p in (self.pattern, "x".join(map(str, self.shape)), self.dtype, flags) if p)
 
+    def identity(self) -> tuple[str, str, str, int, int]:
+        """What one cache entry serves: pattern, variant flags, dtype, hidden size and row bucket. Requests
+        with equal identities are one tuning problem, whatever their exact row counts."""
+        return (self.pattern, json.dumps(self.flags, sort_keys=True), self.dtype, self.shape[-1],
+                row_bucket(math.prod(self.shape[:-1])))
+
 
 @dataclass
 class TuneResult:
@@ -78,6 +85,7 @@ class TuneResult:
     seconds: float = 0.0
     run_dir: str = ""
     detail: str = ""
+    retryable: bool = False  # an error of the worker process or its device, not of the request: worth another try
 
 
 class WorkerFailure(Exception):
@@ -86,6 +94,10 @@ class WorkerFailure(Exception):
 
 class WorkerHang(WorkerFailure):
     """The worker did not answer within the timeout (and was killed)."""
+
+
+class WorkerStartFailure(WorkerFailure):
+    """The worker died or hung before it was ready: no candidate is to blame, the process or its device is."""
 
 
 class Worker:
@@ -110,9 +122,13 @@ class Worker:
         os.close(child_out)
         self.to_child = Connection(parent_out, readable=False)
         self.from_child = Connection(parent_in, writable=False)
-        reply = self._receive(max(self.timeout_s, 300.0))
+        try:
+            reply = self._receive(max(self.timeout_s, 300.0))
+        except WorkerFailure as exc:
+            raise WorkerStartFailure(f"worker did not start: {exc}") from None
         if reply.get("status") != "ready":
-            raise WorkerFailure(f"worker did not start: {reply}")
+            self.kill()
+            raise WorkerStartFailure(f"worker did not start: {reply}")
 
     def _receive(self, timeout: float) -> dict[str, Any]:
         if not self.from_child.poll(timeout):
@@ -329,6 +345,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             check = ""
             try:
                 reply = worker.call("candidate", config)
+            except WorkerStartFailure:
+                raise  # not this candidate's failure: the shape ends, and ak-tune may try it on another device
             except WorkerFailure as exc:
                 reply = {"status": "crashed", "detail": str(exc)}
                 check = "hang" if isinstance(exc, WorkerHang) else "crash"
@@ -437,7 +455,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         completed = True
         return result
     except WorkerFailure as exc:
-        result.status, result.detail = "error", str(exc)
+        result.status, result.detail, result.retryable = "error", str(exc), True
         return result
     except WRITE_ERRORS as exc:  # the cache (or the disk under it) failed: this shape is lost, not the run
         result.status, result.detail = "error", f"cache {cache.path}: {describe_write_error(exc)}"
