@@ -12,25 +12,28 @@ import json
 import sys
 import tempfile
 import traceback
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
+from autokernel.cache.store import PASSES
 from autokernel.playbook.checks import CheckFailed, run_checks
 from autokernel.playbook.timing import copy_gbps, graph_ms, median_ms
 
 L2_ROTATE_BYTES = 128 * 2**20  # rotate among input sets until their total passes this (H100 L2: 50 MB)
 
 
-def _rotating(problem: Any, passes_of) -> dict[str, Any]:
-    """Time over several input sets when one fits in cache, so L2 does not flatter small shapes."""
+def _rotating(problem: Any, passes_of, passes: Sequence[str]) -> dict[str, Any]:
+    """Time over several input sets when one fits in cache, so L2 does not flatter small shapes; only the
+    named ``passes`` (an untimed pass is never called, so a compiled peer never compiles its backward)."""
     rows, hidden = problem.target_shape(problem.max_rows)
     per_set = max(problem.bytes_moved()["train"], 1)
     sets = max(1, min(16, L2_ROTATE_BYTES // per_set)) if problem.device.type == "cuda" else 1
     fns = [passes_of(problem.case(rows, hidden, seed=10 + i)) for i in range(sets)]
     out = {}
-    for name in fns[0]:
+    for name in passes:
         calls = [f[name] for f in fns]
         state = {"i": 0}
 
@@ -46,7 +49,7 @@ def _time_passes(problem: Any, passes: dict[str, Any]) -> dict[str, float]:
     return {f"{name}_ms": median_ms(fn, problem.device) for name, fn in passes.items()}
 
 
-def _in_context(problem: Any, entry: dict[str, Any]) -> dict[str, Any]:
+def _in_context(problem: Any, entry: dict[str, Any], passes: Sequence[str]) -> dict[str, Any]:
     """``entry`` served through ``torch.compile(backend="autokernel")`` against Inductor's own compile, both
     timed the same way: the GPU time of the compiled step replayed from a CUDA graph (the host's time when
     capture fails or off CUDA). The kernels alone were timed without what the compiled step adds around them
@@ -79,7 +82,9 @@ def _in_context(problem: Any, entry: dict[str, Any]) -> dict[str, Any]:
         for impl, compiled in (("", lambda: torch.compile(problem.eager, backend="autokernel", options=options)),
                                ("inductor_", lambda: torch.compile(problem.eager))):
             torch._dynamo.reset()
-            for name, fn in problem.peer_passes(compiled(), case).items():
+            compiled_passes = problem.peer_passes(compiled(), case)
+            for name in passes:
+                fn = compiled_passes[name]
                 ms = graph_ms(fn, problem.device)
                 if ms is None:
                     clock, ms = "host", median_ms(fn, problem.device)
@@ -88,7 +93,8 @@ def _in_context(problem: Any, entry: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "clock": clock, **times}
 
 
-def handle(problem: Any, request: tuple) -> dict[str, Any]:
+def handle(problem: Any, request: tuple, passes: Sequence[str] = PASSES) -> dict[str, Any]:
+    """Answer one request, timing the ``passes`` the tuner tunes (``["fwd"]`` for an inference request)."""
     kind = request[0]
     if kind == "candidate":
         config = request[1]
@@ -96,21 +102,21 @@ def handle(problem: Any, request: tuple) -> dict[str, Any]:
             checks = run_checks(problem, config, problem.max_rows)
         except CheckFailed as exc:
             return {"status": "failed", "stage": exc.stage, "detail": exc.detail}
-        times = _time_passes(problem, _rotating(problem, lambda case: problem.timed(config, case)))
+        times = _time_passes(problem, _rotating(problem, lambda case: problem.timed(config, case), passes))
         return {"status": "ok", "checks": checks, **times}
     if kind == "inductor":
         compiled = torch.compile(problem.eager)
-        times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case)))
+        times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case), passes))
         return {"status": "ok", **times}
     if kind == "in_context":
-        return _in_context(problem, request[1])
+        return _in_context(problem, request[1], passes)
     if kind == "bandwidth":
         return {"status": "ok", "copy_gbps": copy_gbps(problem.device)}
     raise ValueError(f"unknown worker request {kind!r}")
 
 
 def serve(conn_in, conn_out, pattern: str, flags: dict, dtype: str, shape: list[int], device: str,
-          max_rows: int | None) -> None:
+          max_rows: int | None, passes: list[str]) -> None:
     """Child-process main loop: requests arrive on ``conn_in``, answers leave on ``conn_out``."""
     from autokernel.lowering import families
 
@@ -124,7 +130,7 @@ def serve(conn_in, conn_out, pattern: str, flags: dict, dtype: str, shape: list[
         if request[0] == "stop":
             return
         try:
-            reply = handle(problem, request)
+            reply = handle(problem, request, passes)
         except Exception as exc:
             reply = {"status": "error", "detail": f"{type(exc).__name__}: {exc}",
                      "traceback": traceback.format_exc(limit=8)}
