@@ -150,8 +150,9 @@ class Workload:
 
 
 def cache_argument(model: Any) -> str:
-    """The keyword a transformers causal LM takes its KV cache by: ``cache`` (transformers 5.2x) or
-    ``past_key_values`` (before); ModelError for a model that is not one."""
+    """The keyword a transformers causal LM takes its KV cache by: ``cache`` (transformers 5.25, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (5.17 and earlier); ModelError for a model that is
+    not one."""
     params = inspect.signature(model.forward).parameters
     name = "cache" if "cache" in params else "past_key_values"
     if getattr(model, "config", None) is None or name not in params:
