@@ -155,16 +155,19 @@ def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor],
     return row
 
 
-def run_tune(dims: dict[str, int], minutes: float, cache_dir: str | None, out: Path) -> dict[str, Any]:
+def run_tune(dims: dict[str, int], minutes: float, cache_dir: str | None, out: Path, script: Path = Path(__file__),
+             extra: Sequence[str] = (), log_name: str = "llama-step-tune.log") -> dict[str, Any]:
+    """``ak-tune --model SCRIPT:factory --budget MINUTES [EXTRA]`` on the model of ``dims`` (passed to the
+    factory in ak-tune's process through ``CONFIG_ENV``); its output is kept in ``out/log_name``."""
     env = dict(os.environ, **{CONFIG_ENV: json.dumps(dims)})
-    cmd = [sys.executable, "-m", "autokernel.playbook.cli", "--model", f"{Path(__file__).resolve()}:factory",
-           "--budget", str(minutes), "--quiet"]
+    cmd = [sys.executable, "-m", "autokernel.playbook.cli", "--model", f"{script.resolve()}:factory",
+           "--budget", str(minutes), "--quiet", *extra]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    (out / "llama-step-tune.log").write_text(proc.stdout + proc.stderr)  # the ranking table and each shape's result
+    (out / log_name).write_text(proc.stdout + proc.stderr)  # the ranking table and each shape's result
     print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", sep="\n", flush=True)
     return {"command": shlex.join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1)}
 
@@ -235,14 +238,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parse_step_args(p, argv, IMPLS)
 
 
+def bench_device(smoke: bool) -> torch.device | None:
+    """CUDA, or with ``smoke`` the CPU with Triton's interpreter; None (said on stderr) when CUDA is missing."""
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports autokernel's kernels
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print("CUDA is not available: run on the device machine, or pass --smoke", file=sys.stderr)
+        return None
+    return torch.device("cuda")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.smoke else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available: run on the device machine, or pass --smoke", file=sys.stderr)
+    device = bench_device(args.smoke)
+    if device is None:
         return 2
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else os.environ.get("AUTOKERNEL_CACHE_DIR")
     dims = SMOKE if args.smoke else FULL
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_e2e_")) if args.smoke

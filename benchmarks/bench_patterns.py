@@ -602,10 +602,13 @@ def explain_cache(spec: PatternSpec, inputs: Sequence[torch.Tensor]) -> tuple[st
     return "miss", "; ".join(reasons)[:300]
 
 
-def run_tune(pattern: str, case: str, dtype: str, ctx: Ctx) -> dict[str, Any]:
+def run_tune(pattern: str, case: str, dtype: str, ctx: Ctx, forward_only: bool = False) -> dict[str, Any]:
+    """``ak-tune`` on one case (``forward_only``: the forward pass alone, when only it is benchmarked)."""
     cmd = [sys.executable, "-m", "autokernel.playbook.cli", *(PATTERNS[pattern].tune_args or ("--pattern", pattern))]
     cmd += ["--shape", "x".join(map(str, parse_shape(case)))]
     cmd += ["--dtype", dtype]
+    if forward_only:
+        cmd.append("--forward-only")
     if ctx.tune_budget is not None:
         cmd += ["--budget", f"{ctx.tune_budget:g}"]
     env = dict(os.environ)
@@ -741,7 +744,7 @@ def bench_pattern(
         shape = parse_shape(case)
         tune_info: dict[str, Any] = {}
         if ctx.tune and "autokernel" in args.impl_list:
-            tune_info = run_tune(name, case, dtype_name, ctx)
+            tune_info = run_tune(name, case, dtype_name, ctx, forward_only=args.pass_list == ["fwd"])
         for pass_ in args.pass_list:
             nbytes = (spec.bytes_fwd if pass_ == "fwd" else spec.bytes_fwd_bwd)(shape, itemsize)
             floor_ms = nbytes / (gbps * 1e9) * 1e3
@@ -976,10 +979,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables.append(md)
         print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}", flush=True)
 
-    print()
-    for md in tables:  # the device tool shows the tail: the tables go last
-        print("\n".join(line for line in md.splitlines() if line.startswith("|") or line.startswith("- ")))
+    print_tables(tables)
     return 0
+
+
+def print_tables(tables: list[str]) -> None:
+    """The tables' rows and notes, last: the device tool shows the tail of a run's output."""
+    print()
+    for md in tables:
+        print("\n".join(line for line in md.splitlines() if line.startswith("|") or line.startswith("- ")))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
 #   bash benchmarks/device_session.sh e2e MIN    the Llama step after ak-tune --model (MIN minutes), then
 #                                                the cache exported, imported into a fresh directory and
 #                                                served from there (portability)
+#   bash benchmarks/device_session.sh inference MIN   prefill and decode after ak-tune --model --inference (MIN
+#                                                minutes), with the profiler's share of autokernel's kernels
+#   bash benchmarks/device_session.sh decode-kernels MIN   the kernels at decode shapes, each case tuned
+#                                                forward-only for MIN minutes first
 # Each pattern benchmark tunes its headline shape with ak-tune first (a short budget: the race against
 # Inductor decides whether the cache serves our kernel), then times eager, Inductor, Liger and
 # autokernel, with GPU time (CUDA-graph replay) beside the host-inclusive time. Results land in $OUT
@@ -36,8 +40,15 @@ e2e)
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \
     --out "$out/imported" 2>&1 | grep -E "^\| autokernel"
   ;;
+inference)
+  timeout 580 python3 benchmarks/bench_inference.py --skip kernels --tune "${2:-2}" --profile --out "$out" 2>&1 | tail -40
+  ;;
+decode-kernels)
+  timeout 580 python3 benchmarks/bench_inference.py --skip decode,prefill --tune-kernels "${2:-0.2}" --out "$out" 2>&1 \
+    | tail -30
+  ;;
 *)
-  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e MIN" >&2
+  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e MIN | inference MIN | decode-kernels MIN" >&2
   exit 2
   ;;
 esac

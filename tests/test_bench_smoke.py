@@ -83,3 +83,40 @@ def test_bench_ddp_smoke(tmp_path: Path, wrap: str) -> None:
     assert abs(rows["autokernel"]["loss"] - rows["eager"]["loss"]) < 1e-3
     instances = rows["autokernel"]["instances"]  # the cache is empty: every instance found was a miss
     assert instances and all(key.endswith(":miss") for key in instances), instances
+
+
+def test_bench_inference_smoke(tmp_path: Path) -> None:
+    """``bench_inference.py --smoke``: decode, prefill and the decode-shape kernels on the CPU, in the results
+    format; the CUDA-graph impl is skipped with its reason, and no impl recompiles."""
+    out = tmp_path / "results"
+    env = dict(os.environ, TRITON_INTERPRET="1", AUTOKERNEL_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_inference.py"), "--smoke", "--out", str(out),
+           "--kernel-impls", "eager,autokernel"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    for name, cases in (("llama-decode", {"b1", "b2"}), ("llama-prefill", {"b2-s16"})):
+        data = json.loads((out / f"{name}.json").read_text())
+        assert (out / f"{name}.md").is_file()
+        assert all(key in data for key in REQUIRED_TOP if key != "copy_gbps"), sorted(data)
+        rows = data["rows"]
+        assert {r["case"] for r in rows} == cases
+        for row in rows:
+            assert all(key in row for key in REQUIRED_ROW), row
+            assert row["pattern"] == name and row["pass"] == "fwd", row
+            assert "error" not in row, row
+            if row["impl"] == "inductor-reduce-overhead":
+                assert row["ms"] is None and "CUDA graphs" in row["skipped"], row
+                continue
+            assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["recompiles"] == 0, row
+        ours = [r for r in rows if r["impl"] == "autokernel"]
+        assert ours and all(r["graphs"] == 1 and sum(r["instances"].values()) >= 3 for r in ours), ours
+
+    kernels = json.loads((out / "decode-kernels.json").read_text())["rows"]
+    assert {r["pattern"] for r in kernels} == {"rms_norm", "add_rms_norm", "rope", "swiglu"}
+    for row in kernels:
+        assert "error" not in row, row
+        assert row["us"] > 0 and row["pass"] == "fwd", row
+        if row["impl"] == "autokernel":
+            assert row["ok"] is True and row["cache"] in ("hit", "miss"), row

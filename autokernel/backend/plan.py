@@ -19,7 +19,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from autokernel.backend.analysis import AnalysisView, build_analysis_view, source_line
 from autokernel.backend.options import Options
-from autokernel.cache import KernelCache, fingerprint, kernels_can_run_on, row_bucket, runtime
+from autokernel.cache import KernelCache, fingerprint, kernels_can_run_on, row_bucket, runtime, tuned_passes
 from autokernel.lowering import PatternFamily, families
 from autokernel.lowering.pattern import Instance, node_val, size_hint
 
@@ -152,14 +152,16 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             hidden, rows, hints = _shape_numbers(inst.shape)
             entry = runtime.lookup(opts.cache_dir, device, key, hidden, rows)
             passname = "train" if train else "fwd"
-            if entry is None:
+            if entry is None or passname not in tuned_passes(entry):
                 fp = fingerprint(device)
                 inst.status = "miss"
-                inst.reason = f"no tuned kernel for {key} H={hidden} rows~{row_bucket(rows)} on {fp}"
+                inst.reason = (f"no tuned kernel for {key} H={hidden} rows~{row_bucket(rows)} on {fp}" if entry is None
+                               else f"the kernel for {key} H={hidden} rows~{entry['row_bucket']} on {fp} was tuned "
+                                    f"for {'+'.join(tuned_passes(entry))} only, not {passname}")
                 if record:
                     cache = caches.setdefault(fp, KernelCache(opts.cache_dir, fingerprint_=fp))
                     try:
-                        cache.record_wanted(family.name, key, inst.flags, inst.dtype, hints, hidden, rows)
+                        cache.record_wanted(family.name, key, inst.flags, inst.dtype, hints, hidden, rows, train)
                     except Exception as exc:
                         logger.warning("autokernel: could not record a miss in %s: %s", cache.path, exc)
                 continue

@@ -131,7 +131,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "wanted":
         print(f"wanted in {cache.path}:")
         for key, w in cache.wanted():
-            print(f"  {key}  shape {'x'.join(map(str, w['shape']))}  seen {w['count']}x")
+            print(f"  {key}  shape {'x'.join(map(str, w['shape']))}  seen {w['count']}x"
+                  + ("" if w.get("train", True) else "  (forward only: seen under no_grad/inference_mode)"))
     elif args.command == "clear":
         if not args.yes and input(f"delete everything in {cache.path}? [y/N] ").strip().lower() != "y":
             print("nothing deleted")

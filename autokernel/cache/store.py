@@ -9,7 +9,9 @@ what the tuner learned on this GPU (written and read by ``autokernel.playbook.no
   the same shape, who made it and which checks it passed, and which implementation wins for the
   forward pass and for training.
 - ``wanted/<pattern key>/H=<hidden>/R=<row bucket>``: a miss seen at compile time, with an example
-  shape and how often it was seen; ``ak-tune`` works through these.
+  shape, how often it was seen and whether any of its sightings needed a backward (``train``; an
+  instance seen only under no_grad or inference_mode is tuned forward-only); ``ak-tune`` works
+  through these.
 
 The cache knows nothing of the patterns' math: a pattern key is an opaque string made by the pattern
 family; a configuration is an opaque dict that the family validates when it loads it.
@@ -40,6 +42,7 @@ logger = logging.getLogger("autokernel")
 
 ENTRY_VERSION = 1
 IMPLS = ("autokernel", "inductor")
+PASSES = ("fwd", "train")  # an entry without "passes" was tuned for both
 _REQUIRED = {
     "version": int,
     "pattern": str,
@@ -109,10 +112,19 @@ def entry_problem(entry: Any) -> str | None:
         return "family kernel without a config dict"
     if kernel["kind"] == "source" and not isinstance(kernel.get("source"), str):
         return "source kernel without source text"
-    for passname in ("fwd", "train"):
+    for passname in PASSES:
         if entry["winner"].get(passname) not in IMPLS:
             return f"winner[{passname!r}] is {entry['winner'].get(passname)!r}, expected one of {IMPLS}"
+    passes = entry.get("passes", list(PASSES))
+    if not isinstance(passes, list) or not passes or any(p not in PASSES for p in passes):
+        return f"entry field 'passes' is {passes!r}, expected a non-empty list of {PASSES}"
     return None
+
+
+def tuned_passes(entry: dict[str, Any]) -> list[str]:
+    """The passes an entry's kernel was tuned (searched, checked and raced) for: ``["fwd"]`` for a forward-only
+    (inference) entry, both otherwise. A pass it was not tuned for is a miss, not Inductor's win."""
+    return entry.get("passes", list(PASSES))
 
 
 def _key(kind: str, pattern_key: str, hidden: int, bucket: int) -> str:
@@ -235,11 +247,12 @@ class KernelCache:
 
     # ---- wanted ----
     def record_wanted(self, pattern: str, pattern_key: str, flags: dict[str, Any], dtype: str,
-                      shape: list[int], hidden: int, rows: int) -> bool:
-        """Count a compile-time miss; False (logged once) when the cache cannot be written."""
+                      shape: list[int], hidden: int, rows: int, train: bool = True) -> bool:
+        """Count a compile-time miss (``train``: the instance needs a backward); False (logged once) when the
+        cache cannot be written."""
         key = _key("wanted", pattern_key, hidden, row_bucket(rows))
         try:
-            self._record_wanted(key, pattern, pattern_key, flags, dtype, shape, hidden, rows)
+            self._record_wanted(key, pattern, pattern_key, flags, dtype, shape, hidden, rows, train)
         except WRITE_ERRORS as exc:
             self._drop_connection()
             self._bookkeeping_failed("record a miss", exc)
@@ -247,18 +260,21 @@ class KernelCache:
         return True
 
     def _record_wanted(self, key: str, pattern: str, pattern_key: str, flags: dict[str, Any], dtype: str,
-                       shape: list[int], hidden: int, rows: int) -> None:
+                       shape: list[int], hidden: int, rows: int, train: bool) -> None:
         with self.db.transact():
             old = self.db.get(key)
             now = time.time()
             record = {
                 "pattern": pattern, "pattern_key": pattern_key, "flags": flags, "dtype": dtype,
-                "shape": list(shape), "hidden": hidden, "rows": rows, "count": 1,
+                "shape": list(shape), "hidden": hidden, "rows": rows, "count": 1, "train": train,
                 "first_seen": now, "last_seen": now,
             }
             if isinstance(old, dict):
                 record["count"] = int(old.get("count", 0)) + 1
                 record["first_seen"] = old.get("first_seen", now)
+                # One sighting in training makes the request a training one (a record of an older autokernel,
+                # without the key, counts as training too: both passes get tuned).
+                record["train"] = train or bool(old.get("train", True))
             self.db.set(key, record)
 
     def wanted(self) -> list[tuple[str, dict[str, Any]]]:

@@ -1,7 +1,8 @@
 """``ak-tune``: fill the cache for this GPU.
 
     ak-tune                                   # every miss in the wanted table, most-seen first
-    ak-tune --pattern rms_norm --shape 8192x4096 --dtype bf16 [--flags mode=gemma,offset=1]
+    ak-tune --pattern rms_norm --shape 8192x4096 --dtype bf16 [--flags mode=gemma,offset=1] [--forward-only]
+    ak-tune --model file.py:factory [--inference [--decode-batches 1,8,64,256]]   # one model's misses
     ak-tune --list                            # show the wanted table and exit
     ak-tune --shard 2/4 --gpus all            # host 2 of 4: its share of the wanted table, on every GPU here
     ak-tune --notes [--pattern rms_norm [--shape 8192x4096]]   # what earlier runs learned on this GPU
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from autokernel.playbook.model import DECODE_BATCHES
 from autokernel.playbook.pool import Job, Shard, tune_all
 from autokernel.playbook.tuner import STRATEGIES, TuneRequest, TuneResult, set_interpreter_if_no_gpu
 
@@ -30,6 +32,16 @@ def _shape(text: str) -> list[int]:
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"--shape sizes must be positive, got {text!r}")
     return dims
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--decode-batches must look like 1,8,64, got {text!r}") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"--decode-batches sizes must be positive, got {text!r}")
+    return sizes
 
 
 def _flags(text: str) -> dict[str, object]:
@@ -55,19 +67,32 @@ def _shard(text: str) -> Shard:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ak-tune", description="Tune kernels for the cache misses of this GPU.")
     p.add_argument("--model", help="tune one model's misses in Amdahl order: path/to/file.py:factory, where "
-                                   "factory() returns (model, inputs)")
+                                   "factory() returns (model, inputs); by default one training step runs (forward "
+                                   "with the inputs, loss, backward)")
     p.add_argument("--hf-config", help="like --model, for the causal LM a local transformers config.json "
                                        "describes (random weights)")
     p.add_argument("--batch", type=int, default=1, help="--hf-config: batch size (default 1)")
     p.add_argument("--seq", type=int, default=512, help="--hf-config: sequence length (default 512)")
+    p.add_argument("--inference", action="store_true",
+                   help="--model/--hf-config: tune for inference instead of training. The model must be a "
+                        "transformers causal LM and the inputs a dict with input_ids [batch, seq]: under "
+                        "torch.inference_mode, each into a static KV cache of seq positions, it runs the prefill "
+                        "(input_ids as given; other inputs such as labels are not used) and one decode step (one "
+                        "token per sequence) at each --decode-batches size; their misses are tuned forward-only "
+                        "(an entry for the forward alone: training compiles still miss it)")
+    p.add_argument("--decode-batches", type=_batches, default=DECODE_BATCHES,
+                   help="--inference: batch sizes of the decode steps, e.g. 1,8,64,256 (the default); a decode step "
+                        "has one row per sequence, and the cache buckets rows by powers of two")
     p.add_argument("--pattern", help="tune one pattern instance instead of the wanted table (e.g. rms_norm)")
     p.add_argument("--shape", type=_shape, help="input shape, e.g. 8192x4096 (rows x hidden); linear_cross_entropy: "
                                                 "8192x4096x128256 (tokens x hidden x vocab)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--flags", type=_flags, default={}, help="variant flags, e.g. mode=gemma,offset=1")
+    p.add_argument("--forward-only", action="store_true",
+                   help="--pattern: tune the forward pass alone (inference); the entry serves no backward")
     p.add_argument("--budget", type=float, default=30.0,
                    help="minutes for the whole run (default 30); a shape once started still gets one checked "
-                        "forward and backward candidate past it")
+                        "forward and backward candidate past it (forward-only: one forward candidate)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds before a candidate counts as hung")
     p.add_argument("--strategy", choices=STRATEGIES, default="search",
                    help="search: the playbook's kernel space; agent: an LLM writes kernels (ANTHROPIC_API_KEY, "
@@ -128,8 +153,9 @@ def _summary(results: list[TuneResult]) -> str:
     rows = []
     for r in results:
         t = r.times
-        pct = (f"{100 * t['floor_train_ms'] / t['train_ms']:.0f}%"
-               if t.get("floor_train_ms") and t.get("train_ms") else "")
+        last = r.request.passes[-1]  # the pass the kernel was chosen on
+        pct = (f"{100 * t[f'floor_{last}_ms'] / t[f'{last}_ms']:.0f}% {last}"
+               if t.get(f"floor_{last}_ms") and t.get(f"{last}_ms") else "")
 
         def f(key: str, t=t) -> str:
             return f"{t[key]:.4f}" if t.get(key) is not None else "-"
@@ -201,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         return _print_notes(args)
     if args.pattern and not args.shape:
         parser.error("--pattern needs --shape")
+    if args.inference and not (args.model or args.hf_config):
+        parser.error("--inference goes with --model or --hf-config")
+    if args.forward_only and not args.pattern:
+        parser.error("--forward-only goes with --pattern (a wanted request knows whether it needs a backward)")
     if args.strategy != "search" and not os.environ.get("ANTHROPIC_API_KEY"):
         print(f"--strategy {args.strategy}: ANTHROPIC_API_KEY is not set; the agent phase will be skipped "
               "(the search still runs for --strategy both)", file=sys.stderr)
@@ -218,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             factory = load_factory(args.model) if args.model else hf_factory(args.hf_config, args.batch, args.seq)
             results = tune_model(factory, cache, devices, args.budget * 60, args.timeout, out=progress.print,
-                                 shard=args.shard, list_only=args.list, **tune_kwargs)
+                                 shard=args.shard, list_only=args.list,
+                                 decode_batches=args.decode_batches if args.inference else None, **tune_kwargs)
         except ModelError as exc:
             print(f"ak-tune: {exc}", file=sys.stderr)
             return 2
@@ -232,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.pattern not in families():
             parser.error(f"--pattern must be one of {sorted(families())}, got {args.pattern!r}")
-        work = [Job(TuneRequest(args.pattern, args.flags, args.dtype, args.shape))]
+        work = [Job(TuneRequest(args.pattern, args.flags, args.dtype, args.shape, args.forward_only))]
     else:
-        work = [Job(TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"]), key) for key, w in cache.wanted()]
+        work = [Job(TuneRequest.from_wanted(w), key) for key, w in cache.wanted()]
     wanted_count = len(work)
     share = ""
     if args.shard is not None:

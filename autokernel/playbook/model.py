@@ -1,11 +1,20 @@
 """``ak-tune --model FILE.py:FACTORY``: tune what matters for one whole model, in Amdahl's order.
 
-The factory returns ``(model, inputs)`` (``inputs`` a dict of keyword arguments or a tuple). One
-training step runs under ``backend="autokernel"`` (its misses land in the wanted table) and is timed;
-each distinct wanted request of the model is timed as Inductor runs it and given its DRAM floor;
-the table ranks them by the step time they could save (count x (now - floor)), and they are tuned
-in that order within the budget (on several GPUs, taken in that order from one queue). The step is
-timed again at the end.
+The factory returns ``(model, inputs)`` (``inputs`` a dict of keyword arguments or a tuple). What runs
+(the workloads) is one training step by default: forward with the inputs, loss, backward. With
+``--inference`` (``decode_batches``) the model must be a transformers causal LM and the inputs a dict
+with ``input_ids`` [batch, seq]: under ``torch.inference_mode``, each with a static KV cache of ``seq``
+positions, the prefill of ``input_ids`` and one decode step (one token per sequence) at each decode batch
+size (:func:`inference_workloads`); no instance needs a backward, so their misses are recorded, and
+tuned, forward-only.
+
+Each workload runs under ``backend="autokernel"`` (its misses land in the wanted table) and is timed;
+each distinct wanted request of the model is timed as Inductor runs it (the passes it tunes) and given
+its DRAM floor; the table ranks them by the time they could save over the workloads (count x (now -
+floor)), and they are tuned in that order within the budget (on several GPUs, taken in that order from one
+queue). The workloads are timed again at the end.
+Under the Triton interpreter (no GPU) nothing is timed against Inductor: the table keeps the wanted
+table's order.
 
 This module drives models only through public API (``torch.compile``, ``autokernel.explain``) and
 the tuner; it knows nothing of FX.
@@ -14,10 +23,11 @@ the tuner; it knows nothing of FX.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +35,11 @@ from typing import Any
 import torch
 
 from autokernel.cache import KernelCache
+from autokernel.cache.fingerprint import interpreter_enabled
 from autokernel.playbook.pool import Job, Shard, tune_all
 from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, WorkerFailure, measure_baseline
+
+DECODE_BATCHES = (1, 8, 64, 256)  # --inference: the decode steps' batch sizes (rows), one per row bucket to tune
 
 
 class ModelError(Exception):
@@ -90,29 +103,106 @@ def _loss(out: Any) -> torch.Tensor:
     return loss
 
 
-def step_ms(compiled: Any, model: Any, inputs: Any, repeats: int = 5) -> float:
-    """Median wall time of one training step (forward, loss, backward), after one warm-up step."""
-    def step():
-        _loss(_call(compiled, inputs)).backward()
-        for p in model.parameters():
-            p.grad = None
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+@dataclass
+class Workload:
+    """One call of the model that tune_model compiles, times and explains: a training step (forward, loss,
+    backward), or one forward under ``torch.inference_mode`` (a prefill or a decode step)."""
 
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    name: str
+    inputs: Any
+    train: bool = True
+    rewind: Callable[[], None] = lambda: None  # inference: before each forward, empties the KV cache it writes
+
+    def run(self, fn: Any, model: Any) -> None:
+        if self.train:
+            _loss(_call(fn, self.inputs)).backward()
+            for p in model.parameters():
+                p.grad = None
+            return
+        with torch.inference_mode():  # the cache's tensors are inference tensors: rewound in there too
+            self.rewind()
+            _call(fn, self.inputs)
+
+    def time_ms(self, compiled: Any, model: Any, repeats: int = 5) -> float:
+        """Median wall time of one call, after one warm-up call (the one that compiles)."""
+        def once():
+            self.run(compiled, model)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        once()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            once()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def explain(self, model: Any, options: dict[str, Any] | None) -> Any:
+        """``autokernel.explain`` of one call: its pattern instances (a training step's forward suffices)."""
+        import autokernel
+
+        args, kwargs = (((), self.inputs) if isinstance(self.inputs, dict) else (self.inputs, {}))
+        if self.train:
+            return autokernel.explain(model, *args, options=options, **kwargs)
+        with torch.inference_mode():
+            self.rewind()
+            return autokernel.explain(model, *args, options=options, **kwargs)
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword a transformers causal LM takes its KV cache by: ``cache`` (transformers 5.25, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (5.17 and earlier); ModelError for a model that is
+    not one."""
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    if getattr(model, "config", None) is None or name not in params:
+        raise ModelError("--inference: the model must be a transformers causal LM (a config, and a KV cache "
+                         f"argument in its forward; {type(model).__name__} lacks one)")
+    return name
+
+
+def inference_workloads(model: Any, inputs: Any, decode_batches: Sequence[int]) -> list[Workload]:
+    """``--inference``: the prefill of ``inputs["input_ids"]`` ([batch, seq]; other inputs, such as labels, are
+    not used) and one decode step of one token per sequence at each of ``decode_batches``, each writing a static
+    KV cache of ``seq`` positions of its own (rewound before every forward: its shapes, the ones compiled and
+    tuned, are those of any decode position)."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ModelError("--inference: the factory's inputs must be a dict with input_ids of shape [batch, seq] "
+                         "(the prefill batch)")
+    try:
+        from transformers import StaticCache
+    except ImportError:
+        raise ModelError("--inference needs transformers (pip install transformers)") from None
+    cache_arg = cache_argument(model)
+    params = inspect.signature(model.forward).parameters
+    model.eval()
+    batch, seq = ids.shape
+
+    def cached_forward(name: str, tokens: torch.Tensor) -> Workload:
+        cache = StaticCache(config=model.config, max_cache_len=seq)
+        kwargs = {"input_ids": tokens, cache_arg: cache, "use_cache": True}
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = 1  # as generate() does: the next token's logits only
+        with torch.inference_mode():
+            # Eagerly, once: the cache allocates its tensors (and marks them static for CUDA graphs) outside any
+            # compiled graph, as transformers requires.
+            model(**kwargs)
+        return Workload(name, kwargs, train=False, rewind=cache.reset)
+
+    workloads = [cached_forward(f"prefill {batch}x{seq}", ids)]
+    for size in decode_batches:
+        tokens = ids[:, -1:].repeat(-(-size // batch), 1)[:size]  # the prompts' last tokens, repeated to the batch
+        workloads.append(cached_forward(f"decode step at batch {size}", tokens))
+    return workloads
 
 
 @dataclass
 class Ranked:
     request: TuneRequest
     count: int
-    now_ms: float | None  # forward + backward as Inductor runs it
+    now_ms: float | None  # the request's passes as Inductor runs them: forward + backward, or the forward alone
     floor_ms: float | None
     baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None  # for tune(): not re-measured
 
@@ -124,17 +214,21 @@ class Ranked:
 
 
 def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_s: float) -> list[Ranked]:
-    """Time each request as Inductor runs it and give its floor; most step time to gain first."""
+    """Time each request as Inductor runs it and give its floor; most time to gain first. Under the Triton
+    interpreter nothing is timed (its times mean nothing; tune() does not race there either)."""
     from autokernel.lowering import families
 
+    if device.type == "cpu" and interpreter_enabled():
+        return [Ranked(request, count, None, None) for request, count in requests]
     ranked = []
     for request, count in requests:
-        worker = Worker(request, device, 64 if device.type == "cpu" else None, timeout_s)
+        worker = Worker(request, device, None, timeout_s)
         now = floor = baseline = None
         try:
             problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
             floors, peer, detail = measure_baseline(worker, problem)
-            now, floor = peer["train_ms"], floors["train"]
+            timed = request.passes[-1]  # forward + backward ("train"), or the forward of a forward-only request
+            now, floor = peer[f"{timed}_ms"], floors[timed]
             baseline = None if detail else (floors, peer)
         except WorkerFailure:
             pass
@@ -158,21 +252,23 @@ def table(ranked: list[Ranked], step: float) -> str:
 
 def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devices: list[torch.device],
                budget_s: float, timeout_s: float, out: Callable[[str], None] = print, shard: Shard | None = None,
-               list_only: bool = False, **tune_kwargs: Any) -> list[TuneResult]:
-    """Rank and tune the misses of ``factory()``'s model (see the module's docstring) on ``devices`` (ranked
-    on the first). ``shard``: only the misses this host's share owns. ``list_only``: print them after the
-    first timing of the step (which records them) and tune nothing."""
-    import autokernel
-
+               list_only: bool = False, decode_batches: Sequence[int] | None = None,
+               **tune_kwargs: Any) -> list[TuneResult]:
+    """Rank and tune the misses of ``factory()``'s model (see the module's docstring) on ``devices`` (ranked on
+    the first): of one training step, or with ``decode_batches`` of its inference (prefill and decode steps at
+    those batch sizes). ``shard``: only the misses this host's share owns. ``list_only``: print them after the
+    first timing (which records them) and tune nothing."""
     t0 = time.time()
     model, inputs = factory()
+    if decode_batches is None:
+        workloads, what = [Workload("training step", inputs)], "step"
+    else:
+        workloads = inference_workloads(model, inputs, decode_batches)
+        what = "inference (" + ", ".join(w.name for w in workloads) + ")"
     options = {"autokernel.cache_dir": str(cache.root)}
-    torch._dynamo.reset()
-    before = step_ms(torch.compile(model, backend="autokernel", options=options), model, inputs)
-    report = (autokernel.explain(model, **inputs, options=options) if isinstance(inputs, dict)
-              else autokernel.explain(model, *inputs, options=options))
+    before, instances = _run_workloads(model, workloads, options, explain=True)
     counts: dict[tuple, int] = {}
-    for inst in report.instances:
+    for inst in instances:
         if inst.status == "miss" and all(isinstance(d, int) for d in inst.shape):
             identity = TuneRequest(inst.pattern, inst.flags, inst.dtype, list(inst.shape)).identity()
             counts[identity] = counts.get(identity, 0) + 1
@@ -180,7 +276,7 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
     wanted_key = {}
     requests = []
     for key, w in cache.wanted():
-        request = TuneRequest(w["pattern"], w["flags"], w["dtype"], w["shape"])
+        request = TuneRequest.from_wanted(w)
         if request.identity() in counts:
             wanted_key[request.identity()] = key
             requests.append((request, counts[request.identity()]))
@@ -196,15 +292,29 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
         return []
     ranked = rank(requests, devices[0], timeout_s)
     gain = sum(r.gain_ms or 0.0 for r in ranked)
-    out(f"step {before:.2f} ms; {len(report.instances)} pattern instance(s), {len(ranked)} to tune{share}; "
-        f"at the floor the step would take about {max(before - gain, 0):.2f} ms (Amdahl)")
+    out(f"{what} {before:.2f} ms; {len(instances)} pattern instance(s), {len(ranked)} to tune{share}; "
+        f"at the floor it would take about {max(before - gain, 0):.2f} ms (Amdahl)")
     out(table(ranked, before))
     jobs = [Job(r.request, wanted_key[r.request.identity()], r.baseline) for r in ranked]
     results = tune_all(jobs, cache, devices, t0 + budget_s, timeout_s, out=out, **tune_kwargs)
-    torch._dynamo.reset()
-    after = step_ms(torch.compile(model, backend="autokernel", options=options), model, inputs)
+    after, _ = _run_workloads(model, workloads, options, explain=False)
     note = " (Triton interpreter on CPU: these times mean nothing)" if devices[0].type == "cpu" else ""
-    out(f"step before tuning {before:.2f} ms, after {after:.2f} ms "
+    out(f"{what} before tuning {before:.2f} ms, after {after:.2f} ms "
         f"(expected at the floor: {max(before - gain, 0):.2f} ms){note}")
     sys.stdout.flush()
     return results
+
+
+def _run_workloads(model: Any, workloads: list[Workload], options: dict[str, Any],
+                   explain: bool) -> tuple[float, list[Any]]:
+    """Compile each workload afresh under ``backend="autokernel"`` (recording its misses) and time it; the summed
+    time and, with ``explain``, every workload's pattern instances."""
+    total, instances = 0.0, []
+    for w in workloads:
+        torch._dynamo.reset()  # one graph per workload, each compiled for its own shapes
+        total += w.time_ms(torch.compile(model, backend="autokernel", options=options), model)
+        if explain:
+            torch._dynamo.reset()  # explain must trace the model, not reuse the compiled frames
+            instances += w.explain(model, options).instances
+    torch._dynamo.reset()
+    return total, instances

@@ -2,7 +2,8 @@
 candidates in a child process, race the best against Inductor, and write the cache entry.
 
 The loop is edit -> check -> benchmark -> keep or revert, over the family's kernel space in phases
-(forward knobs, then backward knobs with the forward's winner). A phase stops on the budget, on a
+(forward knobs, then backward knobs with the forward's winner; a forward-only request, from inference,
+has the forward phase alone and is raced on the forward alone). A phase stops on the budget, on a
 plateau (no candidate 1% better for a while), or within 3% of the DRAM floor. Every candidate is
 written to ``results.tsv`` in the run's folder under the cache's ``runs/``, with ``progress.png`` (best
 time over candidates, Inductor's and the floor) when matplotlib is installed.
@@ -38,7 +39,7 @@ import torch
 from autokernel import __version__
 from autokernel.cache import KernelCache, row_bucket
 from autokernel.cache.fingerprint import interpreter_enabled
-from autokernel.cache.store import WRITE_ERRORS, CacheWriteError, describe_write_error
+from autokernel.cache.store import PASSES, WRITE_ERRORS, CacheWriteError, describe_write_error
 from autokernel.playbook.notes import (
     NOTES_VERSION,
     REASON_CHARS,
@@ -63,10 +64,25 @@ class TuneRequest:
     flags: dict[str, Any]
     dtype: str
     shape: list[int]
+    # Inference: only the forward pass is searched, timed and raced; the entry serves the forward pass only
+    # (a training compile still misses it and records a training request).
+    forward_only: bool = False
+
+    @classmethod
+    def from_wanted(cls, record: dict[str, Any]) -> TuneRequest:
+        """The request for a wanted-table record: forward-only when no sighting of the miss needed a backward."""
+        return cls(record["pattern"], record["flags"], record["dtype"], record["shape"],
+                   forward_only=not record.get("train", True))
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The passes this request tunes, as the worker and the cache entry name them."""
+        return ("fwd",) if self.forward_only else PASSES
 
     def label(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.flags.items())
-        return " ".join(p for p in (self.pattern, "x".join(map(str, self.shape)), self.dtype, flags) if p)
+        shape = "x".join(map(str, self.shape))
+        return " ".join(p for p in (self.pattern, shape, self.dtype, "fwd-only" * self.forward_only, flags) if p)
 
     def identity(self) -> tuple[str, str, str, int, int]:
         """What one cache entry serves: pattern, variant flags, dtype, hidden size and row bucket. Requests
@@ -105,7 +121,8 @@ class Worker:
 
     def __init__(self, request: TuneRequest, device: torch.device, max_rows: int | None, timeout_s: float):
         self.args = {"pattern": request.pattern, "flags": request.flags, "dtype": request.dtype,
-                     "shape": list(request.shape), "device": str(device), "max_rows": max_rows}
+                     "shape": list(request.shape), "device": str(device), "max_rows": max_rows,
+                     "passes": list(request.passes)}
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
         self.to_child: Connection | None = None
@@ -262,7 +279,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     stamp = time.strftime("%Y%m%d-%H%M%S")
     variant = hashlib.sha256(json.dumps(request.flags, sort_keys=True).encode()).hexdigest()[:8]
     shape = "x".join(map(str, request.shape))
-    slug = f"{request.pattern}-{shape}-{request.dtype}-{variant}"
+    # A forward-only run is resumed only by another forward-only run of the shape.
+    slug = f"{request.pattern}-{shape}-{request.dtype}-{variant}" + ("-fwd" if request.forward_only else "")
     interrupted = _interrupted_run(cache.runs_dir, slug)
     run_dir = cache.runs_dir / f"{stamp}-{slug}"
     log = _Log(run_dir / "results.tsv", shape)
@@ -275,6 +293,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     learned = _Learned()
     floor: dict[str, float | None] = {k: None for k in problem.bytes_moved()}
     peer: dict[str, float | None] = {"fwd_ms": None, "train_ms": None}
+    phases = ("fwd",) if request.forward_only else ("fwd", "bwd")
     try:
         if baseline is not None and not interpret:
             floor, peer = baseline
@@ -289,9 +308,9 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         known_failed = {} if retry_failed else notes.failures(problem.key, problem.hidden, bucket, records)
         candidates: list[tuple[str, dict[str, Any], str]] = []  # (phase, config, where it came from)
         if strategy in ("search", "both"):
-            candidates = [(phase, config, "search") for phase, config in problem.candidates()]
-        if interpret:
-            candidates = candidates[:1] + [c for c in candidates if c[0] == "bwd"][:INTERPRETER_CANDIDATES - 1]
+            candidates = [(phase, config, "search") for phase, config in problem.candidates() if phase in phases]
+        if interpret:  # the first forward candidate, then the last phase's first few
+            candidates = candidates[:1] + [c for c in candidates[1:] if c[0] == phases[-1]][:INTERPRETER_CANDIDATES - 1]
         warm = _nearest_tuned(cache, problem, notes.winners(problem.key, problem.hidden, bucket, records))
         warm_note = ""
         if warm is not None and candidates:
@@ -299,7 +318,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             # sets the plateau's bar from the first candidate.
             warm_note = f"warm start from {warm[0]}"
             say(warm_note)
-            candidates = [("fwd", warm[1], "warm start"), ("bwd", warm[1], "warm start")] + candidates
+            candidates = [(phase, warm[1], "warm start") for phase in phases] + candidates
         skip: set[str] = set()
         front_count = 0
         if interrupted is not None and candidates:
@@ -309,7 +328,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             skip = {r["config"] for r in old_rows if r.get("phase") in ("fwd", "bwd")}
             learned.adopt(old_rows)
             front = []
-            for phase, metric in (("fwd", "fwd_ms"), ("bwd", "train_ms")):
+            for phase, metric in (("fwd", "fwd_ms"), ("bwd", "train_ms"))[:len(phases)]:
                 ok = [r for r in old_rows if r.get("phase") == phase and r.get("status") == "ok" and r.get(metric)]
                 if ok:
                     front.append((phase, json.loads(min(ok, key=lambda r: float(r[metric]))["config"]), "resume"))
@@ -386,7 +405,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             # once started writes a checked, raced kernel (a run whose ranking used the budget wrote nothing).
             overtime = time.time() - t0 > budget_s
             if overtime:
-                if all(p in best or p in late for p in ("fwd", "bwd")):
+                if all(p in best or p in late for p in phases):
                     say("budget spent")
                     break
                 if phase in best or phase in late:
@@ -406,10 +425,14 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             if overtime:
                 late.add(phase)
             evaluate(phase, config, origin)
-        if strategy in ("agent", "both") and time.time() - t0 < budget_s:
+        if strategy in ("agent", "both") and request.forward_only:
+            # The agent's task and its ranking are forward + backward; a forward-only request keeps the search's.
+            log.row(n="", phase="agent", status="skipped", detail="forward-only request: the agent tunes training")
+        elif strategy in ("agent", "both") and time.time() - t0 < budget_s:
             _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, t0 + budget_s, say, log,
                          notes_brief(notes, problem.key, problem.hidden, bucket) | {"gpu": cache.fingerprint})
-        # The final kernel: the fastest forward+backward among the backward and agent phases' winners.
+        # The final kernel: the fastest forward+backward among the backward and agent phases' winners (for a
+        # forward-only request, the forward phase's winner).
         trained = [best[p] for p in ("bwd", "agent") if p in best]
         final = min(trained, key=lambda b: b[2]["train_ms"]) if trained else best.get("fwd")
         result.candidates = counter["n"]
@@ -418,15 +441,17 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             completed = True
             return result
         _ms, config, reply = final
-        times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
+        times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply.get("train_ms"),
                  "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"],
                  "floor_fwd_ms": floor["fwd"], "floor_train_ms": floor["train"]}
         learned.winner = _winner_note(config, times)
+        # A pass not tuned is Inductor's here; the backend treats it as a miss (tuned_passes), not a loss.
         if interpret:
-            winner = {"fwd": "autokernel", "train": "autokernel"}
+            winner = {p: ("autokernel" if p in request.passes else "inductor") for p in PASSES}
         else:
-            winner = {p: ("autokernel" if peer[f"{p}_ms"] is None or times[f"{p}_ms"] < peer[f"{p}_ms"]
-                          else "inductor") for p in ("fwd", "train")}
+            winner = {p: ("autokernel" if p in request.passes and (peer[f"{p}_ms"] is None
+                                                                   or times[f"{p}_ms"] < peer[f"{p}_ms"])
+                          else "inductor") for p in PASSES}
         entry = {
             "version": 1, "pattern": request.pattern, "pattern_key": problem.key,
             "hidden": problem.hidden, "row_bucket": bucket,
@@ -438,8 +463,10 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                          "run": str(run_dir)},
             "checks": reply["checks"], "created": time.time(),
         }
+        if request.forward_only:
+            entry["passes"] = list(request.passes)
         if not interpret and "autokernel" in winner.values():
-            _race_in_context(worker, entry, log, say)
+            _race_in_context(worker, entry, log, say, request.passes)
         result.best, result.times = config, times
         try:
             cache.put_entry(entry)
@@ -481,7 +508,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
 
 
-def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Callable[[str], None]) -> None:
+def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Callable[[str], None],
+                     passes: tuple[str, ...] = PASSES) -> None:
     """The kernels won alone; a pass stays ours only if it also wins served through torch.compile against
     Inductor's compile of the same function, both timed the same way in the worker (a pattern kernel that
     wins alone and loses in context is a loss). Updates ``entry``'s winner and records the times."""
@@ -491,14 +519,14 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Call
     except WorkerFailure as exc:
         ctx = {"status": "crashed", "detail": str(exc)}
     before = dict(entry["winner"])
-    for p in ("fwd", "train"):
+    for p in passes:
         ours, theirs = ctx.get(f"{p}_ms"), ctx.get(f"inductor_{p}_ms")
         entry["times"][f"in_context_{p}_ms"], entry["times"][f"in_context_inductor_{p}_ms"] = ours, theirs
         if before[p] == "autokernel" and (ours is None or (theirs is not None and ours >= theirs)):
             entry["winner"][p] = "inductor"
     entry["times"]["in_context_clock"] = ctx.get("clock")
     changed = f"winner {before} -> {entry['winner']}" if entry["winner"] != before else ""
-    inductor_text = ", ".join(f"Inductor {p} {ctx[f'inductor_{p}_ms']:.4f} ms" for p in ("fwd", "train")
+    inductor_text = ", ".join(f"Inductor {p} {ctx[f'inductor_{p}_ms']:.4f} ms" for p in passes
                               if ctx.get(f"inductor_{p}_ms") is not None)
     log.row(strategy="inductor", n="", phase="in context", status=ctx["status"], fwd_ms=_fmt(ctx.get("fwd_ms")),
             train_ms=_fmt(ctx.get("train_ms")),
@@ -568,13 +596,16 @@ def plot_progress(path: Path, rows: list[dict[str, Any]], title: str, peer: dict
     measured = [r for r in rows if r.get("status") == "ok" and r.get("n")]
     if not measured:
         return False
+    panels = [(passname, metric, label) for passname, metric, label in (("fwd", "fwd_ms", "forward"),
+                                                                      ("train", "train_ms", "forward + backward"))
+              if any(r.get(metric) for r in measured)]  # a forward-only run has no forward + backward times
     try:
-        fig = Figure(figsize=(10, 4))
-        for ax, (passname, metric, label) in zip(fig.subplots(1, 2), (("fwd", "fwd_ms", "forward"),
-                                                                    ("train", "train_ms", "forward + backward")),
-                                                 strict=True):
-            xs = [int(r["n"]) for r in measured]
-            ys = [float(r[metric]) for r in measured]
+        fig = Figure(figsize=(5 * len(panels), 4))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (passname, metric, label) in zip(axes, panels, strict=True):
+            timed = [r for r in measured if r.get(metric)]
+            xs = [int(r["n"]) for r in timed]
+            ys = [float(r[metric]) for r in timed]
             ax.scatter(xs, ys, s=12, color="0.6", label="candidate")
             ax.step(xs, [min(ys[:i + 1]) for i in range(len(ys))], where="post", color="C0", label="best so far")
             if peer.get(metric):
@@ -608,7 +639,7 @@ def measure_baseline(worker: Worker, problem: Any) -> tuple[dict[str, float | No
     reply = worker.call("inductor")
     if reply["status"] != "ok":
         return floor, {"fwd_ms": None, "train_ms": None}, reply.get("detail", reply["status"])
-    return floor, {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"]}, ""
+    return floor, {"fwd_ms": reply["fwd_ms"], "train_ms": reply.get("train_ms")}, ""  # train: None if forward-only
 
 
 def _interrupted_run(runs_dir: Path, slug: str) -> tuple[Path, list[dict[str, str]]] | None:

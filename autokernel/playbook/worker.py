@@ -13,26 +13,27 @@ import json
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
+from autokernel.cache.store import PASSES
 from autokernel.playbook.checks import CheckFailed, run_checks
 from autokernel.playbook.timing import copy_gbps, graph_ms, matmul_tflops, median_ms
 
 L2_ROTATE_BYTES = 128 * 2**20  # rotate among input sets until their total passes this (H100 L2: 50 MB)
 
 
-def _rotating(problem: Any, passes_of) -> dict[str, list[Callable[[], object]]]:
-    """Each pass's callables over several input sets when one fits in cache, so L2 does not flatter small
-    shapes."""
+def _rotating(problem: Any, passes_of, passes: Sequence[str]) -> dict[str, list[Callable[[], object]]]:
+    """The named ``passes``' callables over several input sets when one fits in cache, so L2 does not flatter
+    small shapes (an untimed pass is never called, so a compiled peer never compiles its backward)."""
     rows, hidden = problem.target_shape(problem.max_rows)
     per_set = max(problem.bytes_moved()["train"], 1)
     sets = max(1, min(16, L2_ROTATE_BYTES // per_set)) if problem.device.type == "cuda" else 1
     fns = [passes_of(problem.case(rows, hidden, seed=10 + i)) for i in range(sets)]
-    return {name: [f[name] for f in fns] for name in fns[0]}
+    return {name: [f[name] for f in fns] for name in passes}
 
 
 def _time_passes(problem: Any, passes: dict[str, list[Callable[[], object]]]) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def _time_passes(problem: Any, passes: dict[str, list[Callable[[], object]]]) ->
     return out
 
 
-def _in_context(problem: Any, entry: dict[str, Any]) -> dict[str, Any]:
+def _in_context(problem: Any, entry: dict[str, Any], passes: Sequence[str]) -> dict[str, Any]:
     """``entry`` served through ``torch.compile(backend="autokernel")`` against Inductor's own compile, both
     timed the same way: the GPU time of the compiled step replayed from a CUDA graph (the host's time when
     capture fails or off CUDA). The kernels alone were timed without what the compiled step adds around them
@@ -86,7 +87,9 @@ def _in_context(problem: Any, entry: dict[str, Any]) -> dict[str, Any]:
         for impl, compiled in (("", lambda: torch.compile(problem.eager, backend="autokernel", options=options)),
                                ("inductor_", lambda: torch.compile(problem.eager))):
             torch._dynamo.reset()
-            for name, fn in problem.peer_passes(compiled(), case).items():
+            compiled_passes = problem.peer_passes(compiled(), case)
+            for name in passes:
+                fn = compiled_passes[name]
                 ms = graph_ms(fn, problem.device)
                 if ms is None:
                     clock, ms = "host", median_ms(fn, problem.device)
@@ -95,7 +98,8 @@ def _in_context(problem: Any, entry: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "clock": clock, **times}
 
 
-def handle(problem: Any, request: tuple) -> dict[str, Any]:
+def handle(problem: Any, request: tuple, passes: Sequence[str] = PASSES) -> dict[str, Any]:
+    """Answer one request, timing the ``passes`` the tuner tunes (``["fwd"]`` for an inference request)."""
     kind = request[0]
     if kind == "candidate":
         config = request[1]
@@ -103,14 +107,14 @@ def handle(problem: Any, request: tuple) -> dict[str, Any]:
             checks = run_checks(problem, config, problem.max_rows)
         except CheckFailed as exc:
             return {"status": "failed", "stage": exc.stage, "detail": exc.detail}
-        times = _time_passes(problem, _rotating(problem, lambda case: problem.timed(config, case)))
+        times = _time_passes(problem, _rotating(problem, lambda case: problem.timed(config, case), passes))
         return {"status": "ok", "checks": checks, **times}
     if kind == "inductor":
         compiled = torch.compile(problem.eager)
-        times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case)))
+        times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case), passes))
         return {"status": "ok", **times}
     if kind == "in_context":
-        return _in_context(problem, request[1])
+        return _in_context(problem, request[1], passes)
     if kind == "bandwidth":
         flops = getattr(problem, "flops", None)  # patterns holding matmuls: their floor is compute, too
         return {"status": "ok", "copy_gbps": copy_gbps(problem.device),
@@ -119,7 +123,7 @@ def handle(problem: Any, request: tuple) -> dict[str, Any]:
 
 
 def serve(conn_in, conn_out, pattern: str, flags: dict, dtype: str, shape: list[int], device: str,
-          max_rows: int | None) -> None:
+          max_rows: int | None, passes: list[str]) -> None:
     """Child-process main loop: requests arrive on ``conn_in``, answers leave on ``conn_out``."""
     from autokernel.lowering import families
 
@@ -133,7 +137,7 @@ def serve(conn_in, conn_out, pattern: str, flags: dict, dtype: str, shape: list[
         if request[0] == "stop":
             return
         try:
-            reply = handle(problem, request)
+            reply = handle(problem, request, passes)
         except Exception as exc:
             reply = {"status": "error", "detail": f"{type(exc).__name__}: {exc}",
                      "traceback": traceback.format_exc(limit=8)}
