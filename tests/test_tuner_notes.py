@@ -221,3 +221,16 @@ def test_no_matplotlib_no_picture(tmp_path, monkeypatch, caplog):
         assert plot_progress(tmp_path / "progress.png", rows, "t", {}, {}) is False
     assert not (tmp_path / "progress.png").exists()
     assert [r.levelname for r in caplog.records] == ["DEBUG"] and "matplotlib is not installed" in caplog.text
+
+
+def test_forward_phase_yields_to_the_backward_phase():
+    """A training request's forward phase stops after its share of the budget once it has a passing candidate;
+    a forward-only request's forward phase, and a forward phase with nothing passing yet, go on."""
+    from autokernel.playbook.tuner import FWD_BUDGET_SHARE, _forward_share_spent
+
+    late = FWD_BUDGET_SHARE * 100 + 1
+    assert _forward_share_spent("fwd", ("fwd", "bwd"), late, 100, True)
+    assert not _forward_share_spent("fwd", ("fwd", "bwd"), late, 100, False)
+    assert not _forward_share_spent("fwd", ("fwd", "bwd"), FWD_BUDGET_SHARE * 100 - 1, 100, True)
+    assert not _forward_share_spent("fwd", ("fwd",), late, 100, True)
+    assert not _forward_share_spent("bwd", ("fwd", "bwd"), late, 100, True)
