@@ -274,6 +274,25 @@ def test_disabled_backend_leaves_graph_alone(tmp_path, spy):
     assert "autokernel" not in spy.graphs[0]
 
 
+def test_a_shape_served_by_another_row_bucket_is_also_wanted(tmp_path):
+    """A decode-sized call served by the entry of a prefill-sized bucket runs that kernel and records its own
+    bucket as wanted, so that ak-tune tunes it; a call in the entry's own bucket records nothing."""
+    cache = KernelCache(tmp_path, device="cpu")
+    cache.put_entry(_entry(1024))
+    model = _model()
+    compiled = torch.compile(model, backend="autokernel", options=_opts(tmp_path))
+    compiled(torch.randn(1024, H, dtype=torch.bfloat16))
+    assert cache.wanted() == []
+    torch._dynamo.reset()
+    x = torch.randn(2, H, dtype=torch.bfloat16)
+    report = autokernel.explain(model, x, options={"autokernel.cache_dir": str(tmp_path)})
+    assert [i.status for i in report.instances] == ["hit"]
+    assert f"nearest tuned bucket, rows~{row_bucket(1024)}" in report.instances[0].reason
+    torch.compile(model, backend="autokernel", options=_opts(tmp_path))(x)
+    ((_key, wanted),) = cache.wanted()
+    assert wanted["shape"] == [2, H] and row_bucket(wanted["rows"]) == row_bucket(2)
+
+
 def test_inductor_wins_entry_leaves_the_pattern_to_inductor(tmp_path):
     KernelCache(tmp_path, device="cpu").put_entry(_entry(4, winner={"fwd": "inductor", "train": "inductor"}))
     report = autokernel.explain(_model(), torch.randn(4, H, dtype=torch.bfloat16),

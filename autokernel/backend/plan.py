@@ -152,22 +152,25 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             hidden, rows, hints = _shape_numbers(inst.shape)
             entry = runtime.lookup(opts.cache_dir, device, key, hidden, rows)
             passname = "train" if train else "fwd"
+            fp = fingerprint(device)
+            wanted = (family.name, key, inst.flags, inst.dtype, hints, hidden, rows, train)
             if entry is None or passname not in tuned_passes(entry):
-                fp = fingerprint(device)
                 inst.status = "miss"
                 inst.reason = (f"no tuned kernel for {key} H={hidden} rows~{row_bucket(rows)} on {fp}" if entry is None
                                else f"the kernel for {key} H={hidden} rows~{entry['row_bucket']} on {fp} was tuned "
                                     f"for {'+'.join(tuned_passes(entry))} only, not {passname}")
                 if record:
-                    cache = caches.setdefault(fp, KernelCache(opts.cache_dir, fingerprint_=fp))
-                    try:
-                        cache.record_wanted(family.name, key, inst.flags, inst.dtype, hints, hidden, rows, train)
-                    except Exception as exc:
-                        logger.warning("autokernel: could not record a miss in %s: %s", cache.path, exc)
+                    _record_wanted(caches, opts.cache_dir, fp, wanted)
                 continue
+            # Another row bucket's entry decides this shape (a decode step served by the prefill's kernel): it is
+            # served, or declined, by that entry, and its own bucket is recorded as wanted so ak-tune tunes it.
+            neighbour = (f" (the nearest tuned bucket, rows~{entry['row_bucket']}; rows~{row_bucket(rows)} "
+                         "recorded as wanted)") if entry["row_bucket"] != row_bucket(rows) else ""
+            if neighbour and record:
+                _record_wanted(caches, opts.cache_dir, fp, wanted)
             if entry["winner"][passname] != "autokernel":
                 inst.status = "declined"
-                inst.reason = f"tuned: Inductor is faster for {passname} at this shape"
+                inst.reason = f"tuned: Inductor is faster for {passname} at this shape{neighbour}"
                 continue
             problem = _verification_problem(entry, device)
             if problem:
@@ -175,12 +178,22 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
                 continue
             inst.status = "hit"
             raced = "" if entry.get("raced", True) else " (interpreter entry, not raced against Inductor)"
-            inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}"
+            inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}{neighbour}"
             plan.rewrites.append(Rewrite(family, inst, region.root, region.nodes, region.inputs, train,
                                          region.side_roots, region.after))
     for cache in caches.values():
         cache.close()
     return plan
+
+
+def _record_wanted(caches: dict[str, KernelCache], cache_dir: Any, fp: str, wanted: tuple) -> None:
+    """Record one sighting in the wanted table of ``fp`` (``KernelCache.record_wanted``'s arguments); a cache
+    that cannot be written costs a warning, never the compile."""
+    cache = caches.setdefault(fp, KernelCache(cache_dir, fingerprint_=fp))
+    try:
+        cache.record_wanted(*wanted)
+    except Exception as exc:
+        logger.warning("autokernel: could not record a miss in %s: %s", cache.path, exc)
 
 
 _verified: dict[tuple[str, float], str | None] = {}  # (entry key, created) -> what failed, or None

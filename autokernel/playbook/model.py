@@ -269,10 +269,12 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
     before, instances = _run_workloads(model, workloads, options, explain=True)
     counts: dict[tuple, int] = {}
     for inst in instances:
-        if inst.status == "miss" and all(isinstance(d, int) for d in inst.shape):
+        # Every instance, not only misses: one served by another row bucket's entry (a decode step by the
+        # prefill's kernel) is in the wanted table too, and worth its own kernel.
+        if all(isinstance(d, int) for d in inst.shape):
             identity = TuneRequest(inst.pattern, inst.flags, inst.dtype, list(inst.shape)).identity()
             counts[identity] = counts.get(identity, 0) + 1
-    # This model's misses only (the wanted table may hold other models' too), as the wanted table has them.
+    # This model's wanted requests only (the table may hold other models' too), as the wanted table has them.
     wanted_key = {}
     requests = []
     for key, w in cache.wanted():
