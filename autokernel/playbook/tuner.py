@@ -390,13 +390,15 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 learned.failed.append({"candidate": cid, "phase": phase, "config": shown_config(config),
                                        "status": reply["status"], "check": check, "reason": detail[:REASON_CHARS]})
             peer_ms = peer.get(metric)
+            host_clock = ("host clock: CUDA-graph capture failed"
+                          if reply.get("clock") == "host" and not interpret else "")
             log.row(strategy=origin, n=counter["n"], candidate=cid, phase=phase, status=reply["status"],
                     check_failed=check, ms=_fmt(ms), fwd_ms=_fmt(reply.get("fwd_ms")),
                     train_ms=_fmt(reply.get("train_ms")),
                     speedup_vs_inductor=_fmt(peer_ms / ms) if (peer_ms and ms) else "",
                     pct_of_floor=f"{100 * floor[passname] / ms:.1f}" if (floor[passname] and ms) else "",
                     seconds=f"{time.time() - t1:.1f}", config=shown, detail=detail[:500],
-                    notes=warm_note if origin == "warm start" else "")
+                    notes="; ".join(filter(None, [warm_note if origin == "warm start" else "", host_clock])))
             best_ms = best.get(phase, (None,))[0]
             say(f"candidate {counter['n']} {phase} {reply['status']}"
                 + (f", best {phase} {best_ms:.4f} ms" if best_ms is not None else ""))
