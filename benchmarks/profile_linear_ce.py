@@ -19,14 +19,12 @@ import torch
 
 from autokernel.lowering.cross_entropy.kernels import count_valid, launch_rows
 from autokernel.lowering.linear_cross_entropy.kernels import Grads, default_config, linear_cross_entropy
-from autokernel.playbook.timing import graph_ms, matmul_tflops, median_ms
+from autokernel.playbook.timing import gpu_or_host_ms, matmul_tflops
 
 
 def gpu_ms(fn) -> float:
     """GPU time from graph replay; the host-inclusive median where capture fails."""
-    dev = torch.device("cuda")
-    ms = graph_ms(fn, dev)
-    return ms if ms is not None else median_ms(fn, dev)
+    return gpu_or_host_ms(fn, torch.device("cuda"))[0]
 
 
 def profile_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> dict[str, float]:

@@ -47,6 +47,13 @@ def graph_ms(fn: Callable[[], object], device: torch.device) -> float | None:
         return None
 
 
+def gpu_or_host_ms(fn: Callable[[], object], device: torch.device) -> tuple[float, str]:
+    """``fn``'s GPU time (:func:`graph_ms`), or its host-inclusive median where there is none; and which clock
+    ("gpu" or "host") gave it."""
+    ms = graph_ms(fn, device)
+    return (ms, "gpu") if ms is not None else (median_ms(fn, device), "host")
+
+
 def copy_gbps(device: torch.device) -> float | None:
     """Device-to-device copy bandwidth (bytes read + written per second, in GB/s); None off CUDA."""
     if device.type != "cuda":
@@ -65,5 +72,5 @@ def matmul_tflops(device: torch.device) -> float | None:
         return None
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn_like(a)
-    ms = graph_ms(lambda: a @ b, device) or median_ms(lambda: a @ b, device)
+    ms, _clock = gpu_or_host_ms(lambda: a @ b, device)
     return 2 * 8192**3 / (ms * 1e-3) / 1e12

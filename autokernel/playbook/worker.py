@@ -21,7 +21,7 @@ import torch
 
 from autokernel.cache.store import PASSES
 from autokernel.playbook.checks import CheckFailed, run_checks
-from autokernel.playbook.timing import copy_gbps, graph_ms, matmul_tflops, median_ms
+from autokernel.playbook.timing import copy_gbps, gpu_or_host_ms, graph_ms, matmul_tflops, median_ms
 
 L2_ROTATE_BYTES = 128 * 2**20  # rotate among input sets until their total passes this (H100 L2: 50 MB)
 
@@ -89,11 +89,9 @@ def _in_context(problem: Any, entry: dict[str, Any], passes: Sequence[str]) -> d
             torch._dynamo.reset()
             compiled_passes = problem.peer_passes(compiled(), case)
             for name in passes:
-                fn = compiled_passes[name]
-                ms = graph_ms(fn, problem.device)
-                if ms is None:
-                    clock, ms = "host", median_ms(fn, problem.device)
-                times[f"{impl}{name}_ms"] = ms
+                times[f"{impl}{name}_ms"], pass_clock = gpu_or_host_ms(compiled_passes[name], problem.device)
+                if pass_clock == "host":
+                    clock = "host"
         torch._dynamo.reset()
     return {"status": "ok", "clock": clock, **times}
 
