@@ -95,7 +95,11 @@ RULES: dict[str, Rule] = {rule.key: rule for rule in (
          observed=(Observation("prefetching the next row in the persistent rms_norm backward: fwd+bwd 0.2124 -> "
                                "0.1940 ms (-9%) at 8192x8192", H200, NOTES_MD),
                    Observation("the same prefetch at 2048x16384 spilled registers (fwd+bwd 1.17 ms); now "
-                               "only rows <= 8192 wide prefetch (not yet measured)", H100, NOTES_MD))),
+                               "only rows <= 8192 wide prefetch (not yet measured)", H100, NOTES_MD),
+                   Observation("rms_norm backward alone, GPU time, warps x programs per SM: 8192x2048 best 4 x 4 "
+                               "(0.0460 ms), 8 x 4 0.0547, 1 x 1 0.1165; 8192x4096 best 8 x 2 (0.0677), 16 x 2 "
+                               "0.0823, 1-2 warps 0.8-1.2 ms (the row spills): about 16 warps per SM, 8 "
+                               "elements per thread", H200, NOTES_MD))),
     Rule("fp32-accumulation", "Accumulate in fp32",
          "Sums, means, sums of squares and dot products accumulate in float32 whatever the input dtype; cast "
          "the result once at the store. Cast Python float scalars (eps, offsets) to fp32 inside the kernel: "
