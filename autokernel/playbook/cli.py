@@ -91,8 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-only", action="store_true",
                    help="--pattern: tune the forward pass alone (inference); the entry serves no backward")
     p.add_argument("--budget", type=float, default=30.0,
-                   help="minutes for the whole run (default 30); a shape once started still gets one checked "
-                        "forward and backward candidate past it (forward-only: one forward candidate)")
+                   help="minutes of tuning (default 30); a shape once started still gets one checked "
+                        "forward and backward candidate past it (forward-only: one forward candidate). "
+                        "--model/--hf-config: counted from the end of the ranking, which comes first, as does "
+                        "the timing of the model after")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds before a candidate counts as hung")
     p.add_argument("--strategy", choices=STRATEGIES, default="search",
                    help="search: the playbook's kernel space; agent: an LLM writes kernels (ANTHROPIC_API_KEY, "
