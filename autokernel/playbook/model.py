@@ -298,7 +298,7 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
         f"at the floor it would take about {max(before - gain, 0):.2f} ms (Amdahl)")
     out(table(ranked, before))
     # The budget is tuning time. Ranking (a compile and timing per workload, an Inductor baseline per request)
-    # took 200 s of a 3-minute budget for a 4-layer Llama step on an H200, and nothing was tuned.
+    # used up a whole 3-minute budget for a 4-layer Llama step on an H200, and nothing was tuned.
     out(f"ranked in {time.time() - t0:.0f} s; tuning for {budget_s / 60:g} min")
     jobs = [Job(r.request, wanted_key[r.request.identity()], r.baseline) for r in ranked]
     results = tune_all(jobs, cache, devices, time.time() + budget_s, timeout_s, out=out, **tune_kwargs)
