@@ -250,3 +250,19 @@ def test_ddp_over_gloo_matches_eager_ddp(tmp_path):
     weights = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)
+
+
+def test_budget_shares_follow_the_time_a_job_could_save():
+    """ak-tune --model gives each job time in proportion to its Amdahl gain; without gains, equal shares."""
+    def job(weight):
+        return pool.Job(TuneRequest("rms_norm", FLAGS, "fp32", [4, 32]), weight=weight)
+
+    a, b, c = job(3.0), job(1.0), job(0.0)
+    assert pool.budget_share(a, [b, c], 40.0, 1) == pytest.approx(30.0)
+    assert pool.budget_share(b, [c], 40.0, 1) == pytest.approx(40.0)
+    assert pool.budget_share(c, [b], 40.0, 1) == 0.0  # saves nothing: started, one candidate, no share
+    assert pool.budget_share(c, [], 40.0, 1) == pytest.approx(40.0)  # the last job: the time has no better use
+    assert pool.budget_share(job(-0.1), [b], 40.0, 1) == 0.0  # measured under its floor (noise): nothing to gain
+    assert pool.budget_share(a, [b], 40.0, 2) == pytest.approx(60.0)  # two devices drain the queue together
+    assert pool.budget_share(a, [job(None)], 40.0, 1) == pytest.approx(20.0)  # a gain unknown: equal shares
+    assert pool.budget_share(c, [job(0.0)], 40.0, 1) == pytest.approx(20.0)  # nothing to gain anywhere: equal

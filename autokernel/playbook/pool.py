@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,18 @@ class Job:
     wanted_key: str | None = None  # its record in the wanted table, dropped once it is tuned
     baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None  # for tune(): not re-measured
     attempts: int = 0
+    weight: float | None = None  # what tuning it could save (ms, Amdahl); None: unknown
+
+
+def budget_share(job: Job, queued: Sequence[Job], left: float, devices: int) -> float:
+    """Seconds of ``left`` for ``job``, taken before the ``queued`` jobs: in proportion to its weight when every
+    one of them has a weight and they sum above zero, else an equal share. A job that could save nothing while
+    others could gets no share (it is still started, and ``tune`` then runs one candidate). Time a job does not
+    use (it stopped at its floor or on a plateau) goes to the jobs after it."""
+    weights = [j.weight for j in (job, *queued)]
+    if all(w is not None for w in weights) and sum(max(w, 0.0) for w in weights) > 0:
+        return left * devices * max(job.weight, 0.0) / sum(max(w, 0.0) for w in weights)
+    return left * devices / len(weights)
 
 
 def tune_all(jobs: list[Job], cache: KernelCache, devices: list[torch.device], deadline: float, timeout_s: float,
@@ -72,7 +84,8 @@ def tune_all(jobs: list[Job], cache: KernelCache, devices: list[torch.device], d
              **tune_kwargs: Any) -> list[TuneResult]:
     """Tune ``jobs`` on ``devices`` at once: one thread per device takes the next job from one queue, in
     order, until the queue is empty; a job taken after ``deadline`` (a ``time.time()``) is left in the
-    wanted table. Each job gets its share of the time left. A tuned job's wanted record is dropped.
+    wanted table. Each job gets its share of the time left (:func:`budget_share`: by the time it could save,
+    where the jobs say). A tuned job's wanted record is dropped.
 
     A job whose worker process failed outside a candidate (it did not start, or died timing Inductor), or
     whose ``tune`` raised, goes back to the end of the queue, where any device may take it, and counts as
@@ -91,7 +104,7 @@ def tune_all(jobs: list[Job], cache: KernelCache, devices: list[torch.device], d
                         return
                     index, job = queue.popleft()
                     left = deadline - time.time()
-                    share = left * len(devices) / (len(queue) + 1)
+                    share = budget_share(job, [j for _, j in queue], left, len(devices))
                 if left <= 0:
                     with lock:
                         out(f"budget spent: {job.request.label()} left in the wanted table")
