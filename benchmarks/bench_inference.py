@@ -505,7 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = "bf16" if device.type == "cuda" else "fp32"
     tables = []
 
-    def run_rows(pattern: str, cases: list[tuple[str, Callable[[str], dict[str, Any]]]]) -> list[dict[str, Any]]:
+    def run_rows(pattern: str, cases: list[tuple[str, Callable[[str], dict[str, Any]]]],
+                 save: Callable[[list[dict[str, Any]]], str]) -> list[dict[str, Any]]:
+        """Measure every impl of every case; the results are saved after each row, so a run stopped at a time
+        limit keeps what it measured."""
         rows = []
         for case, measure in cases:
             for impl in args.impl_list:
@@ -521,30 +524,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                save(rows)
+        tables.append(save(rows))
         return rows
 
-    def write(name: str, rows: list[dict[str, Any]], md: str) -> None:
+    def write(name: str, rows: list[dict[str, Any]], md: str) -> str:
         (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
         (out / f"{name}.md").write_text(md)
-        tables.append(md)
+        return md
 
     if "decode" not in args.skip:
-        rows = run_rows("llama-decode", [(f"b{b}", lambda impl, b=b: time_decode(
-            impl, model, b, context, steps, device, args.smoke, args.profile)) for b in decode_batches])
-        write("llama-decode", rows, render_model_md(
-            "llama-decode", meta, rows, f"one decode step (1 token per sequence) after a {context}-token prompt in a "
-            f"static KV cache; median of {steps} steps back to back, stream time between step ends"))
+        run_rows("llama-decode", [(f"b{b}", lambda impl, b=b: time_decode(
+            impl, model, b, context, steps, device, args.smoke, args.profile)) for b in decode_batches],
+            lambda rows: write("llama-decode", rows, render_model_md(
+                "llama-decode", meta, rows, f"one decode step (1 token per sequence) after a {context}-token prompt "
+                f"in a static KV cache; median of {steps} steps back to back, stream time between step ends")))
     if "prefill" not in args.skip:
         ids = inputs["input_ids"]
         case = f"b{ids.shape[0]}-s{ids.shape[1]}"
-        rows = run_rows("llama-prefill", [(case, lambda impl: time_prefill(
-            impl, model, ids, prefill_iters, device, args.smoke))])
-        write("llama-prefill", rows, render_model_md(
-            "llama-prefill", meta, rows, f"one forward of {ids.shape[0]}x{ids.shape[1]} tokens into an empty static "
-            f"KV cache (logits of the last position only); median of {prefill_iters}"))
+        run_rows("llama-prefill", [(case, lambda impl: time_prefill(
+            impl, model, ids, prefill_iters, device, args.smoke))],
+            lambda rows: write("llama-prefill", rows, render_model_md(
+                "llama-prefill", meta, rows, f"one forward of {ids.shape[0]}x{ids.shape[1]} tokens into an empty "
+                f"static KV cache (logits of the last position only); median of {prefill_iters}")))
     if "kernels" not in args.skip:
         rows = kernel_rows(args, device, cache_dir)
-        write("decode-kernels", rows, render_kernels_md(meta, rows))
+        tables.append(write("decode-kernels", rows, render_kernels_md(meta, rows)))
     bench_patterns.print_tables(tables)
     return 0
 

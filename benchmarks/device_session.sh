@@ -6,19 +6,29 @@
 #   bash benchmarks/device_session.sh e2e MIN    the Llama step after ak-tune --model (MIN minutes), then
 #                                                the cache exported, imported into a fresh directory and
 #                                                served from there (portability)
-#   bash benchmarks/device_session.sh inference MIN   prefill and decode after ak-tune --model --inference (MIN
-#                                                minutes), with the profiler's share of autokernel's kernels
+#   bash benchmarks/device_session.sh inference-tune MIN   ak-tune --model --inference (MIN minutes of tuning
+#                                                after a ~4-minute ranking) of bench_inference's model, alone
+#   bash benchmarks/device_session.sh inference PARTS   bench_inference's PARTS (decode and/or prefill, comma
+#                                                list) with the cache as it is, the profiler's share of our
+#                                                kernels in decode (decode alone takes ~7 minutes)
 #   bash benchmarks/device_session.sh decode-kernels MIN   the kernels at decode shapes, each case tuned
 #                                                forward-only for MIN minutes first
 # Each pattern benchmark tunes its headline shape with ak-tune first (a short budget: the race against
 # Inductor decides whether the cache serves our kernel), then times eager, Inductor, Liger and
 # autokernel, with GPU time (CUDA-graph replay) beside the host-inclusive time. Results land in $OUT
 # (copy the .json/.md into benchmarks/results/).
+# A tuned cache outlives its machine: every mode ends with the cache exported to $OUT/cache.akc, and a call that
+# carries .akc-carry/ (git-excluded: `echo /.akc-carry/ >> .git/info/exclude`; copy the last call's cache.akc
+# there, carry [".whl", ".akc-carry"]) imports it first, so one call can tune and the next measure.
 set -u
 source benchmarks/device_setup.sh || exit 1
 out=${OUT:-/tmp/ak-out}
 mkdir -p "$out"
 export AUTOKERNEL_CACHE_DIR=/tmp/akc
+for bundle in .akc-carry/*.akc; do
+  [ -e "$bundle" ] && ak-cache import "$bundle"
+done
+trap 'ak-cache export -o "$out/cache.akc" >/dev/null' EXIT
 declare -A SHAPE=([rms_norm]=8192x8192 [add_rms_norm]=8192x4096 [softmax]=8192x8192 [layer_norm]=8192x4096
                   [swiglu]=8192x14336 [cross_entropy]=8192x128256 [rope]=4x32x4096x128
                   [linear_cross_entropy]=8192x4096-\>128256)
@@ -40,15 +50,24 @@ e2e)
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \
     --out "$out/imported" 2>&1 | grep -E "^\| autokernel"
   ;;
+inference-tune)
+  timeout 560 python3 benchmarks/bench_inference.py --skip decode,prefill,kernels --tune "${2:-2}" --out "$out" 2>&1 \
+    | tail -40
+  ;;
 inference)
-  timeout 580 python3 benchmarks/bench_inference.py --skip kernels --tune "${2:-2}" --profile --out "$out" 2>&1 | tail -40
+  skip=kernels
+  for part in decode prefill; do
+    [[ ",${2:-decode,prefill}," == *",$part,"* ]] || skip+=",$part"
+  done
+  timeout 560 python3 benchmarks/bench_inference.py --skip "$skip" --profile --out "$out" 2>&1 | tail -40
   ;;
 decode-kernels)
   timeout 580 python3 benchmarks/bench_inference.py --skip decode,prefill --tune-kernels "${2:-0.2}" --out "$out" 2>&1 \
     | tail -30
   ;;
 *)
-  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e MIN | inference MIN | decode-kernels MIN" >&2
+  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e MIN | inference-tune MIN |" \
+       "inference decode,prefill | decode-kernels MIN" >&2
   exit 2
   ;;
 esac
