@@ -24,6 +24,15 @@ def _reset():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def one_candidate(monkeypatch):
+    """ak-tune under the interpreter checks one candidate per shape: these tests are about finding, tuning and
+    serving a whole model's instances (the search itself is tested elsewhere), and the CI budget is minutes."""
+    from autokernel.playbook import tuner
+
+    monkeypatch.setattr(tuner, "INTERPRETER_CANDIDATES", 1)
+
+
 def _llama(dtype):
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
@@ -41,7 +50,7 @@ def _step(fn, model, ids):
 
 
 @pytest.mark.parametrize("dtype,compiler", [(torch.float32, "aot_eager"), (torch.bfloat16, "inductor")])
-def test_llama_rms_norms_found_tuned_and_served(tmp_path, dtype, compiler):
+def test_llama_rms_norms_found_tuned_and_served(tmp_path, dtype, compiler, one_candidate):
     model = _llama(dtype)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     options = {"autokernel.cache_dir": str(tmp_path), "autokernel.compiler": compiler}
@@ -108,7 +117,7 @@ def test_gpt_neox_partial_rotary_found_and_served(tmp_path):
         assert_close(g, grads_e[name].double(), torch.float32, f"grad {name}")
 
 
-def test_ak_tune_hf_config(tmp_path, capsys):
+def test_ak_tune_hf_config(tmp_path, capsys, one_candidate):
     """--hf-config: a causal LM from a local config.json (random weights), its misses ranked and tuned."""
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
