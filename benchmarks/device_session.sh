@@ -11,6 +11,8 @@
 #   bash benchmarks/device_session.sh inference PARTS   bench_inference's PARTS (decode and/or prefill, comma
 #                                                list) with the cache as it is, the profiler's share of our
 #                                                kernels in decode (decode alone takes ~7 minutes)
+#   bash benchmarks/device_session.sh tuner MIN   ak-tune's search rate (candidates per minute) on RMSNorm
+#                                                8192x4096 and softmax 8192x8192, MIN minutes each, cold
 #   bash benchmarks/device_session.sh decode-kernels MIN   the kernels at decode shapes, each case tuned
 #                                                forward-only for MIN minutes first
 # Each pattern benchmark tunes its headline shape with ak-tune first (a short budget: the race against
@@ -61,13 +63,16 @@ inference)
   done
   timeout 560 python3 benchmarks/bench_inference.py --skip "$skip" --profile --out "$out" 2>&1 | tail -40
   ;;
+tuner)
+  timeout 560 python3 benchmarks/bench_tuner.py --budget "${2:-1}" --out "$out" 2>&1 | tail -12
+  ;;
 decode-kernels)
   timeout 580 python3 benchmarks/bench_inference.py --skip decode,prefill --tune-kernels "${2:-0.2}" --out "$out" 2>&1 \
     | tail -30
   ;;
 *)
   echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e MIN | inference-tune MIN |" \
-       "inference decode,prefill | decode-kernels MIN" >&2
+       "inference decode,prefill | tuner MIN | decode-kernels MIN" >&2
   exit 2
   ;;
 esac

@@ -1,5 +1,5 @@
-"""The benchmark scripts' plumbing, end to end on the CPU: ``bench_patterns.py --smoke`` and
-``bench_ddp.py --smoke`` (two gloo ranks)."""
+"""The benchmark scripts' plumbing, end to end on the CPU: ``bench_patterns.py``, ``bench_ddp.py`` (two gloo
+ranks), ``bench_inference.py`` and ``bench_tuner.py``, each with ``--smoke``."""
 
 from __future__ import annotations
 
@@ -120,3 +120,21 @@ def test_bench_inference_smoke(tmp_path: Path) -> None:
         assert row["us"] > 0 and row["pass"] == "fwd", row
         if row["impl"] == "autokernel":
             assert row["ok"] is True and row["cache"] in ("hit", "miss"), row
+
+
+def test_bench_tuner_smoke(tmp_path: Path) -> None:
+    """``bench_tuner.py --smoke``: one case tuned from an empty cache, its rates written in the results format."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_tuner.py"), "--smoke", "--cases", "rms_norm:4x16",
+           "--budget", "0.01", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "tuner.json").read_text())
+    (row,) = data["rows"]
+    assert (row["pattern"], row["case"], row["status"]) == ("rms_norm", "4x16", "written")
+    assert row["candidates"] >= 1 and row["candidates_per_min"] > 0 and row["loop_candidates_per_min"] > 0
+    assert sum(row["by_status"].values()) == row["candidates"]
+    assert "| rms_norm 4x16 | written |" in (out / "tuner.md").read_text()
+    bad = subprocess.run([*cmd[:2], "--smoke", "--cases", "rms_norm:8192"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "pattern:ROWSxHIDDEN" in bad.stderr and "'rms_norm:8192'" in bad.stderr

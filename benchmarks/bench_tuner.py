@@ -1,0 +1,126 @@
+"""ak-tune's search rate: candidates per minute, written to ``<out>/tuner.json`` (and ``tuner.md``).
+
+Usage (device machine)::
+
+    python benchmarks/bench_tuner.py [--cases rms_norm:8192x4096,softmax:8192x8192] [--budget 1]
+        [--out benchmarks/results] [--smoke]
+
+Each case is tuned by the search (``ak-tune --pattern P --shape S --budget MIN``, bf16) from an empty cache of
+its own: no warm start, no notes, so every run starts cold and two runs compare. Per case the row says how many
+candidates ran and two rates: over the whole run (Inductor's baseline, every candidate's checks and timing, and
+the in-context race at the end) and over the candidate loop alone (the sum of ``results.tsv``'s per-candidate
+seconds: a child process checks and times one candidate). ``ms`` is the written entry's time (forward +
+backward), beside Inductor's. ``--smoke`` runs tiny shapes under the Triton interpreter on the CPU: the
+plumbing only, its rates mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from autokernel.cache import KernelCache  # noqa: E402
+from autokernel.playbook.tuner import TuneRequest, set_interpreter_if_no_gpu, tune  # noqa: E402
+
+CASES = "rms_norm:8192x4096,softmax:8192x8192"
+SMOKE_CASES = "rms_norm:64x48"
+
+
+def parse_cases(text: str) -> list[tuple[str, list[int]]]:
+    """``pattern:RxH,...`` -> [(pattern, [rows, hidden]), ...]; a clear error names a malformed item."""
+    cases = []
+    for item in filter(None, text.split(",")):
+        pattern, _, shape = item.partition(":")
+        try:
+            dims = [int(d) for d in shape.split("x")]
+        except ValueError:
+            dims = []
+        if not pattern or len(dims) < 2 or min(dims) < 1:
+            raise ValueError(f"--cases items look like pattern:ROWSxHIDDEN (e.g. rms_norm:8192x4096), got {item!r}")
+        cases.append((pattern, dims))
+    return cases
+
+
+def tune_case(pattern: str, shape: list[int], budget_min: float, device: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench_tuner_") as root:
+        cache = KernelCache(root, device=device)
+        try:
+            result = tune(TuneRequest(pattern, {}, "bf16", shape), cache, device, budget_s=budget_min * 60)
+        finally:
+            cache.close()
+        with open(Path(result.run_dir) / "results.tsv", newline="") as f:
+            rows = [r for r in csv.DictReader(f, delimiter="\t") if r["n"]]  # candidates, not Inductor's row
+    loop_s = sum(float(r["seconds"]) for r in rows if r["seconds"])
+    return {
+        "pattern": pattern, "case": "x".join(map(str, shape)), "dtype": "bf16", "pass": "fwd+bwd",
+        "impl": "autokernel", "ms": result.times.get("train_ms"), "inductor_ms": result.times.get("inductor_train_ms"),
+        "status": result.status, "candidates": result.candidates, "run_s": round(result.seconds, 1),
+        "candidates_per_min": round(60 * result.candidates / result.seconds, 1) if result.seconds else None,
+        "loop_s": round(loop_s, 1),
+        "loop_candidates_per_min": round(60 * len(rows) / loop_s, 1) if loop_s else None,
+        "by_status": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
+    }
+
+
+def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = ["# ak-tune search rate", "", f"- device: {meta['device']}",
+             f"- torch {meta['torch']}, triton {meta['triton']}, date {meta['date']}",
+             f"- command: `{meta['command']}`",
+             "", "| pattern, shape | status | candidates | run s | per min (run) | per min (candidate loop) | "
+             "ms fwd+bwd | Inductor ms | by status |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = f"{r['ms']:.4f}" if r["ms"] is not None else "—"
+        ind = f"{r['inductor_ms']:.4f}" if r["inductor_ms"] is not None else "—"
+        lines.append(f"| {r['pattern']} {r['case']} | {r['status']} | {r['candidates']} | {r['run_s']} | "
+                     f"{r['candidates_per_min']} | {r['loop_candidates_per_min']} | {ms} | {ind} | {r['by_status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=None, help=f"comma list of pattern:ROWSxHIDDEN (default {CASES})")
+    p.add_argument("--budget", type=float, default=1.0, help="minutes of tuning per case (default 1)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes under the Triton interpreter (CPU)")
+    args = p.parse_args(argv)
+    try:
+        cases = parse_cases(args.cases or (SMOKE_CASES if args.smoke else CASES))
+    except ValueError as exc:
+        p.error(str(exc))
+    import torch
+    import triton
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_tuner: no CUDA device (use --smoke for the interpreter plumbing)", file=sys.stderr)
+        return 2
+    device = set_interpreter_if_no_gpu()
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_tuner_out_")) if args.smoke
+                                           else REPO / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "command": shlex.join(["python", "benchmarks/bench_tuner.py", *(sys.argv[1:] if argv is None else argv)])}
+    rows = []
+    for pattern, shape in cases:
+        rows.append(tune_case(pattern, shape, args.budget, device))
+        print(json.dumps(rows[-1]), flush=True)
+        # Saved after every case: a run stopped at a time limit keeps what it measured.
+        (out / "tuner.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        (out / "tuner.md").write_text(render_md(meta, rows))
+    print(render_md(meta, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
