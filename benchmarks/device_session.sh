@@ -3,9 +3,11 @@
 # the next finds the machine warm). Run from the repo root on the device machine, with .whl carried.
 #   bash benchmarks/device_session.sh tests      every GPU test (pytest -m gpu, 2 xdist workers on one GPU)
 #   bash benchmarks/device_session.sh patterns P1,P2   pattern benchmarks (headline shape, ak-tune first)
-#   bash benchmarks/device_session.sh e2e MIN    the Llama step after ak-tune --model (MIN minutes), then
-#                                                the cache exported, imported into a fresh directory and
-#                                                served from there (portability)
+#   bash benchmarks/device_session.sh e2e-tune MIN   ak-tune --model on the Llama step (a ~3-minute ranking, then
+#                                                MIN minutes of tuning), then the step under autokernel alone
+#   bash benchmarks/device_session.sh e2e        the Llama step for every impl with the cache as it is (carry
+#                                                e2e-tune's cache.akc), then the cache exported, imported into a
+#                                                fresh directory and served from there (portability)
 #   bash benchmarks/device_session.sh inference-tune MIN   ak-tune --model --inference (MIN minutes of tuning
 #                                                after a ~4-minute ranking) of bench_inference's model, alone
 #   bash benchmarks/device_session.sh inference PARTS   bench_inference's PARTS (decode and/or prefill, comma
@@ -46,8 +48,11 @@ patterns)
       | grep -E "^\| ${SHAPE[$p]}|miss:|error|Error" | head -8
   done
   ;;
+e2e-tune)
+  timeout 560 python3 benchmarks/bench_e2e.py --impls autokernel --tune "${2:-3}" --out "$out" 2>&1 | tail -22
+  ;;
 e2e)
-  timeout 480 python3 benchmarks/bench_e2e.py --tune "${2:-4}" --out "$out" 2>&1 | tail -22
+  timeout 440 python3 benchmarks/bench_e2e.py --out "$out" 2>&1 | tail -12
   ak-cache export -o "$out/llama-step.akc" && AUTOKERNEL_CACHE_DIR=/tmp/akc-imported ak-cache import "$out/llama-step.akc"
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \
     --out "$out/imported" 2>&1 | grep -E "^\| autokernel"
@@ -71,7 +76,7 @@ decode-kernels)
     | tail -30
   ;;
 *)
-  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e MIN | inference-tune MIN |" \
+  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e-tune MIN | e2e | inference-tune MIN |" \
        "inference decode,prefill | tuner MIN | decode-kernels MIN" >&2
   exit 2
   ;;
