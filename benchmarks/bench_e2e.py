@@ -234,7 +234,8 @@ def parse_step_args(p: argparse.ArgumentParser, argv: Sequence[str] | None, impl
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = step_parser(__doc__.splitlines()[0], IMPLS, DEFAULT_IMPLS, "tiny config on the CPU: tests the plumbing only")
-    p.add_argument("--tune", type=float, default=None, metavar="MIN", help="run ak-tune --model first, MIN minutes")
+    p.add_argument("--tune", type=float, default=None, metavar="MIN",
+                   help="run ak-tune --model first: its ranking, then MIN minutes of tuning")
     return parse_step_args(p, argv, IMPLS)
 
 

@@ -448,7 +448,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel-impls", default="eager,inductor,autokernel", help="impls of the kernel cases")
     p.add_argument("--skip", default="", help="comma list of parts not to run: decode, prefill, kernels")
     p.add_argument("--tune", type=float, default=None, metavar="MIN",
-                   help="run ak-tune --model ...:factory --inference first, MIN minutes")
+                   help="run ak-tune --model ...:factory --inference first: its ranking, then MIN minutes of tuning")
     p.add_argument("--tune-kernels", type=float, default=None, metavar="MIN",
                    help="run ak-tune --pattern ... --forward-only on each kernel case first, MIN minutes each")
     p.add_argument("--profile", action="store_true", help="profile 5 more decode steps of the autokernel impl")
