@@ -214,15 +214,18 @@ class Ranked:
         return self.count * (self.now_ms - (self.floor_ms or 0.0))
 
 
-def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_s: float) -> list[Ranked]:
+def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_s: float,
+         say: Callable[[str], None] = lambda _msg: None) -> list[Ranked]:
     """Time each request as Inductor runs it and give its floor; most time to gain first. Under the Triton
-    interpreter nothing is timed (its times mean nothing; tune() does not race there either)."""
+    interpreter nothing is timed (its times mean nothing; tune() does not race there either). ``say`` hears
+    which request is being timed (each takes a child process and Inductor's compiles: ~30 s on an H200)."""
     from autokernel.lowering import families
 
     if device.type == "cpu" and interpreter_enabled():
         return [Ranked(request, count, None, None) for request, count in requests]
     ranked = []
-    for request, count in requests:
+    for i, (request, count) in enumerate(requests, 1):
+        say(f"{i}/{len(requests)} {request.label()}: Inductor's time and the floor")
         worker = Worker(request, device, None, timeout_s)
         now = floor = baseline = None
         try:
@@ -260,6 +263,12 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
     those batch sizes). ``shard``: only the misses this host's share owns. ``list_only``: print them after the
     first timing (which records them) and tune nothing."""
     t0 = time.time()
+    progress = tune_kwargs.get("progress")
+
+    def say(prefix: str, msg: str) -> None:
+        if progress is not None:
+            progress(prefix, msg)
+
     model, inputs = factory()
     if decode_batches is None:
         workloads, what = [Workload("training step", inputs)], "step"
@@ -267,6 +276,7 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
         workloads = inference_workloads(model, inputs, decode_batches)
         what = "inference (" + ", ".join(w.name for w in workloads) + ")"
     options = {"autokernel.cache_dir": str(cache.root)}
+    say("model", f"compiling and timing the {what} under backend='autokernel'")
     before, instances = _run_workloads(model, workloads, options, explain=True)
     counts: dict[tuple, int] = {}
     for inst in instances:
@@ -293,7 +303,7 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
         for request, count in requests:
             out(f"  {request.label()}  x{count}")
         return []
-    ranked = rank(requests, devices[0], timeout_s)
+    ranked = rank(requests, devices[0], timeout_s, say=lambda msg: say("ranking", msg))
     gain = sum(r.gain_ms or 0.0 for r in ranked)
     out(f"{what} {before:.2f} ms; {len(instances)} pattern instance(s), {len(ranked)} to tune{share}; "
         f"at the floor it would take about {max(before - gain, 0):.2f} ms (Amdahl)")
