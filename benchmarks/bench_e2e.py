@@ -193,15 +193,20 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_run(device: torch.device, dims: dict[str, int], launch: list[str],
-                 argv: Sequence[str] | None) -> dict[str, Any]:
-    """The results file's header (``BENCH_FORMAT.md``): device, versions, date, the command (``launch`` and
-    the script's arguments) and the case."""
+def run_header(device: torch.device, launch: list[str], argv: Sequence[str] | None) -> dict[str, Any]:
+    """A results file's header (``BENCH_FORMAT.md``): device, versions, date and the command (``launch`` and the
+    script's arguments)."""
     import triton
 
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": shlex.join([*launch, *(sys.argv[1:] if argv is None else argv)]), "case": case_name(dims)}
+            "command": shlex.join([*launch, *(sys.argv[1:] if argv is None else argv)])}
+
+
+def describe_run(device: torch.device, dims: dict[str, int], launch: list[str],
+                 argv: Sequence[str] | None) -> dict[str, Any]:
+    """:func:`run_header` and the model's case."""
+    return {**run_header(device, launch, argv), "case": case_name(dims)}
 
 
 def compile_cold() -> None:

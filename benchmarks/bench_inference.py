@@ -55,10 +55,8 @@ they were skipped) to test the plumbing: its times mean nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -479,7 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            else REPO / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
     import transformers
-    import triton
 
     dims = model_dims(args.smoke)
     decode_batches = SMOKE["decode_batches"] if args.smoke else DECODE_BATCHES
@@ -487,11 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = SMOKE["steps"] if args.smoke else args.steps
     prefill_iters = SMOKE["prefill_iters"] if args.smoke else args.prefill_iters
     meta: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python", "benchmarks/bench_inference.py", *(sys.argv[1:] if argv is None else argv)]),
-        "model": {k: v for k, v in dims.items() if k not in ("batch", "seq")},
+        **bench_e2e.run_header(device, ["python", "benchmarks/bench_inference.py"], argv),
+        "transformers": transformers.__version__, "model": {k: v for k, v in dims.items() if k not in ("batch", "seq")},
     }
     if args.tune is not None and "autokernel" in args.impl_list:
         extra = ["--inference", "--decode-batches", ",".join(map(str, decode_batches))]
@@ -509,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  save: Callable[[list[dict[str, Any]]], str]) -> list[dict[str, Any]]:
         """Measure every impl of every case; the results are saved after each row, so a run stopped at a time
         limit keeps what it measured."""
-        rows = []
+        rows: list[dict[str, Any]] = []
+        md = ""
         for case, measure in cases:
             for impl in args.impl_list:
                 row: dict[str, Any] = {"pattern": pattern, "case": case, "dtype": dtype, "pass": "fwd", "impl": impl}
@@ -524,8 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                save(rows)
-        tables.append(save(rows))
+                md = save(rows)
+        tables.append(md)
         return rows
 
     def write(name: str, rows: list[dict[str, Any]], md: str) -> str:

@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
-import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# bench_e2e beside this file, and this checkout's autokernel
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+import bench_e2e  # noqa: E402
 
 from autokernel.cache import KernelCache  # noqa: E402
-from autokernel.playbook.tuner import TuneRequest, set_interpreter_if_no_gpu, tune  # noqa: E402
+from autokernel.playbook.tuner import TuneRequest, tune  # noqa: E402
+
+REPO = bench_e2e.REPO
 
 CASES = "rms_norm:8192x4096,softmax:8192x8192"
 SMOKE_CASES = "rms_norm:64x48"
@@ -98,19 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = parse_cases(args.cases or (SMOKE_CASES if args.smoke else CASES))
     except ValueError as exc:
         p.error(str(exc))
-    import torch
-    import triton
-
-    if not args.smoke and not torch.cuda.is_available():
-        print("bench_tuner: no CUDA device (use --smoke for the interpreter plumbing)", file=sys.stderr)
+    device = bench_e2e.bench_device(args.smoke)
+    if device is None:
         return 2
-    device = set_interpreter_if_no_gpu()
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_tuner_out_")) if args.smoke
                                            else REPO / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
-            "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-            "command": shlex.join(["python", "benchmarks/bench_tuner.py", *(sys.argv[1:] if argv is None else argv)])}
+    meta = bench_e2e.run_header(device, ["python", "benchmarks/bench_tuner.py"], argv)
     rows = []
     for pattern, shape in cases:
         rows.append(tune_case(pattern, shape, args.budget, device))

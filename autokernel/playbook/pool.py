@@ -74,8 +74,10 @@ def budget_share(job: Job, queued: Sequence[Job], left: float, devices: int) -> 
     others could gets no share (it is still started, and ``tune`` then runs one candidate). Time a job does not
     use (it stopped at its floor or on a plateau) goes to the jobs after it."""
     weights = [j.weight for j in (job, *queued)]
-    if all(w is not None for w in weights) and sum(max(w, 0.0) for w in weights) > 0:
-        return left * devices * max(job.weight, 0.0) / sum(max(w, 0.0) for w in weights)
+    if all(w is not None for w in weights):
+        total = sum(max(w, 0.0) for w in weights)
+        if total > 0:
+            return left * devices * max(job.weight, 0.0) / total
     return left * devices / len(weights)
 
 
