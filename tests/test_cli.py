@@ -107,3 +107,18 @@ def test_ak_tune_summary_of_nothing_is_the_header():
 
     assert _summary([]).split()[:3] == ["pattern", "shape", "dtype"]
     assert TuneRequest("softmax", {}, "bf16", [4, 8]).label() == "softmax 4x8 bf16"
+
+
+def test_ak_tune_summary_says_which_passes_are_ours():
+    """A written entry whose training pass lost to Inductor serves the forward only: the table says so, beside
+    times that alone would suggest otherwise."""
+    from autokernel.playbook.cli import _summary
+    from autokernel.playbook.tuner import TuneRequest, TuneResult
+
+    request = TuneRequest("rms_norm", {}, "bf16", [8, 16])
+    forward_only = TuneResult(request, "written", served=("fwd",), times={"fwd_ms": 0.02, "train_ms": 0.09})
+    lost = TuneResult(request, "inductor wins")
+    header, first, second = _summary([forward_only, lost]).splitlines()
+    assert header.split()[3:5] == ["status", "ours"]
+    assert first.split()[3:6] == ["written", "fwd", "0.0200"]
+    assert second.split()[3:5] == ["inductor", "wins"] and second.split()[5] == "-"

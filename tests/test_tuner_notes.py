@@ -181,6 +181,7 @@ def test_a_broken_notes_store_costs_one_warning(tmp_path, caplog, damage):
     with caplog.at_level(logging.WARNING, logger="autokernel"):
         result = tune(REQUEST, cache, CPU, budget_s=600)
     assert result.status == "written" and len(list(cache.entries())) == 1
+    assert result.served == REQUEST.passes  # the interpreter races nothing: every tuned pass is ours
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and str(cache.notes_path) in warnings[0].getMessage(), caplog.text
     if damage == "corrupt":  # the run's own record is readable after the bad lines

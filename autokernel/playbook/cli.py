@@ -150,7 +150,7 @@ class _Progress:
 
 
 def _summary(results: list[TuneResult]) -> str:
-    head = ["pattern", "shape", "dtype", "status", "fwd ms", "train ms", "Inductor fwd", "Inductor train",
+    head = ["pattern", "shape", "dtype", "status", "ours", "fwd ms", "train ms", "Inductor fwd", "Inductor train",
             "floor train", "% of floor", "cands", "s"]
     rows = []
     for r in results:
@@ -163,8 +163,8 @@ def _summary(results: list[TuneResult]) -> str:
             return f"{t[key]:.4f}" if t.get(key) is not None else "-"
 
         rows.append([r.request.pattern, "x".join(map(str, r.request.shape)), r.request.dtype, r.status,
-                     f("fwd_ms"), f("train_ms"), f("inductor_fwd_ms"), f("inductor_train_ms"),
-                     f("floor_train_ms"), pct, str(r.candidates), f"{r.seconds:.0f}"])
+                     ",".join(r.served) or "-", f("fwd_ms"), f("train_ms"), f("inductor_fwd_ms"),
+                     f("inductor_train_ms"), f("floor_train_ms"), pct, str(r.candidates), f"{r.seconds:.0f}"])
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]

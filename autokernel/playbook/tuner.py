@@ -100,6 +100,9 @@ class TuneRequest:
 class TuneResult:
     request: TuneRequest
     status: str  # "written", "inductor wins", "no correct candidate", "error"
+    # The passes the written entry serves with our kernel: "written" may mean the forward only, the training
+    # pass having lost its race (alone or in context) to Inductor.
+    served: tuple[str, ...] = ()
     best: dict[str, Any] | None = None
     times: dict[str, float | None] = field(default_factory=dict)
     candidates: int = 0
@@ -487,7 +490,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                              + ("" if log.failure else f", its candidates are in {log.path}")
                              + "; rerun ak-tune once the cache can be written: it resumes from this run")
             return result
-        result.status = "written" if "autokernel" in winner.values() else "inductor wins"
+        result.served = tuple(p for p in PASSES if winner[p] == "autokernel")
+        result.status = "written" if result.served else "inductor wins"
         completed = True
         return result
     except WorkerFailure as exc:
