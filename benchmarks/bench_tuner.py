@@ -71,6 +71,10 @@ def tune_case(pattern: str, shape: list[int], budget_min: float, device: Any) ->
         "loop_s": round(loop_s, 1),
         "loop_candidates_per_min": round(60 * len(rows) / loop_s, 1) if loop_s else None,
         "by_status": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
+        # Where the passing candidates' worker time went (compile + first run, other checks, timing), in seconds:
+        # what a faster search has to cut.
+        "loop_split_s": {part: round(sum(float(r.get(f"{part}_s") or 0) for r in rows), 2)
+                         for part in ("smoke", "checks", "timing")},
     }
 
 
@@ -79,12 +83,14 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"- torch {meta['torch']}, triton {meta['triton']}, date {meta['date']}",
              f"- command: `{meta['command']}`",
              "", "| pattern, shape | status | candidates | run s | per min (run) | per min (candidate loop) | "
-             "ms fwd+bwd | Inductor ms | by status |", "|---|---|---|---|---|---|---|---|---|"]
+             "ms fwd+bwd | Inductor ms | by status | loop s: compile+smoke / checks / timing |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['ms']:.4f}" if r["ms"] is not None else "—"
         ind = f"{r['inductor_ms']:.4f}" if r["inductor_ms"] is not None else "—"
         lines.append(f"| {r['pattern']} {r['case']} | {r['status']} | {r['candidates']} | {r['run_s']} | "
-                     f"{r['candidates_per_min']} | {r['loop_candidates_per_min']} | {ms} | {ind} | {r['by_status']} |")
+                     f"{r['candidates_per_min']} | {r['loop_candidates_per_min']} | {ms} | {ind} | {r['by_status']} | "
+                     + " / ".join(str(v) for v in r["loop_split_s"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ module knows nothing of any pattern's math.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -40,8 +41,13 @@ def _compare(problem: Any, outputs: dict[str, torch.Tensor], ref: dict[str, torc
             raise CheckFailed(stage, str(exc)) from None
 
 
-def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None) -> list[str]:
-    """Run the stages in order; raise :class:`CheckFailed` at the first failure, else return their names."""
+def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None,
+               seconds: dict[str, float] | None = None) -> list[str]:
+    """Run the stages in order; raise :class:`CheckFailed` at the first failure, else return their names.
+    ``seconds``, when given, receives the wall time of the smoke stage (``"smoke"``: the candidate's first
+    run, so its kernels' compile) and of the other stages together (``"checks"``): where a candidate's time
+    goes, for the search's rate."""
+    start = time.perf_counter()
     rows, hidden = problem.target_shape(max_rows)
     target = problem.case(rows, hidden)
     try:
@@ -51,6 +57,7 @@ def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None
     for name, t in out.items():
         if not torch.isfinite(t).all():
             raise CheckFailed("smoke", f"{name} has non-finite values on {rows}x{hidden}")
+    smoke_end = time.perf_counter()
 
     for r, h in problem.sweep_shapes(max_rows):
         case = problem.case(r, h, seed=1)
@@ -80,4 +87,6 @@ def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None
         # Parameter grads keep their shape, and so does a loss reduced to a scalar.
         if name not in ("dw", "db") and t.dim() > 0 and t.numel() != 0:
             raise CheckFailed("edge cases", f"zero-size batch gave {name} of shape {tuple(t.shape)}")
+    if seconds is not None:
+        seconds.update(smoke=smoke_end - start, checks=time.perf_counter() - smoke_end)
     return list(STAGES)

@@ -205,11 +205,13 @@ class _Log:
     ``detail`` (what went wrong); then ``time``, ``shape``, ``strategy`` (where the candidate came from:
     search, warm start, resume, agent), ``candidate`` (its id, as in the notes), ``check_failed`` (the check
     stage, or crash, hang, error), ``ms`` (the phase's time: forward for ``fwd``, forward + backward
-    otherwise) and ``notes`` (what the tuner made of it). Resume reads ``phase``, ``status``, ``config``,
-    ``fwd_ms`` and ``train_ms``."""
+    otherwise) and ``notes`` (what the tuner made of it); then where a passing candidate's ``seconds`` went in
+    the worker: ``smoke_s`` (its first run, which compiles its kernels), ``checks_s`` (the other check stages)
+    and ``timing_s``. Resume reads ``phase``, ``status``, ``config``, ``fwd_ms`` and ``train_ms``."""
 
     FIELDS = ["n", "phase", "status", "fwd_ms", "train_ms", "speedup_vs_inductor", "pct_of_floor", "seconds",
-              "config", "detail", "time", "shape", "strategy", "candidate", "check_failed", "ms", "notes"]
+              "config", "detail", "time", "shape", "strategy", "candidate", "check_failed", "ms", "notes",
+              "smoke_s", "checks_s", "timing_s"]
 
     def __init__(self, path: Path, shape: str):
         self.path = path
@@ -401,6 +403,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                     speedup_vs_inductor=_fmt(peer_ms / ms) if (peer_ms and ms) else "",
                     pct_of_floor=f"{100 * floor[passname] / ms:.1f}" if (floor[passname] and ms) else "",
                     seconds=f"{time.time() - t1:.1f}", config=shown, detail=detail[:500],
+                    **{f"{part}_s": f"{sec:.2f}" for part, sec in reply.get("seconds", {}).items()},
                     notes="; ".join(filter(None, [warm_note if origin == "warm start" else "", host_clock])))
             best_ms = best.get(phase, (None,))[0]
             say(f"candidate {counter['n']} {phase} {reply['status']}"

@@ -12,6 +12,7 @@ import itertools
 import json
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -101,12 +102,17 @@ def handle(problem: Any, request: tuple, passes: Sequence[str] = PASSES) -> dict
     kind = request[0]
     if kind == "candidate":
         config = request[1]
+        seconds: dict[str, float] = {}
         try:
-            checks = run_checks(problem, config, problem.max_rows)
+            checks = run_checks(problem, config, problem.max_rows, seconds)
         except CheckFailed as exc:
             return {"status": "failed", "stage": exc.stage, "detail": exc.detail}
+        start = time.perf_counter()
         times = _time_passes(problem, _rotating(problem, lambda case: problem.timed(config, case), passes))
-        return {"status": "ok", "checks": checks, **times}
+        if problem.device.type == "cuda":
+            torch.cuda.synchronize(problem.device)
+        seconds["timing"] = time.perf_counter() - start
+        return {"status": "ok", "checks": checks, "seconds": seconds, **times}
     if kind == "inductor":
         compiled = torch.compile(problem.eager)
         times = _time_passes(problem, _rotating(problem, lambda case: problem.peer_passes(compiled, case), passes))
