@@ -118,7 +118,15 @@ def test_ak_tune_summary_says_which_passes_are_ours():
     request = TuneRequest("rms_norm", {}, "bf16", [8, 16])
     forward_only = TuneResult(request, "written", served=("fwd",), times={"fwd_ms": 0.02, "train_ms": 0.09})
     lost = TuneResult(request, "inductor wins")
-    header, first, second = _summary([forward_only, lost]).splitlines()
-    assert header.split()[3:5] == ["status", "ours"]
-    assert first.split()[3:6] == ["written", "fwd", "0.0200"]
+    # Faster alone (0.06 vs 0.15) but slower served through torch.compile: the in-context column shows why.
+    lost_in_context = TuneResult(request, "inductor wins", times={
+        "train_ms": 0.06, "inductor_train_ms": 0.15, "in_context_train_ms": 0.21, "in_context_inductor_train_ms": 0.18,
+        "in_context_clock": "gpu"})
+    no_context_time = TuneResult(request, "inductor wins", times={"train_ms": 0.06, "in_context_train_ms": None,
+                                                                   "in_context_clock": None})
+    header, first, second, third, fourth = _summary([forward_only, lost, lost_in_context, no_context_time]).splitlines()
+    assert header.split()[3:5] == ["status", "ours"] and header.split()[13:15] == ["in", "context"]
+    assert first.split()[3:6] == ["written", "fwd", "0.0200"] and first.split()[9] == "-"
     assert second.split()[3:5] == ["inductor", "wins"] and second.split()[5] == "-"
+    assert third.split()[7:11] == ["0.0600", "-", "0.1500", "0.2100/0.1800"]
+    assert fourth.split()[10] == "failed"

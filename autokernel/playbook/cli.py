@@ -150,8 +150,10 @@ class _Progress:
 
 
 def _summary(results: list[TuneResult]) -> str:
+    # "in context": the decisive pass served through torch.compile, ours/Inductor's (the race that decides, and
+    # why a kernel faster alone can still read "inductor wins"); "failed" where that race gave no time for ours.
     head = ["pattern", "shape", "dtype", "status", "ours", "fwd ms", "train ms", "Inductor fwd", "Inductor train",
-            "floor train", "% of floor", "cands", "s"]
+            "in context", "floor train", "% of floor", "cands", "s"]
     rows = []
     for r in results:
         t = r.times
@@ -162,9 +164,13 @@ def _summary(results: list[TuneResult]) -> str:
         def f(key: str, t=t) -> str:
             return f"{t[key]:.4f}" if t.get(key) is not None else "-"
 
+        raced = "in_context_clock" in t
+        context = (f"{f(f'in_context_{last}_ms')}/{f(f'in_context_inductor_{last}_ms')}"
+                   if raced and t.get(f"in_context_{last}_ms") is not None else "failed" if raced else "-")
+
         rows.append([r.request.pattern, "x".join(map(str, r.request.shape)), r.request.dtype, r.status,
                      ",".join(r.served) or "-", f("fwd_ms"), f("train_ms"), f("inductor_fwd_ms"),
-                     f("inductor_train_ms"), f("floor_train_ms"), pct, str(r.candidates), f"{r.seconds:.0f}"])
+                     f("inductor_train_ms"), context, f("floor_train_ms"), pct, str(r.candidates), f"{r.seconds:.0f}"])
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
