@@ -14,6 +14,13 @@ logger = logging.getLogger("autokernel")
 
 VALID_WARPS = (1, 2, 4, 8, 16, 32)
 
+# Row-wise kernels take their row count unspecialized: Triton would otherwise compile one variant for 1 row,
+# one for a multiple of 16 and one for the rest. The row count never sets an address's alignment (the widths
+# and strides, which do, stay specialized), so the variants run alike, and sharing one saves a compile per
+# row-count class (a decode step's 1 row included) and most of a tuner candidate's check time: measured on
+# an H100, checking an RMSNorm candidate's awkward row counts took ~1 s against 0.18 s for its first run.
+ROW_COUNT_UNSPECIALIZED = ("n_rows",)
+
 _Config = TypeVar("_Config", bound="KernelConfig")
 
 

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.launch import KernelConfig, as_rows, next_power_of_2, sm_count
+from autokernel.lowering.launch import ROW_COUNT_UNSPECIALIZED, KernelConfig, as_rows, next_power_of_2, sm_count
 
 logger = logging.getLogger("autokernel")
 
@@ -63,7 +63,7 @@ _SUM_BLOCK_P, _SUM_BLOCK_N = 64, 32
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _layer_norm_fwd_single_kernel(
     X,
     W,
@@ -120,7 +120,7 @@ def _layer_norm_fwd_single_kernel(
             tl.store(RSTD + row, r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _layer_norm_fwd_chunked_kernel(
     X,
     W,
@@ -183,7 +183,7 @@ def _layer_norm_fwd_chunked_kernel(
             tl.store(RSTD + row, r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _layer_norm_bwd_single_kernel(
     DY,
     X,
@@ -258,7 +258,7 @@ def _layer_norm_bwd_single_kernel(
         tl.store(DB_PARTIAL + part, db_acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _layer_norm_bwd_chunked_kernel(
     DY,
     X,

@@ -39,7 +39,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.launch import KernelConfig, as_rows, is_power_of_two, next_power_of_2, sm_count
+from autokernel.lowering.launch import (
+    ROW_COUNT_UNSPECIALIZED,
+    KernelConfig,
+    as_rows,
+    is_power_of_two,
+    next_power_of_2,
+    sm_count,
+)
 
 logger = logging.getLogger("autokernel")
 
@@ -58,7 +65,7 @@ _PREFETCH_MAX_BLOCK = 8192
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _rms_norm_fwd_single_kernel(
     X,
     W,
@@ -121,7 +128,7 @@ def _rms_norm_fwd_single_kernel(
             tl.store(RSTD + row, r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _rms_norm_fwd_chunked_kernel(
     X,
     W,
@@ -194,7 +201,7 @@ def _rms_norm_fwd_chunked_kernel(
             tl.store(RSTD + row, r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _rms_norm_bwd_single_kernel(
     DY,
     X,
@@ -266,7 +273,7 @@ def _rms_norm_bwd_single_kernel(
         tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw_acc, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _rms_norm_bwd_chunked_kernel(
     DY,
     X,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from autokernel.lowering.launch import KernelConfig, as_rows, next_power_of_2
+from autokernel.lowering.launch import ROW_COUNT_UNSPECIALIZED, KernelConfig, as_rows, next_power_of_2
 
 logger = logging.getLogger("autokernel")
 
@@ -52,7 +52,7 @@ _DEFAULT_CHUNK = 4096
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _softmax_fwd_single_kernel(
     X,
     Y,
@@ -87,7 +87,7 @@ def _softmax_fwd_single_kernel(
         tl.store(Y + row64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _softmax_fwd_chunked_kernel(
     X,
     Y,
@@ -136,7 +136,7 @@ def _softmax_fwd_chunked_kernel(
             tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _softmax_bwd_single_kernel(
     DY,
     Y,
@@ -167,7 +167,7 @@ def _softmax_bwd_single_kernel(
         tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _softmax_bwd_chunked_kernel(
     DY,
     Y,
