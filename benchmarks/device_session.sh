@@ -33,47 +33,50 @@ for bundle in .akc-carry/*.akc; do
   [ -e "$bundle" ] && ak-cache import "$bundle"
 done
 trap 'ak-cache export -o "$out/cache.akc" >/dev/null' EXIT
+# Every mode's whole output, as it is printed: a call killed at its limit still brings back what ran (the
+# terminal shows only the tail of each step).
+log="$out/${1:-session}.log"
 declare -A SHAPE=([rms_norm]=8192x8192 [add_rms_norm]=8192x4096 [softmax]=8192x8192 [layer_norm]=8192x4096
                   [swiglu]=8192x14336 [cross_entropy]=8192x128256 [rope]=4x32x4096x128
                   [linear_cross_entropy]=8192x4096-\>128256)
 case "${1:-}" in
 tests)
-  timeout 560 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tail -40 > "$out/gpu_tests.log"
+  timeout 560 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tee "$log" | tail -40 > "$out/gpu_tests.log"
   grep -E "passed|failed|FAILED|ERROR" "$out/gpu_tests.log" | head -30
   ;;
 patterns)
   for p in ${2//,/ }; do
     timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_patterns.py --patterns "$p" --shapes "${SHAPE[$p]}" \
       --impls "${IMPLS:-eager,inductor,liger,autokernel}" --tune --tune-budget "${TUNE_MIN:-0.4}" --out "$out" 2>&1 \
-      | grep -E "^\| ${SHAPE[$p]}|miss:|error|Error" | head -8
+      | tee -a "$log" | grep -E "^\| ${SHAPE[$p]}|miss:|error|Error" | head -8
   done
   ;;
 e2e-tune)
-  timeout 560 python3 benchmarks/bench_e2e.py --impls autokernel --tune "${2:-3}" --out "$out" 2>&1 | tail -22
+  timeout 560 python3 benchmarks/bench_e2e.py --impls autokernel --tune "${2:-3}" --out "$out" 2>&1 | tee -a "$log" | tail -22
   ;;
 e2e)
-  timeout 440 python3 benchmarks/bench_e2e.py --out "$out" 2>&1 | tail -12
+  timeout 440 python3 benchmarks/bench_e2e.py --out "$out" 2>&1 | tee -a "$log" | tail -12
   ak-cache export -o "$out/llama-step.akc" && AUTOKERNEL_CACHE_DIR=/tmp/akc-imported ak-cache import "$out/llama-step.akc"
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \
     --out "$out/imported" 2>&1 | grep -E "^\| autokernel"
   ;;
 inference-tune)
   timeout 560 python3 benchmarks/bench_inference.py --skip decode,prefill,kernels --tune "${2:-2}" --out "$out" 2>&1 \
-    | tail -40
+    | tee -a "$log" | tail -40
   ;;
 inference)
   skip=kernels
   for part in decode prefill; do
     [[ ",${2:-decode,prefill}," == *",$part,"* ]] || skip+=",$part"
   done
-  timeout 560 python3 benchmarks/bench_inference.py --skip "$skip" --profile --out "$out" 2>&1 | tail -40
+  timeout 560 python3 benchmarks/bench_inference.py --skip "$skip" --profile --out "$out" 2>&1 | tee -a "$log" | tail -40
   ;;
 tuner)
-  timeout 560 python3 benchmarks/bench_tuner.py --budget "${2:-1}" --out "$out" 2>&1 | tail -12
+  timeout 560 python3 benchmarks/bench_tuner.py --budget "${2:-1}" --out "$out" 2>&1 | tee -a "$log" | tail -12
   ;;
 decode-kernels)
   timeout 580 python3 benchmarks/bench_inference.py --skip decode,prefill --tune-kernels "${2:-0.2}" --out "$out" 2>&1 \
-    | tail -30
+    | tee -a "$log" | tail -30
   ;;
 *)
   echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e-tune MIN | e2e | inference-tune MIN |" \
