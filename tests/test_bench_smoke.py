@@ -141,3 +141,14 @@ def test_bench_tuner_smoke(tmp_path: Path) -> None:
     assert "| rms_norm 4x16 | written |" in (out / "tuner.md").read_text()
     bad = subprocess.run([*cmd[:2], "--smoke", "--cases", "rms_norm:8192"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "pattern:ROWSxHIDDEN" in bad.stderr and "'rms_norm:8192'" in bad.stderr
+
+
+def test_bench_tuner_counts_only_candidates() -> None:
+    """Inductor's baseline (row 0 on a GPU), the in-context race and a resume marker (no number) are not candidates:
+    counting the baseline inflated the per-minute rates."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_tuner
+
+    rows = [{"n": "0", "status": "inductor ok"}, {"n": "1", "status": "ok"}, {"n": "2", "status": "failed"},
+            {"n": "", "status": "ok"}, {"n": "", "status": "resumed"}]
+    assert [r["n"] for r in bench_tuner.candidate_rows(rows)] == ["1", "2"]
