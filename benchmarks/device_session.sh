@@ -72,7 +72,7 @@ inference)
   timeout 560 python3 benchmarks/bench_inference.py --skip "$skip" --profile --out "$out" 2>&1 | tee -a "$log" | tail -40
   ;;
 tuner)
-  timeout 560 python3 benchmarks/bench_tuner.py --budget "${2:-1}" --out "$out" 2>&1 | tee -a "$log" | tail -12
+  timeout 560 python3 benchmarks/bench_tuner.py --budget "${2:-1}" --exhaust --out "$out" 2>&1 | tee -a "$log" | tail -12
   ;;
 decode-kernels)
   timeout 580 python3 benchmarks/bench_inference.py --skip decode,prefill --tune-kernels "${2:-0.2}" --out "$out" 2>&1 \
