@@ -474,6 +474,31 @@ def test_ak_tune_miss_then_hit(tmp_path):
     cache.close()
     assert entry["checks"] == ["smoke", "shape sweep", "stability", "determinism", "edge cases"]
     assert [i.status for i in explain(llama_rope, inputs, str(tmp_path))] == ["hit"]
+    # The tuner's last race serves the entry through torch.compile: the problem's own q/k function must hit it
+    # (it once rotated q before reading k, the matcher saw two unpaired instances, and the race had no time).
+    from autokernel.lowering import families
+    from autokernel.playbook.worker import handle
+
+    problem = families()["rope"].problem(miss.flags, miss.dtype, list(miss.shape), "cpu")
+    problem.max_rows = 64
+    reply = handle(problem, ("in_context", entry), ["fwd"])
+    assert reply["status"] == "ok" and reply["fwd_ms"] > 0 and reply["inductor_fwd_ms"] > 0, reply
+
+
+@pytest.mark.parametrize("flags", [{"layout": "half", "kv_heads": 2},
+                                   {"layout": "half", "rotary_dim": 4, "kv_heads": 1},
+                                   {"layout": "interleaved", "kv_heads": 4},
+                                   {"layout": "complex", "kv_heads": 2}])
+def test_problem_eager_pairs_q_with_k(flags, cache_dir):
+    """The function the tuner races in context (``problem.eager``) is one paired instance, as in a model."""
+    from autokernel.lowering import families
+
+    problem = families()["rope"].problem(flags, "bf16", [2, 4, 8, 16], "cpu")
+    case = problem.case(64, 16)
+    report = autokernel.explain(problem.eager, case.q, case.k, case.cos, case.sin,
+                                options={"autokernel.cache_dir": cache_dir})
+    [inst] = report.instances
+    assert (inst.pattern, inst.flags["heads"], inst.flags["kv_heads"]) == ("rope", 4, flags["kv_heads"]), inst
 
 
 def test_trained_freqs_cis_gets_its_gradient():

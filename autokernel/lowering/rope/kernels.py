@@ -348,11 +348,22 @@ def rotate(x: torch.Tensor, layout: str) -> torch.Tensor:
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
     """RoPE as a model writes it, in the tensors' own dtypes (what the kernels replace); differentiable. For
     the complex layout, cos/sin hold one value per pair (``freqs_cis.real``, ``.imag``)."""
+    return rope_apply_all((x,), cos, sin, layout, rotary_dim)[0]
+
+
+def rope_apply_all(xs: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor, layout: str,
+                   rotary_dim: int) -> list[torch.Tensor]:
+    """:func:`rope_apply` of each of ``xs`` (q and k), every rotated part sliced before any is rotated, as HF's
+    ``apply_rotary_pos_emb`` does: the matcher pairs q with k only where both inputs exist before either
+    output (the one fused op stands where the first output was)."""
     if layout == "complex":
         cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    y = rot * cos + rotate(rot, layout) * sin
-    return torch.cat((y, rest.to(y.dtype)), dim=-1) if rest.shape[-1] else y
+    parts = [(x[..., :rotary_dim], x[..., rotary_dim:]) for x in xs]
+    out = []
+    for rot, rest in parts:
+        y = rot * cos + rotate(rot, layout) * sin
+        out.append(torch.cat((y, rest.to(y.dtype)), dim=-1) if rest.shape[-1] else y)
+    return out
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,

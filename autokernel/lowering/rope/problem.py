@@ -37,7 +37,7 @@ from autokernel.lowering.rope.kernels import (
     RopeConfig,
     SourceKernels,
     default_config,
-    rope_apply,
+    rope_apply_all,
     rope_bwd,
     rope_fwd,
     rope_reference,
@@ -252,16 +252,17 @@ class RopeProblem:
     def eager(self, q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor):
         """This variant as a model writes it (HF ``q * cos + rotate_half(q) * sin``, partial and interleaved
         alike; Meta Llama's ``view_as_complex(q) * freqs_cis``); what Inductor compiles in the race."""
+        xs = (q,) if k is None else (q, k)
+        # Both inputs are read before either is rotated, as models do: the in-context race needs the matcher to
+        # pair q with k here as it does in a model (read in turn, they were two unpaired instances and the race
+        # found no entry to serve: session 6's RoPE "inductor wins" beside a faster kernel).
         if self.layout == "complex":
             freqs = torch.complex(cos, sin)
-
-            def one(x):
-                xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-                return torch.view_as_real(xc * freqs).flatten(-2).to(self.out_dtype)
+            pairs = [torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) for x in xs]
+            out = [torch.view_as_real(xc * freqs).flatten(-2).to(self.out_dtype) for xc in pairs]
         else:
-            def one(x):
-                return rope_apply(x, cos, sin, self.layout, self.rotary_dim)
-        return one(q) if k is None else (one(q), one(k))
+            out = rope_apply_all(xs, cos, sin, self.layout, self.rotary_dim)
+        return out[0] if k is None else tuple(out)
 
     def peer_passes(self, compiled, case: Case) -> dict[str, Any]:
         """Forward and forward+backward callables of a compiled :meth:`eager` (Inductor's race entry)."""
