@@ -223,6 +223,40 @@ def test_eps_made_a_graph_input_is_declined_with_the_reason(tmp_path, caplog):
     assert "analysis or rewrite failed" not in caplog.text
 
 
+def _gemma_rms_norm(x, w, eps, offset):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (offset + w.float())).to(x.dtype)
+
+
+def _layer_norm(x, w, eps, offset):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, w * offset, eps)
+
+
+@pytest.mark.parametrize(("fn", "pattern"), [(_gemma_rms_norm, "rms_norm"), (_layer_norm, "layer_norm")])
+def test_every_scalar_made_a_graph_input_is_declined(tmp_path, fn, pattern):
+    """A float that changes between calls becomes a graph input on the recompile; the analysis view holds a
+    stand-in for it, which must never be served: as a cache key (RMSNorm's offset once gave a key with the
+    stand-in, to be tuned and then hit with the wrong offset) or baked into a kernel (LayerNorm's eps)."""
+    x, w = torch.randn(8, H, dtype=torch.bfloat16), torch.randn(H, dtype=torch.bfloat16)
+    options = {"autokernel.cache_dir": str(tmp_path)}
+    torch._dynamo.reset()
+    [first] = autokernel.explain(fn, x, w, 1e-6, 1.0, options=options).instances
+    assert (first.pattern, first.status) == (pattern, "miss")
+    # The offset turned into an input (LayerNorm's goes into its bias: a tensor, not a scalar), then the eps too.
+    expected = {"rms_norm": ["offset is a graph input", "eps and offset are graph inputs"],
+                "layer_norm": [None, "eps is a graph input"]}[pattern]
+    for (eps, offset), reason in zip(((1e-6, 0.5), (1e-5, 0.5)), expected, strict=True):
+        [inst] = autokernel.explain(fn, x, w, eps, offset, options=options).instances
+        if reason is None:
+            assert inst.status == "miss", inst
+        else:
+            assert inst.status == "declined" and inst.reason.startswith(reason), inst
+            assert "specialize_float" in inst.reason
+    assert pattern == "layer_norm" or inst.flags["offset"] == "graph input", inst.flags
+    torch._dynamo.reset()
+
+
 def test_failure_inside_autokernel_falls_back_to_inductor(tmp_path, monkeypatch, caplog):
     # autokernel.backend is the backend function; the subpackage of the same name is in sys.modules.
     backend_mod = sys.modules["autokernel.backend"]

@@ -37,7 +37,6 @@ from autokernel.lowering.pattern import (
     decline,
     dtype_name,
     find_all,
-    is_dynamic_scalar,
     node_val,
 )
 from autokernel.lowering.rms_norm.ops import PATTERN
@@ -138,9 +137,6 @@ def _check(root: Node, b) -> Instance:
         return decline(inst, "mean with an explicit dtype")
     if "power" in b.values and b["power"] != 2:
         return decline(inst, f"power {b['power']}, not 2")
-    if is_dynamic_scalar(b["eps"]):
-        return decline(inst, "eps is a graph input, not a constant (dynamic=True makes float attributes "
-                              "inputs; torch._dynamo.config.specialize_float = True keeps them constants)")
     if b["eps"] < 0:
         return decline(inst, f"negative eps {b['eps']}")
     xv = node_val(x)
