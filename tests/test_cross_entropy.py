@@ -458,3 +458,25 @@ def test_ak_tune_writes_an_entry_that_hits(cache_dir):
     assert result.status == "written", result.detail
     found = explain(ce_smooth_mean, (x, y), cache_dir)
     assert [i.status for i in found] == ["hit"], [(i.status, i.reason) for i in found]
+
+
+def _loss_with(x, labels, ignore_index, label_smoothing):
+    return F.cross_entropy(x.float(), labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+def test_arguments_made_graph_inputs_are_declined_not_a_failed_analysis(tmp_path, caplog):
+    """An ignore_index (int) or label_smoothing (float) that changes between calls becomes a graph input on the
+    recompile: declined, saying which, and the rest of the graph is still analysed (a dynamic ignore_index once
+    failed the whole graph's analysis)."""
+    x, labels = torch.randn(8, 48, dtype=torch.bfloat16), torch.randint(0, 48, (8,))
+    options = {"autokernel.cache_dir": str(tmp_path)}
+    for calls, changed in ([(-100, 0.1), (-100, 0.2)], "label_smoothing"), ([(-100, 0.0), (-1, 0.0)], "ignore_index"):
+        torch._dynamo.reset()
+        with caplog.at_level("WARNING", logger="autokernel"):
+            reports = [autokernel.explain(_loss_with, x, labels, ii, ls, options=options) for ii, ls in calls]
+        assert [i.status for i in reports[0].instances] == ["miss"]
+        ce = [i for i in reports[1].instances if i.pattern == "cross_entropy"]
+        assert len(ce) == 1 and ce[0].status == "declined", reports[1].instances
+        assert ce[0].reason.startswith(f"{changed} is a graph input") and ce[0].flags[changed] == "graph input"
+        assert "analysis failed" not in caplog.text
+    torch._dynamo.reset()

@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from autokernel.lowering.cross_entropy.kernels import LABEL_DTYPES
 from autokernel.lowering.cross_entropy.ops import PATTERN
 from autokernel.lowering.pattern import (
+    DYNAMIC_SCALAR,
     Alt,
     Const,
     Instance,
@@ -133,6 +134,11 @@ def _nll_args(nll: Node) -> tuple[object, int, int]:
 def _check_nll(root: Node, b, smoothing: float = 0.0) -> Instance:
     weight, code, ignore_index = _nll_args(b["nll"])
     reduction = REDUCTION_CODES.get(code, "none")
+    if not isinstance(ignore_index, int):  # a node: an int that changed between calls, made a graph input
+        inst = _instance(root, b, reduction, -100, smoothing)
+        inst.flags["ignore_index"] = "graph input"
+        return decline(inst, "ignore_index is a graph input, not a constant (an int that changed between calls; "
+                             "torch.compile(dynamic=False) keeps it constant)")
     inst = _instance(root, b, reduction, ignore_index, smoothing)
     if b.get("index", 0) != 0:
         return decline(inst, "uses total_weight of nll_loss_forward")
@@ -159,6 +165,10 @@ def _check_smoothed(root: Node, b) -> Instance:
     if not isinstance(classes, int) or isinstance(smooth_coef, bool) or not isinstance(smooth_coef, (int, float)):
         # Under dynamic shapes e / C is a symbolic expression.
         return decline(inst, "label smoothing over a symbolic number of classes")
+    if math.isclose(smooth_coef * classes, DYNAMIC_SCALAR, rel_tol=1e-9):  # e / C computed from the stand-in
+        inst.flags["label_smoothing"] = "graph input"
+        return decline(inst, "label_smoothing is a graph input, not a constant (a float that changed between calls; "
+                             "torch._dynamo.config.specialize_float = True keeps it constant)")
     if not 0.0 < eps <= 1.0 or not math.isclose(smooth_coef, eps / classes, rel_tol=1e-6):
         return decline(inst, f"coefficients {nll_coef:g} and {smooth_coef:g} are not (1 - e, e / {classes})")
     if b["smooth_ignore"] != inst.params["ignore_index"] or b["fill"] != 0:
