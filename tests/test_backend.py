@@ -614,3 +614,40 @@ def test_a_graph_that_fails_to_compile_with_our_ops_compiles_without_them(tmp_pa
         _grads_match(model, compiled, x)
     assert len(compiled_graphs) == 2 and "autokernel" not in compiled_graphs[1]
     assert "compiling it without them" in caplog.text
+
+
+@pytest.mark.parametrize(("pattern", "flags", "shape"), [
+    ("rms_norm", {"mode": "llama"}, [8, 48]),
+    ("rms_norm", {"mode": "gemma", "offset": 1.0}, [8, 48]),
+    ("rms_norm", {"mode": "llama", "residual": True}, [8, 48]),
+    ("rms_norm", {"mode": "gemma", "weight": "none"}, [8, 48]),
+    ("layer_norm", {}, [8, 48]),
+    ("layer_norm", {"weight": "none", "bias": "none"}, [8, 48]),
+    ("softmax", {"op": "log_softmax"}, [8, 48]),
+    ("swiglu", {"act": "gelu_tanh", "layout": "gate_up"}, [8, 48]),
+    ("cross_entropy", {"reduction": "none", "ignore_index": 3}, [8, 48]),
+    ("cross_entropy", {"label_smoothing": 0.1}, [8, 48]),
+    ("linear_cross_entropy", {"reduction": "sum"}, [8, 16, 40]),
+    ("rope", {"layout": "half", "kv_heads": 2}, [2, 4, 8, 16]),
+    ("rope", {"layout": "interleaved", "rotary_dim": 8, "kv_heads": 2}, [2, 4, 8, 16]),
+])
+def test_race_function_is_one_instance_of_the_problems_own_key(tmp_path, pattern, flags, shape):
+    """ak-tune's in-context race compiles the problem's ``eager`` and serves the tuned entry under the problem's
+    key: the backend must find exactly that, one instance with that key, or the race has nothing to time and
+    Inductor wins by default (RoPE's q and k were once found as two unpaired instances)."""
+    from autokernel.lowering import families
+
+    problem = families()[pattern].problem(flags, "bf16", shape, "cpu")
+    problem.max_rows = 64
+    calls = []
+
+    def record(*args):
+        calls.append(args)
+        return problem.eager(*args)
+
+    problem.peer_passes(record, problem.case(*problem.target_shape(64)))["fwd"]()
+    torch._dynamo.reset()
+    report = autokernel.explain(problem.eager, *calls[0], options={"autokernel.cache_dir": str(tmp_path)})
+    torch._dynamo.reset()
+    [inst] = report.instances
+    assert inst.status == "miss" and f"no tuned kernel for {problem.key} " in inst.reason, inst
