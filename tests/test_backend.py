@@ -434,8 +434,9 @@ def test_in_context_race_times_the_entry_served_by_the_backend():
     ({"status": "error", "detail": "the compiled pattern does not hit the tuned entry"},
      {"fwd": "inductor", "train": "inductor"}),
 ])
-def test_in_context_race_decides_each_pass(tmp_path, reply, winner):
-    """A pass stays ours only if it also wins in context; no in-context time (an error) is a loss."""
+def test_in_context_race_decides_each_pass(tmp_path, reply, winner, caplog):
+    """A pass stays ours only if it also wins in context; no in-context time (an error) is a loss, and a warning
+    says the race failed and why (the closing table alone would read "inductor wins")."""
     from autokernel.playbook.tuner import _Log, _race_in_context
 
     class Replies:  # the worker's side is tested above; here only the decision
@@ -445,9 +446,12 @@ def test_in_context_race_decides_each_pass(tmp_path, reply, winner):
 
     entry = _entry(8, times={})
     log = _Log(tmp_path / "results.tsv", "8x48")
-    _race_in_context(Replies(), entry, log, lambda _msg: None)
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        _race_in_context(Replies(), entry, log, lambda _msg: None)
     log.close()
     assert entry["winner"] == winner
+    failed = reply["status"] != "ok"
+    assert ("in-context race failed" in caplog.text and "does not hit the tuned entry" in caplog.text) == failed
     assert entry["times"]["in_context_fwd_ms"] == reply.get("fwd_ms")
     assert "in context" in (tmp_path / "results.tsv").read_text()
 

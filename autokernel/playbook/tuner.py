@@ -540,6 +540,11 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Call
     except WorkerFailure as exc:
         ctx = {"status": "crashed", "detail": str(exc)}
     before = dict(entry["winner"])
+    if ctx["status"] != "ok":
+        # Not a loss of our kernel's but a failure of the race (e.g. the compiled pattern not hitting the entry):
+        # Inductor keeps the pattern, and this says why where the closing table only says "inductor wins".
+        logger.warning("ak-tune: %s H=%s: the in-context race failed (%s): %s; Inductor keeps it",
+                       entry["pattern_key"], entry["hidden"], ctx["status"], ctx.get("detail", "")[:300])
     for p in passes:
         ours, theirs = ctx.get(f"{p}_ms"), ctx.get(f"inductor_{p}_ms")
         entry["times"][f"in_context_{p}_ms"], entry["times"][f"in_context_inductor_{p}_ms"] = ours, theirs
