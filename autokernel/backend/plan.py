@@ -21,7 +21,7 @@ from autokernel.backend.analysis import AnalysisView, build_analysis_view, sourc
 from autokernel.backend.options import Options
 from autokernel.cache import KernelCache, fingerprint, kernels_can_run_on, row_bucket, runtime, tuned_passes
 from autokernel.lowering import PatternFamily, families
-from autokernel.lowering.pattern import Instance, decline, is_dynamic_scalar, node_val, size_hint
+from autokernel.lowering.pattern import Instance, decline, graph_input_reason, is_graph_input, node_val, size_hint
 
 logger = logging.getLogger("autokernel")
 
@@ -130,15 +130,12 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             plan.instances.append(inst)
             if inst.status == "declined":
                 continue
-            dynamic = sorted(name for name, value in inst.params.items() if is_dynamic_scalar(value))
+            dynamic = sorted(name for name, value in inst.params.items() if is_graph_input(value))
             if dynamic:
                 # A kernel bakes its scalars in (and the cache key holds some): a value read at run time
                 # cannot be served, and the analysis view's stand-in for it must never reach a kernel.
-                inst.flags = {k: ("graph input" if is_dynamic_scalar(v) else v) for k, v in inst.flags.items()}
-                verb = "is a graph input" if len(dynamic) == 1 else "are graph inputs"
-                decline(inst, f"{' and '.join(dynamic)} {verb}, not a constant (dynamic=True, or a value that "
-                              "changed between calls, makes float attributes inputs; "
-                              "torch._dynamo.config.specialize_float = True keeps them constants)")
+                inst.flags = {k: ("graph input" if is_graph_input(v) else v) for k, v in inst.flags.items()}
+                decline(inst, graph_input_reason(dynamic))
                 continue
             # The family owns these nodes from here on, hit or miss: a later family matching part of
             # them (softmax inside cross-entropy's log_softmax) neither takes nor reports them.

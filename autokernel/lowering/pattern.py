@@ -145,6 +145,21 @@ def is_dynamic_scalar(value: Any) -> bool:
     return isinstance(value, float) and value == DYNAMIC_SCALAR
 
 
+def is_graph_input(value: Any) -> bool:
+    """Whether a matched scalar parameter is one Dynamo made a graph input: a float read as the stand-in
+    :data:`DYNAMIC_SCALAR`, or an int left as the node that computes it. A kernel bakes its scalars in, so an
+    instance holding one is never served (the backend declines it, naming it)."""
+    return is_dynamic_scalar(value) or isinstance(value, Node)
+
+
+def graph_input_reason(names: Sequence[str]) -> str:
+    """The decline reason for an instance whose parameters ``names`` are graph inputs."""
+    verb = "is a graph input" if len(names) == 1 else "are graph inputs"
+    return (f"{' and '.join(names)} {verb}, not a constant (dynamic=True, or a value that changed between calls, "
+            "makes scalars graph inputs; torch._dynamo.config.specialize_float = True keeps floats constant, "
+            "dynamic=False ints)")
+
+
 def cast(inner: Pattern, name: str | None = None) -> Op:
     """A dtype conversion as the analysis view spells it (``.to``, ``.float()``, ``type_as``)."""
     return Op((aten._to_copy,), (inner,), name=name)

@@ -164,9 +164,12 @@ def _summary(results: list[TuneResult]) -> str:
         def f(key: str, t=t) -> str:
             return f"{t[key]:.4f}" if t.get(key) is not None else "-"
 
-        raced = "in_context_clock" in t
-        context = (f"{f(f'in_context_{last}_ms')}/{f(f'in_context_inductor_{last}_ms')}"
-                   if raced and t.get(f"in_context_{last}_ms") is not None else "failed" if raced else "-")
+        if "in_context_clock" not in t:  # not raced in context
+            context = "-"
+        elif t.get(f"in_context_{last}_ms") is None:
+            context = "failed"
+        else:
+            context = f"{f(f'in_context_{last}_ms')}/{f(f'in_context_inductor_{last}_ms')}"
 
         rows.append([r.request.pattern, "x".join(map(str, r.request.shape)), r.request.dtype, r.status,
                      ",".join(r.served) or "-", f("fwd_ms"), f("train_ms"), f("inductor_fwd_ms"),

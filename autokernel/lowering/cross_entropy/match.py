@@ -37,6 +37,7 @@ from autokernel.lowering.pattern import (
     decline,
     dtype_name,
     find_all,
+    graph_input_reason,
     node_val,
 )
 
@@ -76,15 +77,17 @@ NLL2D = Op((operator.getitem,), (Op((aten.nll_loss2d_forward,), (Op(FLATTEN_OPS,
                                                                    Var("labels")), name="nll"), Const("index")))
 
 
-def _instance(root: Node, b, reduction: str, ignore_index: int, smoothing: float) -> Instance:
+def _instance(root: Node, b, reduction: str, ignore_index: int | Node, smoothing: float) -> Instance:
     x, logp = b["x"], b["logp"]
+    # An ignore_index Dynamo made a graph input stays its node: the backend declines the instance, naming it.
+    ignore_index = ignore_index if isinstance(ignore_index, Node) else int(ignore_index)
     xv, inner = node_val(x), node_val(logp.args[0])
     out_dtype = node_val(root).dtype if isinstance(node_val(root), torch.Tensor) else torch.float32
     return Instance(
         pattern=PATTERN, root=root, nodes=b.nodes, inputs={"logits": x, "labels": b.get("labels")},
-        params={"reduction": reduction, "ignore_index": int(ignore_index), "label_smoothing": float(smoothing),
+        params={"reduction": reduction, "ignore_index": ignore_index, "label_smoothing": float(smoothing),
                 "out_dtype": out_dtype},
-        flags={"reduction": reduction, "ignore_index": int(ignore_index), "label_smoothing": float(smoothing),
+        flags={"reduction": reduction, "ignore_index": ignore_index, "label_smoothing": float(smoothing),
                "upcast": out_dtype != xv.dtype},
         dtype=dtype_name(xv.dtype), shape=tuple(inner.shape), requires_grad=False,
     )
@@ -134,11 +137,6 @@ def _nll_args(nll: Node) -> tuple[object, int, int]:
 def _check_nll(root: Node, b, smoothing: float = 0.0) -> Instance:
     weight, code, ignore_index = _nll_args(b["nll"])
     reduction = REDUCTION_CODES.get(code, "none")
-    if not isinstance(ignore_index, int):  # a node: an int that changed between calls, made a graph input
-        inst = _instance(root, b, reduction, -100, smoothing)
-        inst.flags["ignore_index"] = "graph input"
-        return decline(inst, "ignore_index is a graph input, not a constant (an int that changed between calls; "
-                             "torch.compile(dynamic=False) keeps it constant)")
     inst = _instance(root, b, reduction, ignore_index, smoothing)
     if b.get("index", 0) != 0:
         return decline(inst, "uses total_weight of nll_loss_forward")
@@ -167,8 +165,7 @@ def _check_smoothed(root: Node, b) -> Instance:
         return decline(inst, "label smoothing over a symbolic number of classes")
     if math.isclose(smooth_coef * classes, DYNAMIC_SCALAR, rel_tol=1e-9):  # e / C computed from the stand-in
         inst.flags["label_smoothing"] = "graph input"
-        return decline(inst, "label_smoothing is a graph input, not a constant (a float that changed between calls; "
-                             "torch._dynamo.config.specialize_float = True keeps it constant)")
+        return decline(inst, graph_input_reason(["label_smoothing"]))
     if not 0.0 < eps <= 1.0 or not math.isclose(smooth_coef, eps / classes, rel_tol=1e-6):
         return decline(inst, f"coefficients {nll_coef:g} and {smooth_coef:g} are not (1 - e, e / {classes})")
     if b["smooth_ignore"] != inst.params["ignore_index"] or b["fill"] != 0:
