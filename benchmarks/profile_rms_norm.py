@@ -1,12 +1,11 @@
 """Where does a compiled RMSNorm training step spend its time? (GPU; diagnostics, not a benchmark.)
 
-python benchmarks/profile_rms_norm.py [--shape 8192x8192] [--tuned] [--sweep]
+python benchmarks/profile_rms_norm.py [--shape 8192x8192] [--tuned]
 Without --tuned the op serves the built-in default config from a temporary cache (any GPU); with it,
 the default cache dir must hold a tuned entry for the shape.
 Times the same step three ways: the kernels called directly, the custom ops under eager autograd, and
 torch.compile(backend="autokernel"); then prints the profiler's table for the compiled step.
---sweep instead times the backward kernel alone on the GPU clock (CUDA-graph replay) for a grid of backward
-configs (warps x programs per SM), beside Inductor's compiled backward, to show where the backward's time goes.
+(The launch sweeps of the kernels alone are in ``sweep_norm.py``.)
 """
 
 from __future__ import annotations
@@ -20,23 +19,18 @@ from triton.testing import do_bench
 
 import autokernel
 from autokernel.cache import default_cache_dir
-from autokernel.lowering.rms_norm.kernels import RmsNormConfig, default_config, rms_norm_bwd, rms_norm_fwd
-from autokernel.playbook.timing import gpu_or_host_ms
+from autokernel.lowering.rms_norm.kernels import default_config, rms_norm_bwd, rms_norm_fwd
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8192x8192")
     p.add_argument("--tuned", action="store_true", help="serve the default cache dir's tuned entry")
-    p.add_argument("--sweep", action="store_true", help="time the backward alone over a grid of configs")
     a = p.parse_args()
     rows, hidden = map(int, a.shape.split("x"))
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
-    if a.sweep:
-        sweep_backward(x, w, dy)
-        return
     cfg = default_config(hidden, rows, x.dtype)
     cache = str(default_cache_dir()) if a.tuned else probe_cache(rows, hidden)
 
@@ -92,35 +86,6 @@ def main() -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-
-
-def sweep_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> None:
-    """GPU time of the backward kernel (its dW partial sum included) per config, and of Inductor's backward."""
-    rows, hidden = x.shape
-    dev = x.device
-    _, rstd = rms_norm_fwd(x, w, 1e-6, 0.0, "llama", x.dtype, default_config(hidden, rows, x.dtype), True)
-    floor_bytes = 3 * x.numel() * x.element_size()
-    results = []
-    for warps in (1, 2, 4, 8, 16):
-        for per_sm in (1, 2, 4, 8, 16, 32):
-            if warps * per_sm > 64:
-                continue
-            cfg = RmsNormConfig(bwd_num_warps=warps, bwd_programs_per_sm=per_sm)
-            ms, clock = gpu_or_host_ms(lambda cfg=cfg: rms_norm_bwd(dy, x, w, rstd, 0.0, "llama", cfg), dev)
-            results.append((ms, f"warps {warps:2d} x {per_sm:2d}/SM", clock))
-    x_ref = x.detach().requires_grad_()
-    w_ref = w.detach().requires_grad_()
-    inductor = torch.compile(hf_rms_norm)
-    y = inductor(x_ref, w_ref)
-
-    def inductor_bwd():
-        torch.autograd.grad(y, (x_ref, w_ref), dy, retain_graph=True)
-
-    ms, clock = gpu_or_host_ms(inductor_bwd, dev)
-    results.append((ms, "inductor compiled backward", clock))
-    print(f"rms_norm backward {rows}x{hidden} bf16; DRAM bytes {floor_bytes / 2**20:.0f} MiB (x, dy read; dx written)")
-    for ms, name, clock in sorted(results):
-        print(f"{name:28s} {ms:.4f} ms ({clock})  {floor_bytes / (ms * 1e-3) / 1e9:7.0f} GB/s")
 
 
 if __name__ == "__main__":

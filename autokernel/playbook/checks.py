@@ -9,11 +9,19 @@
 Forward and backward outputs alike are compared with a float64 reference through the one tolerance
 table (:mod:`autokernel.playbook.tolerances`). The problem supplies cases, references and runs; this
 module knows nothing of any pattern's math.
+
+On CUDA the smoke stage runs the target and every sweep case at once, in threads: each distinct
+specialization (a width that is not a multiple of 16, say) is a compile of its own, and Triton's compile
+releases the GIL, so the compiles overlap instead of queuing behind each other. The kernels still run one
+after another on the one stream, and the stages still judge in order. Under the interpreter, whose launch
+state is global, the cases run one by one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -41,27 +49,48 @@ def _compare(problem: Any, outputs: dict[str, torch.Tensor], ref: dict[str, torc
             raise CheckFailed(stage, str(exc)) from None
 
 
+def _run_all(problem: Any, config: dict[str, Any], cases: list[Any]) -> list[Any]:
+    """``problem.run(config, case)`` for each case: its outputs, or the exception it raised. Concurrent on
+    CUDA (see the module docstring), in order elsewhere."""
+
+    def run(case: Any) -> Any:
+        try:
+            # A new thread starts on CUDA device 0, and Triton launches on the current device.
+            pinned = problem.device.type == "cuda" and problem.device.index is not None
+            with torch.cuda.device(problem.device) if pinned else contextlib.nullcontext():
+                return problem.run(config, case)
+        except Exception as exc:
+            return exc
+
+    if problem.device.type != "cuda" or len(cases) == 1:
+        return [run(case) for case in cases]
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        return list(pool.map(run, cases))
+
+
 def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None,
                seconds: dict[str, float] | None = None) -> list[str]:
     """Run the stages in order; raise :class:`CheckFailed` at the first failure, else return their names.
     ``seconds``, when given, receives the wall time of the smoke stage (``"smoke"``: the candidate's first
-    run, so its kernels' compile) and of the other stages together (``"checks"``): where a candidate's time
-    goes, for the search's rate."""
+    runs, so its kernels' compiles, the sweep's included) and of the other stages together (``"checks"``):
+    where a candidate's time goes, for the search's rate."""
     start = time.perf_counter()
     rows, hidden = problem.target_shape(max_rows)
+    sweep = [(r, h, problem.case(r, h, seed=1)) for r, h in problem.sweep_shapes(max_rows)]
     target = problem.case(rows, hidden)
-    try:
-        out = problem.run(config, target)
-    except Exception as exc:
-        raise CheckFailed("smoke", f"{type(exc).__name__}: {exc}") from None
+    runs = _run_all(problem, config, [target] + [case for _r, _h, case in sweep])
+    out = runs[0]
+    if isinstance(out, Exception):
+        raise CheckFailed("smoke", f"{type(out).__name__}: {out}") from None
     for name, t in out.items():
         if not torch.isfinite(t).all():
             raise CheckFailed("smoke", f"{name} has non-finite values on {rows}x{hidden}")
     smoke_end = time.perf_counter()
 
-    for r, h in problem.sweep_shapes(max_rows):
-        case = problem.case(r, h, seed=1)
-        _compare(problem, problem.run(config, case), problem.reference(case), "shape sweep", f"{r}x{h}")
+    for (r, h, case), got in zip(sweep, runs[1:], strict=True):
+        if isinstance(got, Exception):
+            raise got  # not a check failure: the worker reports it as an error, with its traceback
+        _compare(problem, got, problem.reference(case), "shape sweep", f"{r}x{h}")
 
     small = min(rows, 257)
     for scale in (1e4, 1e-3):

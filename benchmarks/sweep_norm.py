@@ -1,0 +1,145 @@
+"""Launch sweeps of the RMSNorm and LayerNorm kernels, called directly (GPU; diagnostics, not a benchmark).
+
+python benchmarks/sweep_norm.py [--pattern rms_norm|layer_norm] [--shape 8192x4096] [--pass bwd|fwd|both]
+Times each kernel alone on the GPU clock (CUDA-graph replay, L2 flushed between replays) for a grid of launch
+configs: the backward over warps x programs per SM (its partial-gradient sum included), the forward over
+warps x rows per program. Inductor's compiled pass is timed beside them, and every row shows its GB/s over
+the bytes that must move, so the default's place in the grid (marked ``*``) says whether the heuristic or
+the kernel is at fault. Off CUDA (``--device cpu`` under TRITON_INTERPRET=1, a small shape) it only checks
+that every config runs. ``--json F`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from autokernel.lowering.layer_norm.kernels import LayerNormConfig, layer_norm_bwd, layer_norm_fwd
+from autokernel.lowering.layer_norm.kernels import default_config as layer_norm_default
+from autokernel.lowering.rms_norm.kernels import RmsNormConfig, rms_norm_bwd, rms_norm_fwd
+from autokernel.lowering.rms_norm.kernels import default_config as rms_norm_default
+from autokernel.playbook.timing import gpu_or_host_ms
+
+EPS = 1e-5
+WARPS = (1, 2, 4, 8, 16)
+PROGRAMS_PER_SM = (1, 2, 4, 8, 16, 32)
+ROWS_PER_PROGRAM = (1, 2, 4)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+    """(forward of a config, backward of a config, default config, Inductor's forward) for RMSNorm."""
+    del b
+    rows, hidden = x.shape
+    default = rms_norm_default(hidden, rows, x.dtype)
+    _, rstd = rms_norm_fwd(x, w, EPS, 0.0, "llama", x.dtype, default, True)
+
+    def fwd(cfg):
+        return rms_norm_fwd(x, w, EPS, 0.0, "llama", x.dtype, cfg, False)
+
+    def bwd(cfg, dy):
+        return rms_norm_bwd(dy, x, w, rstd, 0.0, "llama", cfg)
+
+    def eager(x, w):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+    return fwd, bwd, default, RmsNormConfig, eager
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+    """As :func:`_rms_norm`, for LayerNorm with a weight and a bias."""
+    rows, hidden = x.shape
+    default = layer_norm_default(hidden, rows, x.dtype)
+    _, mean, rstd = layer_norm_fwd(x, w, b, EPS, 1, "fp32", x.dtype, default, True)
+
+    def fwd(cfg):
+        return layer_norm_fwd(x, w, b, EPS, 1, "fp32", x.dtype, cfg, False)
+
+    def bwd(cfg, dy):
+        return layer_norm_bwd(dy, x, w, b, mean, rstd, 1, "fp32", cfg)
+
+    def eager(x, w, b):
+        return F.layer_norm(x, (hidden,), w, b, EPS)
+
+    return fwd, bwd, default, LayerNormConfig, eager
+
+
+FAMILIES = {"rms_norm": _rms_norm, "layer_norm": _layer_norm}
+
+
+def _time(fn: Callable[[], object], dev: torch.device) -> tuple[float, str]:
+    if dev.type != "cuda":
+        fn()  # off CUDA only check that it runs: the interpreter's wall clock says nothing of the GPU
+        return float("nan"), "ran"
+    return gpu_or_host_ms(fn, dev)
+
+
+def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: torch.device) -> list[dict]:
+    x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
+    b = (0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
+    dy = torch.randn_like(x)
+    fwd, bwd, default, config_cls, eager = FAMILIES[pattern](x.detach(), w.detach(), b.detach())
+    params = (w, b) if pattern == "layer_norm" else (w,)
+    size = x.numel() * x.element_size()
+    rows_out: list[dict] = []
+
+    def add(pass_name: str, name: str, ms: float, clock: str, bytes_moved: int, is_default: bool = False) -> None:
+        rows_out.append({"pass": pass_name, "config": name, "ms": ms, "clock": clock, "default": is_default,
+                         "gbps": bytes_moved / (ms * 1e-3) / 1e9 if ms == ms else float("nan")})
+
+    if "bwd" in passes:
+        for warps in WARPS:
+            for per_sm in PROGRAMS_PER_SM:
+                if warps * per_sm > 64:
+                    continue
+                cfg = config_cls(bwd_num_warps=warps, bwd_programs_per_sm=per_sm)
+                ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
+                mine = (warps, per_sm) == (default.bwd_num_warps, default.bwd_programs_per_sm)
+                add("bwd", f"warps {warps:2d} x {per_sm:2d}/SM", ms, clock, 3 * size, mine)
+        compiled = torch.compile(eager)
+        y = compiled(x, *params)
+        ms, clock = _time(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), dev)
+        add("bwd", "inductor compiled backward", ms, clock, 3 * size)
+    if "fwd" in passes:
+        for warps in WARPS:
+            for rpp in ROWS_PER_PROGRAM:
+                cfg = config_cls(fwd_num_warps=warps, fwd_rows_per_program=rpp)
+                ms, clock = _time(lambda cfg=cfg: fwd(cfg), dev)
+                mine = (warps, rpp) == (default.fwd_num_warps, default.fwd_rows_per_program)
+                add("fwd", f"warps {warps:2d} x {rpp} rows", ms, clock, 2 * size, mine)
+        compiled = torch.compile(eager)
+        with torch.no_grad():
+            ms, clock = _time(lambda: compiled(x, *params), dev)
+        add("fwd", "inductor compiled forward", ms, clock, 2 * size)
+    return rows_out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pattern", choices=sorted(FAMILIES), default="layer_norm")
+    p.add_argument("--shape", default="8192x4096", help="ROWSxHIDDEN")
+    p.add_argument("--pass", dest="passes", choices=("bwd", "fwd", "both"), default="both")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", help="write the rows to this file")
+    a = p.parse_args()
+    rows, hidden = map(int, a.shape.split("x"))
+    passes = ("fwd", "bwd") if a.passes == "both" else (a.passes,)
+    results = sweep(a.pattern, rows, hidden, passes, torch.device(a.device))
+    print(f"{a.pattern} {rows}x{hidden} bf16; GB/s over the bytes that must move (fwd: x read, y written; "
+          "bwd: x, dy read, dx written); * = the default config")
+    for pass_name in passes:
+        for r in sorted((r for r in results if r["pass"] == pass_name), key=lambda r: r["ms"]):
+            mark = "*" if r["default"] else " "
+            print(f"{pass_name} {mark} {r['config']:28s} {r['ms']:.4f} ms ({r['clock']})  {r['gbps']:6.0f} GB/s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"pattern": a.pattern, "shape": a.shape, "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
