@@ -404,15 +404,16 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> LayerNormConfi
     if block > MAX_SINGLE_PASS_BLOCK:
         return LayerNormConfig(fwd_num_warps=8, bwd_num_warps=8, bwd_programs_per_sm=2, block_n=_DEFAULT_CHUNK)
     warps = min(16, max(1, block // 512))
-    # The backward holds x, dy, w and two accumulators per row: more threads keep registers per thread
-    # close to the forward's.
-    bwd_warps = min(16, max(1, block // 256))
+    # Measured on an H100 (backward alone, 8192x4096 bf16, benchmarks/sweep_norm.py): 8 warps x 2 programs
+    # per SM 0.0842 ms, 16 x 2 (the old default, twice the threads) 0.1052. So ~16 elements per thread,
+    # ~16 warps per SM, as RMSNorm's backward.
+    bwd_warps = min(16, max(1, block // 512))
     # Narrow rows leave a program little work: batch rows in the forward when there are plenty of them.
     rows_per_program = 4 if block <= 1024 and rows >= 4096 else 1
     # Persistent backward: enough programs per SM to hide latency, few enough to keep the [P, H] partial
     # buffers (written, then read back by the reduction: 16 bytes per program and column with a weight and
     # a bias) small next to the rows (6 bytes per row and column in bf16): P <= rows / 16 or so.
-    programs_per_sm = max(1, min(8, 32 // bwd_warps, rows // 2048))
+    programs_per_sm = max(1, min(8, 16 // bwd_warps, rows // 2048))
     return LayerNormConfig(fwd_num_warps=warps, fwd_rows_per_program=rows_per_program, bwd_num_warps=bwd_warps,
                            bwd_programs_per_sm=programs_per_sm)
 
