@@ -78,7 +78,9 @@ def _time(fn: Callable[[], object], dev: torch.device) -> tuple[float, str]:
     return gpu_or_host_ms(fn, dev)
 
 
-def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: torch.device) -> list[dict]:
+def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: torch.device,
+          warps: tuple[int, ...] = WARPS, per_sm_grid: tuple[int, ...] = PROGRAMS_PER_SM,
+          rpp_grid: tuple[int, ...] = ROWS_PER_PROGRAM) -> list[dict]:
     x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = (1 + 0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
     b = (0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
@@ -93,25 +95,25 @@ def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: to
                          "gbps": bytes_moved / (ms * 1e-3) / 1e9 if ms == ms else float("nan")})
 
     if "bwd" in passes:
-        for warps in WARPS:
-            for per_sm in PROGRAMS_PER_SM:
-                if warps * per_sm > 64:
+        for w_ in warps:
+            for per_sm in per_sm_grid:
+                if w_ * per_sm > 64:
                     continue
-                cfg = config_cls(bwd_num_warps=warps, bwd_programs_per_sm=per_sm)
+                cfg = config_cls(bwd_num_warps=w_, bwd_programs_per_sm=per_sm)
                 ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
-                mine = (warps, per_sm) == (default.bwd_num_warps, default.bwd_programs_per_sm)
-                add("bwd", f"warps {warps:2d} x {per_sm:2d}/SM", ms, clock, 3 * size, mine)
+                mine = (w_, per_sm) == (default.bwd_num_warps, default.bwd_programs_per_sm)
+                add("bwd", f"warps {w_:2d} x {per_sm:2d}/SM", ms, clock, 3 * size, mine)
         compiled = torch.compile(eager)
         y = compiled(x, *params)
         ms, clock = _time(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), dev)
         add("bwd", "inductor compiled backward", ms, clock, 3 * size)
     if "fwd" in passes:
-        for warps in WARPS:
-            for rpp in ROWS_PER_PROGRAM:
-                cfg = config_cls(fwd_num_warps=warps, fwd_rows_per_program=rpp)
+        for w_ in warps:
+            for rpp in rpp_grid:
+                cfg = config_cls(fwd_num_warps=w_, fwd_rows_per_program=rpp)
                 ms, clock = _time(lambda cfg=cfg: fwd(cfg), dev)
-                mine = (warps, rpp) == (default.fwd_num_warps, default.fwd_rows_per_program)
-                add("fwd", f"warps {warps:2d} x {rpp} rows", ms, clock, 2 * size, mine)
+                mine = (w_, rpp) == (default.fwd_num_warps, default.fwd_rows_per_program)
+                add("fwd", f"warps {w_:2d} x {rpp} rows", ms, clock, 2 * size, mine)
         compiled = torch.compile(eager)
         with torch.no_grad():
             ms, clock = _time(lambda: compiled(x, *params), dev)
@@ -126,10 +128,17 @@ def main() -> None:
     p.add_argument("--pass", dest="passes", choices=("bwd", "fwd", "both"), default="both")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--warps", default=",".join(map(str, WARPS)), help="comma list (both passes)")
+    p.add_argument("--per-sm", default=",".join(map(str, PROGRAMS_PER_SM)), help="backward programs per SM")
+    p.add_argument("--rows-per-program", default=",".join(map(str, ROWS_PER_PROGRAM)), help="forward")
     a = p.parse_args()
     rows, hidden = map(int, a.shape.split("x"))
     passes = ("fwd", "bwd") if a.passes == "both" else (a.passes,)
-    results = sweep(a.pattern, rows, hidden, passes, torch.device(a.device))
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in text.split(","))
+
+    results = sweep(a.pattern, rows, hidden, passes, torch.device(a.device), ints(a.warps), ints(a.per_sm),
+                    ints(a.rows_per_program))
     print(f"{a.pattern} {rows}x{hidden} bf16; GB/s over the bytes that must move (fwd: x read, y written; "
           "bwd: x, dy read, dx written); * = the default config")
     for pass_name in passes:
