@@ -63,12 +63,6 @@ _SUM_BLOCK_P, _SUM_BLOCK_N = 64, 32
 # --------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _add_pair(a1, a2, b1, b2):
-    """Combine function of a reduction of two sums at once."""
-    return a1 + b1, a2 + b2
-
-
 @triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
 def _layer_norm_fwd_single_kernel(
     X,
@@ -106,17 +100,14 @@ def _layer_norm_fwd_single_kernel(
         row = tl.minimum(pid * ROWS_PER_PROGRAM + i, n_rows - 1)
         row64 = tl.cast(row, tl.int64)  # rows * stride can pass 2**31
         x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        mean0 = tl.sum(x, axis=0) / n_cols
-        # The float32 sum of a row whose mean is far larger than its spread loses the low bits of the mean,
-        # which the variance and every output would inherit. Both moments of d = x - mean0 in one reduction
-        # correct it: mean = mean0 + E[d], var = E[d^2] - E[d]^2, where E[d] is that rounding error, so the
-        # subtraction cancels nothing. (Masked lanes must not add (0 - mean0)^2.)
-        d = tl.where(mask, x - mean0, 0.0)
-        sum_d, sum_d2 = tl.reduce((d, d * d), 0, _add_pair)
-        shift = sum_d / n_cols
-        mean = mean0 + shift
-        r = tl.math.rsqrt(tl.maximum(sum_d2 / n_cols - shift * shift, 0.0) + eps)
-        y = (d - shift) * r
+        mean = tl.sum(x, axis=0) / n_cols
+        # One correction step: the float32 sum of a row whose mean is far larger than its spread loses the
+        # low bits of the mean, which the variance and every output would inherit. The row is in registers.
+        mean += tl.sum(tl.where(mask, x - mean, 0.0), axis=0) / n_cols
+        # Masked lanes must not add (0 - mean)^2 to the variance.
+        xc = tl.where(mask, x - mean, 0.0)
+        r = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
+        y = xc * r
         if ROUNDED:
             y = y.to(X.dtype.element_ty).to(tl.float32)
         if HAS_WEIGHT:
@@ -249,9 +240,9 @@ def _layer_norm_bwd_single_kernel(
             g = dy * w
         else:
             g = dy
-        # Both row sums in one reduction: one round trip through shared memory instead of two.
-        sum1, sum2 = tl.reduce((g * xhat, g), 0, _add_pair)
-        dx = r * (g - sum2 / n_cols - xhat * (sum1 / n_cols))
+        c1 = tl.sum(g * xhat, axis=0) / n_cols
+        c2 = tl.sum(g, axis=0) / n_cols
+        dx = r * (g - c2 - xhat * c1)
         tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             if ROUNDED:
