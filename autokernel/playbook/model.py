@@ -218,27 +218,36 @@ def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_
          say: Callable[[str], None] = lambda _msg: None) -> list[Ranked]:
     """Time each request as Inductor runs it and give its floor; most time to gain first. Under the Triton
     interpreter nothing is timed (its times mean nothing; tune() does not race there either). ``say`` hears
-    which request is being timed (each takes a child process and Inductor's compiles: ~30 s on an H200)."""
+    which request is being timed (each takes Inductor's compiles: ~20 s a request on an H100 with a child
+    process each, as this ran until 2026-12-06; one child now serves them all)."""
     from autokernel.lowering import families
 
     if device.type == "cpu" and interpreter_enabled():
         return [Ranked(request, count, None, None) for request, count in requests]
     ranked = []
-    for i, (request, count) in enumerate(requests, 1):
-        say(f"{i}/{len(requests)} {request.label()}: Inductor's time and the floor")
-        worker = Worker(request, device, None, timeout_s)
-        now = floor = baseline = None
-        try:
-            problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
-            floors, peer, detail = measure_baseline(worker, problem)
-            timed = request.passes[-1]  # forward + backward ("train"), or the forward of a forward-only request
-            now, floor = peer[f"{timed}_ms"], floors[timed]
-            baseline = None if detail else (floors, peer)
-        except WorkerFailure:
-            pass
-        finally:
+    worker: Worker | None = None  # one child process for every request (restarted only if one kills it)
+    rates: dict[str, Any] = {}  # the device's copy bandwidth (and matmul rate): measured once
+    try:
+        for i, (request, count) in enumerate(requests, 1):
+            say(f"{i}/{len(requests)} {request.label()}: Inductor's time and the floor")
+            if worker is None:
+                worker = Worker(request, device, None, timeout_s)
+            worker.retarget(request, None)
+            now = floor = baseline = None
+            try:
+                problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
+                if not rates or (hasattr(problem, "flops") and rates.get("matmul_tflops") is None):
+                    rates = worker.call("bandwidth")
+                floors, peer, detail = measure_baseline(worker, problem, rates)
+                timed = request.passes[-1]  # forward + backward ("train"), or the forward of a forward-only request
+                now, floor = peer[f"{timed}_ms"], floors[timed]
+                baseline = None if detail else (floors, peer)
+            except WorkerFailure:
+                pass
+            ranked.append(Ranked(request, count, now, floor, baseline))
+    finally:
+        if worker is not None:
             worker.stop()
-        ranked.append(Ranked(request, count, now, floor, baseline))
     return sorted(ranked, key=lambda r: -(r.gain_ms if r.gain_ms is not None else -1.0))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from autokernel.cache import KernelCache
-from autokernel.playbook.tuner import TuneRequest, TuneResult, tune
+from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, tune
 
 logger = logging.getLogger("autokernel")
 
@@ -99,6 +99,7 @@ def tune_all(jobs: list[Job], cache: KernelCache, devices: list[torch.device], d
 
     def serve(device: torch.device) -> None:
         local = KernelCache(cache.root, fingerprint_=cache.fingerprint)  # one database connection per thread
+        worker: Worker | None = None  # one child process per device for all its jobs, made by the first
         try:
             while True:
                 with lock:
@@ -115,8 +116,10 @@ def tune_all(jobs: list[Job], cache: KernelCache, devices: list[torch.device], d
                 if len(devices) > 1:
                     prefix += f" on {device}"
                 job.attempts += 1
+                if worker is None:
+                    worker = Worker(job.request, device, None, timeout_s)
                 result = _attempt(job, local, device, min(share, left), timeout_s,
-                                  lambda msg, prefix=prefix: progress(prefix, msg), tune_kwargs)
+                                  lambda msg, prefix=prefix: progress(prefix, msg), dict(tune_kwargs, worker=worker))
                 with lock:
                     if result.retryable and job.attempts < ATTEMPTS:
                         out(f"{job.request.label()}: {result.detail}; queued again")
@@ -128,6 +131,8 @@ def tune_all(jobs: list[Job], cache: KernelCache, devices: list[torch.device], d
                     if result.detail:
                         out(f"{job.request.label()}: {result.status}: {result.detail}")
         finally:
+            if worker is not None:
+                worker.stop()
             local.close()
 
     threads = [threading.Thread(target=serve, args=(device,), name=f"ak-tune {device}") for device in devices]

@@ -128,16 +128,29 @@ class WorkerStartFailure(WorkerFailure):
 
 
 class Worker:
-    """A child process holding one problem; restarted after a crash or a hang."""
+    """A child process holding one problem at a time; restarted after a crash or a hang."""
 
     def __init__(self, request: TuneRequest, device: torch.device, max_rows: int | None, timeout_s: float):
-        self.args = {"pattern": request.pattern, "flags": request.flags, "dtype": request.dtype,
-                     "shape": list(request.shape), "device": str(device), "max_rows": max_rows,
-                     "passes": list(request.passes)}
+        self.device = device
+        self.args = self._args(request, max_rows)
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
         self.to_child: Connection | None = None
         self.from_child: Connection | None = None
+        self.stale = False  # the running child holds another problem than ``args``
+
+    def _args(self, request: TuneRequest, max_rows: int | None) -> dict[str, Any]:
+        return {"pattern": request.pattern, "flags": request.flags, "dtype": request.dtype,
+                "shape": list(request.shape), "device": str(self.device), "max_rows": max_rows,
+                "passes": list(request.passes)}
+
+    def retarget(self, request: TuneRequest, max_rows: int | None) -> None:
+        """Hold ``request``'s problem from the next call on, in the same child process when it runs (no new
+        process: its start costs seconds, a ranking or a model's tune makes one per request)."""
+        args = self._args(request, max_rows)
+        if args != self.args:
+            self.args = args
+            self.stale = self.proc is not None
 
     def start(self) -> None:
         child_in, parent_out = os.pipe()
@@ -172,6 +185,19 @@ class Worker:
     def call(self, *request: Any) -> dict[str, Any]:
         if self.proc is None:
             self.start()
+        elif self.stale:
+            self.stale = False
+            try:
+                reply = self._send(("problem", self.args))
+            except WorkerFailure as exc:
+                raise WorkerStartFailure(f"worker could not load {self.args['pattern']}: {exc}") from None
+            if reply.get("status") != "ready":
+                self.kill()
+                raise WorkerStartFailure(f"worker could not load {self.args['pattern']} {self.args['shape']}: "
+                                         f"{reply.get('detail', reply)}")
+        return self._send(request)
+
+    def _send(self, request: tuple) -> dict[str, Any]:
         try:
             self.to_child.send(request)
         except (BrokenPipeError, OSError):
@@ -187,6 +213,7 @@ class Worker:
             if conn is not None:
                 conn.close()
         self.proc = self.to_child = self.from_child = None
+        self.stale = False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -269,14 +296,16 @@ STRATEGIES = ("search", "agent", "both")
 def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_s: float,
          timeout_s: float = 180.0, progress: Callable[[str], None] | None = None, strategy: str = "search",
          agent_model: str | None = None, max_turns: int = 20, retry_failed: bool = False,
-         baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None) -> TuneResult:
+         baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None,
+         worker: Worker | None = None) -> TuneResult:
     """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened.
 
     ``strategy``: "search" (the playbook's kernel space), "agent" (an LLM writes kernels; needs
     ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it). ``retry_failed``: run
     the candidates that the notes say failed on this shape before, instead of skipping them. ``baseline``:
     the floor and Inductor's times already measured on this GPU for this request (``measure_baseline``),
-    not measured again."""
+    not measured again. ``worker``: a :class:`Worker` on ``device`` to reuse (it is retargeted to this
+    request and left running, for the caller to stop); without one, the run starts its own."""
     from autokernel.lowering import families
 
     t0 = time.time()
@@ -299,7 +328,11 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     log = _Log(run_dir / "results.tsv", shape)
     completed = False
     result = TuneResult(request, "no correct candidate", run_dir=str(run_dir))
-    worker = Worker(request, device, max_rows, timeout_s)
+    own_worker = worker is None
+    if worker is None:
+        worker = Worker(request, device, max_rows, timeout_s)
+    else:
+        worker.retarget(request, max_rows)
     say = progress or (lambda _msg: None)
     notes = NotesStore(cache.notes_path)
     bucket = row_bucket(problem.rows)
@@ -513,7 +546,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         learned.aborted = True
         raise
     finally:
-        worker.stop()
+        if own_worker:
+            worker.stop()
         log.close()
         if log.failure:
             result.detail = "; ".join(filter(None, [result.detail, f"results.tsv incomplete: {log.failure}"]))
@@ -660,12 +694,14 @@ def plot_progress(path: Path, rows: list[dict[str, Any]], title: str, peer: dict
         return False
 
 
-def measure_baseline(worker: Worker, problem: Any) -> tuple[dict[str, float | None], dict[str, float | None], str]:
+def measure_baseline(worker: Worker, problem: Any, rates: dict[str, float | None] | None = None
+                     ) -> tuple[dict[str, float | None], dict[str, float | None], str]:
     """The floor of each pass and Inductor's times, in ms, on the worker's device; the third item says what went
     wrong with Inductor's run, or is ''. The floor is the DRAM floor (bytes over the measured copy bandwidth),
     or for a pattern holding matmuls (``problem.flops()``) the larger of that and its FLOPs over the measured
-    bf16 matmul rate."""
-    rates = worker.call("bandwidth")
+    bf16 matmul rate. ``rates``: the worker's ``bandwidth`` answer, already measured on this device."""
+    if rates is None:
+        rates = worker.call("bandwidth")
     bw, tflops = rates.get("copy_gbps"), rates.get("matmul_tflops")
     floor = {k: (v / (bw * 1e9) * 1e3 if bw else None) for k, v in problem.bytes_moved().items()}
     if tflops and hasattr(problem, "flops"):

@@ -3,11 +3,12 @@
 A kernel that crashes or hangs the CUDA context takes this process down, not the tuner: the tuner
 notices (EOF on the pipe, or no answer before the timeout), marks the candidate, and starts a fresh
 worker. Requests: ``("candidate", config)``, ``("inductor",)``, ``("in_context", entry)``,
-``("bandwidth",)``, ``("stop",)``; each answer is a dict.
+``("bandwidth",)``, ``("problem", args)`` (hold another problem), ``("stop",)``; each answer is a dict.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import sys
@@ -126,26 +127,46 @@ def handle(problem: Any, request: tuple, passes: Sequence[str] = PASSES) -> dict
     raise ValueError(f"unknown worker request {kind!r}")
 
 
-def serve(conn_in, conn_out, pattern: str, flags: dict, dtype: str, shape: list[int], device: str,
-          max_rows: int | None, passes: list[str]) -> None:
-    """Child-process main loop: requests arrive on ``conn_in``, answers leave on ``conn_out``."""
+def _load(pattern: str, flags: dict, dtype: str, shape: list[int], device: str, max_rows: int | None,
+          passes: list[str]) -> tuple[Any, list[str]]:
+    """The problem a worker holds, and the passes it times."""
     from autokernel.lowering import families
 
-    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
-        torch.cuda.set_device(torch.device(device))  # Triton launches on the current device ("cuda": the default)
     problem = families()[pattern].problem(flags, dtype, shape, device)
     problem.max_rows = max_rows
+    return problem, passes
+
+
+def serve(conn_in, conn_out, **args: Any) -> None:
+    """Child-process main loop: requests arrive on ``conn_in``, answers leave on ``conn_out``. The first
+    problem comes with the process's arguments; ``("problem", args)`` swaps in another (the tuner reuses
+    one process for many requests: its start, torch's import and the CUDA context cost seconds each time)."""
+    device = torch.device(args["device"])
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches on the current device ("cuda": the default)
+    problem, passes = _load(**args)
     conn_out.send({"status": "ready"})
     while True:
         request = conn_in.recv()
         if request[0] == "stop":
             return
         try:
-            reply = handle(problem, request, passes)
+            if request[0] == "problem":
+                # Dynamo's compiles of the last problem's functions go (the next problem of the same family
+                # compiles the same code objects, whose cache would fill up with guards), and so do its tensors.
+                problem = None
+                torch._dynamo.reset()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                problem, passes = _load(**request[1])
+                reply = {"status": "ready"}
+            else:
+                reply = handle(problem, request, passes)
         except Exception as exc:
             reply = {"status": "error", "detail": f"{type(exc).__name__}: {exc}",
                      "traceback": traceback.format_exc(limit=8)}
-        if problem.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         conn_out.send(reply)
 
