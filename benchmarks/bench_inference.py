@@ -2,7 +2,7 @@
 
 Usage (device machine)::
 
-    python benchmarks/bench_inference.py [--impls eager,inductor,inductor-reduce-overhead,autokernel]
+    python benchmarks/bench_inference.py [--impls eager,inductor,inductor-reduce-overhead,autokernel,autokernel-default]
         [--tune MIN] [--tune-kernels MIN] [--profile] [--steps 256] [--cache-dir DIR]
         [--out benchmarks/results] [--smoke]
 
@@ -32,7 +32,9 @@ intermediate 8192, vocab 128256, SDPA attention), bf16 random weights, in eval m
 
 Impls: ``eager``; ``inductor`` (``torch.compile``); ``inductor-reduce-overhead`` (``mode="reduce-overhead"``:
 CUDA graphs); ``autokernel`` (``backend="autokernel"``, ``mode="reduce-overhead"``; the cache is named by
-``AUTOKERNEL_CACHE_DIR``, since torch.compile takes ``mode=`` or ``options=``, not both). Each impl and case is
+``AUTOKERNEL_CACHE_DIR``, since torch.compile takes ``mode=`` or ``options=``, not both); ``autokernel-default``
+(``backend="autokernel"`` without CUDA graphs: beside ``inductor``, what our ops' host cost does to a step that no
+graph replays). Each impl and case is
 compiled afresh, with Inductor's FX-graph and AOTAutograd caches off (as in bench_e2e). Rows report ``graphs``
 (frames Dynamo compiled), ``recompiles`` (frames compiled again after a guard failed), ``cudagraph_skips`` and
 ``first_call_s``; the autokernel rows the pattern instances ``autokernel.explain`` finds (hit, miss, declined).
@@ -78,7 +80,7 @@ import bench_patterns  # noqa: E402
 from autokernel.playbook.model import Workload, cache_argument, inference_workloads  # noqa: E402
 
 REPO = bench_e2e.REPO
-IMPLS = ("eager", "inductor", "inductor-reduce-overhead", "autokernel")
+IMPLS = ("eager", "inductor", "inductor-reduce-overhead", "autokernel", "autokernel-default")
 SMOKE_IMPLS = "eager,inductor-reduce-overhead,autokernel"
 PREFILL = dict(batch=8, seq=2048)
 DECODE_BATCHES = (1, 8, 64)
@@ -120,10 +122,11 @@ def compile_impl(impl: str, model: torch.nn.Module, device: torch.device, smoke:
         if not graphs:
             raise Skipped("mode='reduce-overhead' replays CUDA graphs: there are none on the CPU")
         return torch.compile(model, mode="reduce-overhead"), {}
-    if graphs:  # the cache from AUTOKERNEL_CACHE_DIR: mode= excludes options=
+    if graphs and impl == "autokernel":  # the cache from AUTOKERNEL_CACHE_DIR: mode= excludes options=
         return torch.compile(model, backend="autokernel", mode="reduce-overhead"), {"mode": "reduce-overhead"}
     options = {"autokernel.compiler": "aot_eager"} if smoke else None
-    note = "default: no CUDA graphs on the CPU" + ("; aot_eager (smoke: no Inductor)" if smoke else "")
+    note = ("default" if graphs else "default: no CUDA graphs on the CPU") + ("; aot_eager (smoke: no Inductor)"
+                                                                               if smoke else "")
     return torch.compile(model, backend="autokernel", options=options), {"mode": note}
 
 
@@ -239,7 +242,7 @@ def time_decode(impl: str, model: torch.nn.Module, batch: int, context: int, ste
     median = statistics.median(times)
     row.update(ms=round(median, 4), mean_ms=round(statistics.fmean(times), 4),
                tokens_per_s=round(batch / median * 1e3), context=context, steps=steps)
-    if impl == "autokernel":
+    if impl.startswith("autokernel"):
         inputs = {"input_ids": next(position), cache_arg: cache, "use_cache": True}
         row["instances"] = _instances(Workload("decode step", inputs, train=False), model)
     return row
@@ -267,7 +270,7 @@ def time_prefill(impl: str, model: torch.nn.Module, ids: torch.Tensor, iters: in
     row.update(counts.read())
     median = statistics.median(times)
     row.update(ms=round(median, 4), tokens_per_s=round(ids.numel() / median * 1e3))
-    if impl == "autokernel":
+    if impl.startswith("autokernel"):
         row["instances"] = _instances(prefill, model)
     return row
 
