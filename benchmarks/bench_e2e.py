@@ -47,6 +47,7 @@ IMPLS = ("eager", "inductor", "inductor-max-autotune", "liger", "autokernel")
 DEFAULT_IMPLS = "eager,inductor,liger,autokernel"
 FULL = dict(hidden=2048, layers=4, heads=16, kv_heads=8, intermediate=8192, vocab=128256, batch=2, seq=4096)
 SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=16)
+MEMORY_ROWS = 15  # --memory: the block sizes reported per impl
 CONFIG_ENV = "AK_BENCH_E2E_CONFIG"  # how the model's dimensions reach factory() in ak-tune's process
 
 
@@ -92,10 +93,11 @@ def compiled(impl: str, model: torch.nn.Module, cache_dir: str | None) -> Any:
 
 
 def measure_step(fwd: Any, model: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, memory: bool = False) -> dict[str, Any]:
     """One training step (forward with labels, backward, gradients dropped) of ``fwd``, which runs ``model``:
     the first step's seconds (compile included), then two warm-up steps and the median ms of ``iters`` steps
-    (CUDA events; wall clock on the CPU), the peak memory above what the warm model holds, and the loss."""
+    (CUDA events; wall clock on the CPU), the peak memory above what the warm model holds, and the loss.
+    ``memory`` (CUDA): also what is alive at the step's peak (:func:`live_at_peak`), from one more step."""
     def step() -> torch.Tensor:
         loss = fwd(**inputs).loss
         loss.backward()
@@ -129,12 +131,43 @@ def measure_step(fwd: Any, model: torch.nn.Module, inputs: dict[str, torch.Tenso
             times.append((time.perf_counter() - t) * 1e3)
     times.sort()
     peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20 if device.type == "cuda" else None
-    return {"ms": round(times[len(times) // 2], 3), "peak_mib": None if peak is None else round(peak, 1),
-            "loss": float(loss), "first_step_s": round(first_s, 2)}
+    row = {"ms": round(times[len(times) // 2], 3), "peak_mib": None if peak is None else round(peak, 1),
+           "loss": float(loss), "first_step_s": round(first_s, 2)}
+    if memory and device.type == "cuda":
+        # One more step with the allocator's history on (after the timed ones: recording costs host time).
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        step()
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        traced_peak, blocks = live_at_peak(snapshot["device_traces"][device.index or 0])
+        row["peak_blocks"] = {"traced_peak_mib": round(traced_peak / 2**20, 1),
+                              "by_size": [[round(size / 2**20, 2), count] for size, count in blocks[:MEMORY_ROWS]]}
+    return row
+
+
+def live_at_peak(events: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int, int]]]:
+    """From the CUDA caching allocator's trace of one step (``torch.cuda.memory._snapshot()["device_traces"]``):
+    the most bytes that step's allocations held at once, and the blocks alive at that moment as (size, count),
+    most bytes first. Blocks allocated before the trace started (the weights) are not in it. In a model of known
+    dimensions the sizes name the tensors: what a step keeps alive at its peak, and what to cut."""
+    live: dict[int, int] = {}
+    held = peak = 0
+    at_peak: dict[int, int] = {}
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event["size"]
+            held += event["size"]
+            if held > peak:
+                peak, at_peak = held, dict(live)
+        elif event["action"] == "free_completed":
+            held -= live.pop(event["addr"], 0)
+    counts = Counter(at_peak.values())
+    return peak, sorted(counts.items(), key=lambda item: -item[0] * item[1])
 
 
 def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
-              device: torch.device, cache_dir: str | None) -> dict[str, Any]:
+              device: torch.device, cache_dir: str | None, memory: bool = False) -> dict[str, Any]:
     torch._dynamo.reset()
     model = copy.deepcopy(base)
     if impl == "liger":
@@ -142,7 +175,8 @@ def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor],
 
         apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
-    row: dict[str, Any] = {"impl": impl, **measure_step(compiled(impl, model, cache_dir), model, inputs, iters, device)}
+    row: dict[str, Any] = {"impl": impl, **measure_step(compiled(impl, model, cache_dir), model, inputs, iters, device,
+                                                        memory)}
     row["loss"] = round(row["loss"], 5)
     if impl == "autokernel":
         import autokernel
@@ -190,6 +224,13 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         inst = ", ".join(f"{k} {v}" for k, v in r.get("instances", {}).items())
         lines.append(f"| {r['impl']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_mib']} | "
                      f"{r['first_step_s']} | {r['loss']:.4f} | {dl} | {inst} |")
+    traced = [r for r in rows if r.get("peak_blocks")]
+    if traced:
+        lines += ["", "Blocks alive at each impl's peak (one traced step, `--memory`): MiB x count, most memory first.",
+                  ""]
+        for r in traced:
+            blocks = ", ".join(f"{mib:g} x {count}" for mib, count in r["peak_blocks"]["by_size"])
+            lines.append(f"- {r['impl']}: {r['peak_blocks']['traced_peak_mib']} MiB at the peak: {blocks}")
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +282,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = step_parser(__doc__.splitlines()[0], IMPLS, DEFAULT_IMPLS, "tiny config on the CPU: tests the plumbing only")
     p.add_argument("--tune", type=float, default=None, metavar="MIN",
                    help="run ak-tune --model first: its ranking, then MIN minutes of tuning")
+    p.add_argument("--memory", action="store_true",
+                   help="CUDA: one more step per impl, its allocations traced; the blocks alive at its peak, by size")
     return parse_step_args(p, argv, IMPLS)
 
 
@@ -276,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # not only the model it is given: every impl built after it in this process would run Liger's code.
     for impl in sorted(args.impl_list, key=lambda name: name == "liger"):
         try:
-            row = time_impl(impl, base, inputs, args.iters, device, cache_dir)
+            row = time_impl(impl, base, inputs, args.iters, device, cache_dir, args.memory)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the impl's copy of the model is gone: its memory goes back
             row["tokens_per_s"] = round(tokens / row["ms"] * 1e3)

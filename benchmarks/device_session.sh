@@ -55,7 +55,7 @@ e2e-tune)
   timeout 560 python3 benchmarks/bench_e2e.py --impls autokernel --tune "${2:-3}" --out "$out" 2>&1 | tee -a "$log" | tail -22
   ;;
 e2e)
-  timeout 440 python3 benchmarks/bench_e2e.py --out "$out" 2>&1 | tee -a "$log" | tail -12
+  timeout 440 python3 benchmarks/bench_e2e.py --memory --out "$out" 2>&1 | tee -a "$log" | tail -20
   ak-cache export -o "$out/llama-step.akc" && AUTOKERNEL_CACHE_DIR=/tmp/akc-imported ak-cache import "$out/llama-step.akc"
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \
     --out "$out/imported" 2>&1 | grep -E "^\| autokernel"

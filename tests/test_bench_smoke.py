@@ -154,3 +154,27 @@ def test_bench_tuner_counts_only_candidates() -> None:
     rows = [{"n": "0", "status": "inductor ok"}, {"n": "1", "status": "ok"}, {"n": "2", "status": "failed"},
             {"n": "", "status": "ok"}, {"n": "", "status": "resumed"}]
     assert [r["n"] for r in bench_tuner.candidate_rows(rows)] == ["1", "2"]
+
+
+def test_bench_e2e_memory_blocks_alive_at_the_peak() -> None:
+    """``bench_e2e --memory``: the allocator trace replayed to the moment the step held the most; blocks freed
+    before it, or allocated after it, are not in the answer; an address reused counts once per life."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_e2e
+
+    mib = 2**20
+    events = [{"action": "alloc", "addr": 1, "size": 32 * mib}, {"action": "alloc", "addr": 2, "size": 128 * mib},
+              {"action": "free_requested", "addr": 2, "size": 128 * mib},
+              {"action": "free_completed", "addr": 2, "size": 128 * mib},
+              {"action": "alloc", "addr": 2, "size": 32 * mib}, {"action": "alloc", "addr": 3, "size": 501 * mib},
+              {"action": "alloc", "addr": 4, "size": 32 * mib},  # the peak: 32 x 3 + 501
+              {"action": "free_completed", "addr": 3, "size": 501 * mib},
+              {"action": "alloc", "addr": 5, "size": 64 * mib}]
+    peak, blocks = bench_e2e.live_at_peak(events)
+    assert peak == (3 * 32 + 501) * mib
+    assert blocks == [(501 * mib, 1), (32 * mib, 3)]
+    row = {"impl": "autokernel", "ms": 1.0, "tokens_per_s": 1, "peak_mib": 597.0, "first_step_s": 1.0, "loss": 1.0,
+           "peak_blocks": {"traced_peak_mib": 597.0, "by_size": [[501.0, 1], [32.0, 3]]}}
+    md = bench_e2e.render_md({"case": "c", "device": "d", "torch": "t", "triton": "t", "date": "d", "command": "c"},
+                             [row])
+    assert "- autokernel: 597.0 MiB at the peak: 501 x 1, 32 x 3" in md
