@@ -3,14 +3,15 @@
 Usage (device machine)::
 
     python benchmarks/bench_e2e.py [--impls eager,inductor,liger,autokernel] [--tune MIN]
-        [--cache-dir DIR] [--out benchmarks/results] [--iters 10] [--smoke]
+        [--cache-dir DIR] [--out benchmarks/results] [--iters 10] [--memory] [--smoke]
 
 The model is the one of ``../shared/probes/e2e.py``: ``transformers.LlamaConfig`` with hidden 2048,
 4 layers, 16 heads / 8 kv heads, intermediate 8192, vocab 128256, untied lm_head, SDPA attention, bf16
 random weights; batch 2 x seq 4096 tokens, forward with labels then backward (no optimizer). Each impl
 is timed on a fresh copy of the same weights: the first step (compile included, with Inductor's FX-graph
 and AOTAutograd caches off, so every impl compiles cold), two warm-up steps, then the median of
-``--iters`` steps between CUDA events, and the peak memory above the weights.
+``--iters`` steps between CUDA events, and the peak memory above the weights (``--memory``: and which blocks are
+alive at that peak, by size, from one more step with the allocator's trace on).
 
 ``--tune MIN`` first runs ``ak-tune --model benchmarks/bench_e2e.py:factory --budget MIN`` (the same
 model, through the public CLI) and reports its wall time: the time to fill the cache for this model.
