@@ -2,7 +2,8 @@
 # The device calls that refresh the measurements (each fits a 10-minute call; run them back to back so
 # the next finds the machine warm). Run from the repo root on the device machine, with .whl carried.
 #   bash benchmarks/device_session.sh tests      every GPU test (pytest -m gpu, 2 xdist workers on one GPU)
-#   bash benchmarks/device_session.sh patterns P1,P2   pattern benchmarks (headline shape, ak-tune first)
+#   bash benchmarks/device_session.sh patterns P1,P2   pattern benchmarks (headline shape, ak-tune first; SHAPES=a,b
+#                                                other shapes, IMPLS= other impls, BENCH_TIMEOUT= seconds a pattern)
 #   bash benchmarks/device_session.sh e2e-tune MIN   ak-tune --model on the Llama step (a ~3-minute ranking, then
 #                                                MIN minutes of tuning), then the step under autokernel alone
 #   bash benchmarks/device_session.sh e2e        the Llama step for every impl with the cache as it is (carry
@@ -46,9 +47,10 @@ tests)
   ;;
 patterns)
   for p in ${2//,/ }; do
-    timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_patterns.py --patterns "$p" --shapes "${SHAPE[$p]}" \
+    shapes=${SHAPES:-${SHAPE[$p]}}
+    timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_patterns.py --patterns "$p" --shapes "$shapes" \
       --impls "${IMPLS:-eager,inductor,liger,autokernel}" --tune --tune-budget "${TUNE_MIN:-0.4}" --out "$out" 2>&1 \
-      | tee -a "$log" | grep -E "^\| ${SHAPE[$p]}|miss:|error|Error" | head -8
+      | tee -a "$log" | grep -E "^\| (${shapes//,/|}) |miss:|error|Error" | head -30
   done
   ;;
 e2e-tune)
