@@ -187,14 +187,14 @@ class Worker:
             self.start()
         elif self.stale:
             self.stale = False
+            what = f"worker could not load {self.args['pattern']} {self.args['shape']}"
             try:
                 reply = self._send(("problem", self.args))
             except WorkerFailure as exc:
-                raise WorkerStartFailure(f"worker could not load {self.args['pattern']}: {exc}") from None
+                raise WorkerStartFailure(f"{what}: {exc}") from None
             if reply.get("status") != "ready":
                 self.kill()
-                raise WorkerStartFailure(f"worker could not load {self.args['pattern']} {self.args['shape']}: "
-                                         f"{reply.get('detail', reply)}")
+                raise WorkerStartFailure(f"{what}: {reply.get('detail', reply)}")
         return self._send(request)
 
     def _send(self, request: tuple) -> dict[str, Any]:
