@@ -70,9 +70,10 @@ def test_the_pool_runs_a_devices_jobs_in_one_child(tmp_path, monkeypatch):
 def test_rank_asks_one_child_for_every_request_and_the_bandwidth_once(monkeypatch):
     seen = []
 
-    def fake_baseline(worker, problem, rates=None):
+    def fake_baseline(worker, problem, rates=None, seconds=None):
         worker.call("candidate", {"fwd_num_warps": 1, "bwd_num_warps": 1})  # the child holds this problem
         seen.append((worker.proc.pid, problem.hidden, rates))
+        seconds.update(smoke=2.0, timing=0.5)
         return {"fwd": 0.001, "train": 0.002}, {"fwd_ms": 0.01, "train_ms": 0.02}, ""
 
     bandwidth_calls = []
@@ -86,7 +87,10 @@ def test_rank_asks_one_child_for_every_request_and_the_bandwidth_once(monkeypatc
     monkeypatch.setattr(model, "interpreter_enabled", lambda: False)  # rank times nothing under the interpreter
     monkeypatch.setattr(model, "measure_baseline", fake_baseline)
     monkeypatch.setattr(Worker, "call", counting_call)
-    ranked = model.rank([(_request(32), 1), (_request(40), 3), (_request(48), 2)], CPU, timeout_s=120)
+    spent: dict[str, float] = {}
+    ranked = model.rank([(_request(32), 1), (_request(40), 3), (_request(48), 2)], CPU, timeout_s=120,
+                        seconds=spent)
+    assert spent == {"smoke": 6.0, "timing": 1.5}  # the worker's split, summed over the requests
     assert [r.request.shape[-1] for r in ranked] == [40, 48, 32]  # by gain: count x (now - floor)
     assert len({pid for pid, _, _ in seen}) == 1 and [h for _, h, _ in seen] == [32, 40, 48]
     assert len(bandwidth_calls) == 1 and all(rates == seen[0][2] for _, _, rates in seen)

@@ -215,11 +215,13 @@ class Ranked:
 
 
 def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_s: float,
-         say: Callable[[str], None] = lambda _msg: None) -> list[Ranked]:
+         say: Callable[[str], None] = lambda _msg: None, seconds: dict[str, float] | None = None) -> list[Ranked]:
     """Time each request as Inductor runs it and give its floor; most time to gain first. Under the Triton
     interpreter nothing is timed (its times mean nothing; tune() does not race there either). ``say`` hears
     which request is being timed (each takes Inductor's compiles: ~20 s a request on an H100 with a child
-    process each, as this ran until 2026-12-06; one child now serves them all)."""
+    process each, as this ran until 2026-12-06; one child now serves them all). ``seconds``, when given,
+    receives the worker's time over all requests for Inductor's first runs (``"smoke"``: its compiles) and for
+    their timing (``"timing"``)."""
     from autokernel.lowering import families
 
     if device.type == "cpu" and interpreter_enabled():
@@ -227,6 +229,7 @@ def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_
     ranked = []
     worker: Worker | None = None  # one child process for every request (restarted only if one kills it)
     rates: dict[str, Any] = {}  # the device's copy bandwidth (and matmul rate): measured once
+    spent = {"smoke": 0.0, "timing": 0.0}
     try:
         for i, (request, count) in enumerate(requests, 1):
             say(f"{i}/{len(requests)} {request.label()}: Inductor's time and the floor")
@@ -238,7 +241,10 @@ def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_
                 problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
                 if not rates or (hasattr(problem, "flops") and rates.get("matmul_tflops") is None):
                     rates = worker.call("bandwidth")
-                floors, peer, detail = measure_baseline(worker, problem, rates)
+                split: dict[str, float] = {}
+                floors, peer, detail = measure_baseline(worker, problem, rates, split)
+                for part in spent:
+                    spent[part] += split.get(part, 0.0)
                 timed = request.passes[-1]  # forward + backward ("train"), or the forward of a forward-only request
                 now, floor = peer[f"{timed}_ms"], floors[timed]
                 baseline = None if detail else (floors, peer)
@@ -248,6 +254,8 @@ def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_
     finally:
         if worker is not None:
             worker.stop()
+        if seconds is not None:
+            seconds.update(spent)
     return sorted(ranked, key=lambda r: -(r.gain_ms if r.gain_ms is not None else -1.0))
 
 
@@ -312,14 +320,20 @@ def tune_model(factory: Callable[[], tuple[Any, Any]], cache: KernelCache, devic
         for request, count in requests:
             out(f"  {request.label()}  x{count}")
         return []
-    ranked = rank(requests, devices[0], timeout_s, say=lambda msg: say("ranking", msg))
+    rank_t0 = time.time()
+    spent: dict[str, float] = {}
+    ranked = rank(requests, devices[0], timeout_s, say=lambda msg: say("ranking", msg), seconds=spent)
+    rank_s = time.time() - rank_t0
     gain = sum(r.gain_ms or 0.0 for r in ranked)
     out(f"{what} {before:.2f} ms; {len(instances)} pattern instance(s), {len(ranked)} to tune{share}; "
         f"at the floor it would take about {max(before - gain, 0):.2f} ms (Amdahl)")
     out(table(ranked, before))
     # The budget is tuning time. Ranking (a compile and timing per workload, an Inductor baseline per request)
     # used up a whole 3-minute budget for a 4-layer Llama step on an H200, and nothing was tuned.
-    out(f"ranked in {time.time() - t0:.0f} s; tuning for {budget_s / 60:g} min")
+    out(f"ranked in {time.time() - t0:.0f} s: the {what} under the backend {rank_t0 - t0:.0f} s, "
+        f"{len(ranked)} requests {rank_s:.0f} s (Inductor's compiles and first runs {spent.get('smoke', 0):.0f} s, "
+        f"its timing {spent.get('timing', 0):.0f} s, the rest worker starts and floors); "
+        f"tuning for {budget_s / 60:g} min")
     # Time goes where Amdahl says it pays: linear + CE could save 2.1 of a Llama step's 2.9 ms, SwiGLU nothing.
     jobs = [Job(r.request, wanted_key[r.request.identity()], r.baseline, weight=r.gain_ms) for r in ranked]
     results = tune_all(jobs, cache, devices, time.time() + budget_s, timeout_s, out=out, **tune_kwargs)

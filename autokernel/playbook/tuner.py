@@ -347,9 +347,11 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                     fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail="")
         elif not interpret:
             say("racing Inductor")
-            floor, peer, detail = measure_baseline(worker, problem)
+            split: dict[str, float] = {}
+            floor, peer, detail = measure_baseline(worker, problem, seconds=split)
             log.row(strategy="inductor", n=0, phase="peer", status="inductor " + ("ok" if not detail else "error"),
-                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail=detail)
+                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail=detail,
+                    **{f"{part}_s": f"{sec:.2f}" for part, sec in split.items()})
         records = notes.records()
         known_failed = {} if retry_failed else notes.failures(problem.key, problem.hidden, bucket, records)
         candidates: list[tuple[str, dict[str, Any], str]] = []  # (phase, config, where it came from)
@@ -694,12 +696,15 @@ def plot_progress(path: Path, rows: list[dict[str, Any]], title: str, peer: dict
         return False
 
 
-def measure_baseline(worker: Worker, problem: Any, rates: dict[str, float | None] | None = None
+def measure_baseline(worker: Worker, problem: Any, rates: dict[str, float | None] | None = None,
+                     seconds: dict[str, float] | None = None
                      ) -> tuple[dict[str, float | None], dict[str, float | None], str]:
     """The floor of each pass and Inductor's times, in ms, on the worker's device; the third item says what went
     wrong with Inductor's run, or is ''. The floor is the DRAM floor (bytes over the measured copy bandwidth),
     or for a pattern holding matmuls (``problem.flops()``) the larger of that and its FLOPs over the measured
-    bf16 matmul rate. ``rates``: the worker's ``bandwidth`` answer, already measured on this device."""
+    bf16 matmul rate. ``rates``: the worker's ``bandwidth`` answer, already measured on this device.
+    ``seconds``, when given, receives the worker's wall time for Inductor: ``"smoke"`` (each pass's first run,
+    where Dynamo, AOTAutograd and Inductor compile) and ``"timing"``."""
     if rates is None:
         rates = worker.call("bandwidth")
     bw, tflops = rates.get("copy_gbps"), rates.get("matmul_tflops")
@@ -707,6 +712,8 @@ def measure_baseline(worker: Worker, problem: Any, rates: dict[str, float | None
     if tflops and hasattr(problem, "flops"):
         floor = {k: max(v or 0.0, problem.flops()[k] / (tflops * 1e12) * 1e3) for k, v in floor.items()}
     reply = worker.call("inductor")
+    if seconds is not None:
+        seconds.update(reply.get("seconds", {}))
     if reply["status"] != "ok":
         return floor, {"fwd_ms": None, "train_ms": None}, reply.get("detail", reply["status"])
     return floor, {"fwd_ms": reply["fwd_ms"], "train_ms": reply.get("train_ms")}, ""  # train: None if forward-only
