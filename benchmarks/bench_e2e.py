@@ -29,6 +29,7 @@ import copy
 import datetime
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -240,7 +241,8 @@ def run_header(device: torch.device, launch: list[str], argv: Sequence[str] | No
     script's arguments)."""
     import triton
 
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "torch": torch.__version__, "triton": triton.__version__, "date": datetime.date.today().isoformat(),
             "command": shlex.join([*launch, *(sys.argv[1:] if argv is None else argv)])}
 

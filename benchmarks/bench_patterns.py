@@ -20,11 +20,9 @@ on a miss they time Inductor's fallback, and the table marks them ``(miss)``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -37,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bench_e2e  # the results header: this script runs from benchmarks/, which is then on sys.path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -943,30 +942,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    try:
-        import triton
-
-        triton_version: str | None = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device.type == "cuda":
-        dev_name = torch.cuda.get_device_name(device)
-    else:
-        dev_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     gbps = copy_gbps(ctx)
     script = os.path.relpath(Path(__file__).resolve(), REPO)
-    meta = {
-        "device": dev_name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
-        "copy_gbps": round(gbps, 1),
-    }
-    print(
-        f"# {dev_name} torch {torch.__version__} triton {triton_version} copy {gbps:.1f} GB/s -> {out}",
-        flush=True,
-    )
+    meta = {**bench_e2e.run_header(device, ["python", script], argv), "copy_gbps": round(gbps, 1)}
+    print(f"# {meta['device']} torch {meta['torch']} triton {meta['triton']} copy {gbps:.1f} GB/s -> {out}",
+          flush=True)
 
     tables = []
     for name in args.patterns.split(","):
