@@ -5,8 +5,9 @@ Times each kernel alone on the GPU clock (CUDA-graph replay, L2 flushed between 
 configs: the backward over warps x programs per SM (its partial-gradient sum included), the forward over
 warps x rows per program. Inductor's compiled pass is timed beside them, and every row shows its GB/s over
 the bytes that must move, so the default's place in the grid (marked ``*``) says whether the heuristic or
-the kernel is at fault. Off CUDA (``--device cpu`` under TRITON_INTERPRET=1, a small shape) it only checks
-that every config runs. ``--json F`` writes the rows.
+the kernel is at fault; the default backward's time is also split among its kernels (the profiler). Off
+CUDA (``--device cpu`` under TRITON_INTERPRET=1, a small shape) it only checks that every config runs.
+``--json F`` writes the rows.
 """
 
 from __future__ import annotations
@@ -78,6 +79,22 @@ def _time(fn: Callable[[], object], dev: torch.device) -> tuple[float, str]:
     return gpu_or_host_ms(fn, dev)
 
 
+def kernel_split(fn: Callable[[], object], dev: torch.device, iters: int = 20) -> dict[str, float]:
+    """GPU ms per call of each kernel ``fn`` launches (the profiler's CUDA time over ``iters`` calls, after a
+    warm-up call): where a pass's time goes among its kernels. Empty off CUDA."""
+    if dev.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize(dev)
+    return {e.key: e.device_time_total / 1e3 / iters for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: torch.device,
           warps: tuple[int, ...] = WARPS, per_sm_grid: tuple[int, ...] = PROGRAMS_PER_SM,
           rpp_grid: tuple[int, ...] = ROWS_PER_PROGRAM) -> list[dict]:
@@ -103,6 +120,9 @@ def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: to
                 ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
                 mine = (w_, per_sm) == (default.bwd_num_warps, default.bwd_programs_per_sm)
                 add("bwd", f"warps {w_:2d} x {per_sm:2d}/SM", ms, clock, 3 * size, mine)
+        split = kernel_split(lambda: bwd(default, dy), dev)
+        rows_out += [{"pass": "bwd kernels", "config": name, "ms": ms, "clock": "gpu", "default": True,
+                      "gbps": float("nan")} for name, ms in sorted(split.items(), key=lambda kv: -kv[1])]
         compiled = torch.compile(eager)
         y = compiled(x, *params)
         ms, clock = _time(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), dev)
@@ -141,7 +161,7 @@ def main() -> None:
                     ints(a.rows_per_program))
     print(f"{a.pattern} {rows}x{hidden} bf16; GB/s over the bytes that must move (fwd: x read, y written; "
           "bwd: x, dy read, dx written); * = the default config")
-    for pass_name in passes:
+    for pass_name in (*passes, "bwd kernels"):
         for r in sorted((r for r in results if r["pass"] == pass_name), key=lambda r: r["ms"]):
             mark = "*" if r["default"] else " "
             print(f"{pass_name} {mark} {r['config']:28s} {r['ms']:.4f} ms ({r['clock']})  {r['gbps']:6.0f} GB/s")
