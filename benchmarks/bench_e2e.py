@@ -153,17 +153,22 @@ def live_at_peak(events: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int,
     the most bytes that step's allocations held at once, and the blocks alive at that moment as (size, count),
     most bytes first. Blocks allocated before the trace started (the weights) are not in it. In a model of known
     dimensions the sizes name the tensors: what a step keeps alive at its peak, and what to cut."""
-    live: dict[int, int] = {}
-    held = peak = 0
-    at_peak: dict[int, int] = {}
-    for event in events:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event["size"]
-            held += event["size"]
-            if held > peak:
-                peak, at_peak = held, dict(live)
-        elif event["action"] == "free_completed":
-            held -= live.pop(event["addr"], 0)
+    def replay(stop: int) -> tuple[dict[int, int], int, int]:
+        """The blocks alive after the first ``stop`` events, and the most bytes held and the event it was at."""
+        live: dict[int, int] = {}
+        held = peak = at = 0
+        for i, event in enumerate(events[:stop]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event["size"]
+                held += event["size"]
+                if held > peak:
+                    peak, at = held, i + 1
+            elif event["action"] == "free_completed":
+                held -= live.pop(event["addr"], 0)
+        return live, peak, at
+
+    _live, peak, at = replay(len(events))
+    at_peak, _peak, _at = replay(at)  # a second pass to the peak: no copy of the live set at each new high
     counts = Counter(at_peak.values())
     return peak, sorted(counts.items(), key=lambda item: -item[0] * item[1])
 

@@ -239,8 +239,8 @@ def rank(requests: list[tuple[TuneRequest, int]], device: torch.device, timeout_
             now = floor = baseline = None
             try:
                 problem = families()[request.pattern].problem(request.flags, request.dtype, request.shape, device)
-                if not rates or (hasattr(problem, "flops") and rates.get("matmul_tflops") is None):
-                    rates = worker.call("bandwidth")
+                if rates.get("status") != "ok" or (hasattr(problem, "flops") and rates.get("matmul_tflops") is None):
+                    rates = worker.call("bandwidth")  # again after a failed measurement: a failure is not kept
                 split: dict[str, float] = {}
                 floors, peer, detail = measure_baseline(worker, problem, rates, split)
                 for part in spent:
