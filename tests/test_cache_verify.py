@@ -100,6 +100,10 @@ class FakeWorker:
         assert max_rows is None  # the race runs at the tuned shape, not the checks' few rows
         FakeWorker.calls.append(("start", request.pattern, request.shape))
 
+    def retarget(self, request, max_rows):
+        assert max_rows is None
+        FakeWorker.calls.append(("retarget", request.pattern, request.shape))
+
     def call(self, *request):
         FakeWorker.calls.append(request[:1])
         return FakeWorker.replies[request[0]]
@@ -123,8 +127,8 @@ def test_timed_rerun_races_inductor_through_the_worker(tmp_path, monkeypatch, in
     assert result["status"] == status
     assert result["times"] == {"fwd_ms": 1.0, "train_ms": 2.0, "inductor_fwd_ms": 1.5,
                                "inductor_train_ms": inductor_train_ms}
-    assert FakeWorker.calls == [("start", "rms_norm", [12, 40]), ("bandwidth",), ("inductor",), ("candidate",),
-                                ("stop",)]
+    assert FakeWorker.calls == [("start", "rms_norm", [12, 40]), ("retarget", "rms_norm", [12, 40]), ("inductor",),
+                                ("candidate",), ("stop",)]
     if status == "stale":
         assert "Inductor now faster: train 1.8000 ms vs ours 2.0000 ms" in result["detail"]
     # A pass the entry already leaves to Inductor is not served: Inductor winning it is no news.
@@ -135,6 +139,27 @@ def test_timed_rerun_races_inductor_through_the_worker(tmp_path, monkeypatch, in
     FakeWorker.replies["candidate"] = {"status": "failed", "stage": "stability", "detail": "dx: too far"}
     failed = cache_cli.recheck_entry(_entry(40, GOOD_SOURCE, rows=12), torch.device("cpu"), timed=True)
     assert (failed["status"], failed["check"]) == ("failed", "stability") and "at 12x40" in failed["detail"]
+
+
+def test_one_worker_races_every_entry(monkeypatch):
+    """ak-cache verify --rerun starts one worker child for all the entries (a start costs seconds): the racer
+    retargets it from entry to entry and stops it once."""
+    monkeypatch.setattr(tuner, "Worker", FakeWorker)
+    FakeWorker.calls = []
+    FakeWorker.replies = {
+        "inductor": {"status": "ok", "fwd_ms": 1.5, "train_ms": 3.0},
+        "candidate": {"status": "ok", "checks": [], "fwd_ms": 1.0, "train_ms": 2.0},
+    }
+    racer = cache_cli.Racer(torch.device("cpu"), 60.0)
+    try:
+        first = cache_cli.recheck_entry(_entry(40, GOOD_SOURCE, rows=12), torch.device("cpu"), True, racer=racer)
+        second = cache_cli.recheck_entry(_entry(48, GOOD_SOURCE, rows=5), torch.device("cpu"), True, racer=racer)
+    finally:
+        racer.close()
+    assert [first["status"], second["status"]] == ["ok", "ok"]
+    assert FakeWorker.calls == [
+        ("start", "rms_norm", [12, 40]), ("retarget", "rms_norm", [12, 40]), ("inductor",), ("candidate",),
+        ("retarget", "rms_norm", [5, 48]), ("inductor",), ("candidate",), ("stop",)]
 
 
 # ---- a full disk under the cache ----

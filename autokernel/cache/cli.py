@@ -186,21 +186,25 @@ def _rerun(cache_dir: str | None, drop_failed: bool, as_json: bool, timeout_s: f
     entries = list(cache.entries())
     counts = {"ok": 0, "failed": 0, "stale": 0, "unusable": 0}
     dropped = 0
-    for n, (key, entry) in enumerate(entries, 1):
-        print(f"[ak-cache verify] {n}/{len(entries)} {key}", file=sys.stderr, flush=True)
-        result = {"key": key, **recheck_entry(entry, device, timed, timeout_s), "dropped": False}
-        counts[result["status"]] += 1
-        # An unusable record is never dropped here: it may be a newer autokernel's entry (ak-cache rm does it).
-        if drop_failed and result["status"] in ("failed", "stale"):
-            cache.delete_entry(key)
-            result["dropped"] = True
-            dropped += 1
-        if as_json:
-            print(json.dumps(result))
-        else:
-            check = f"{result['check']}: " if result["check"] else ""
-            print(f"  {result['status'].upper() if result['status'] != 'ok' else 'ok':8s} {key}  {check}"
-                  f"{result['detail']}{'  [dropped]' if result['dropped'] else ''}")
+    racer = Racer(device, timeout_s)  # one worker child for every entry's race: its start costs seconds
+    try:
+        for n, (key, entry) in enumerate(entries, 1):
+            print(f"[ak-cache verify] {n}/{len(entries)} {key}", file=sys.stderr, flush=True)
+            result = {"key": key, **recheck_entry(entry, device, timed, racer=racer), "dropped": False}
+            counts[result["status"]] += 1
+            # An unusable record is never dropped here: it may be a newer autokernel's entry (ak-cache rm does it).
+            if drop_failed and result["status"] in ("failed", "stale"):
+                cache.delete_entry(key)
+                result["dropped"] = True
+                dropped += 1
+            if as_json:
+                print(json.dumps(result))
+            else:
+                check = f"{result['check']}: " if result["check"] else ""
+                print(f"  {result['status'].upper() if result['status'] != 'ok' else 'ok':8s} {key}  {check}"
+                      f"{result['detail']}{'  [dropped]' if result['dropped'] else ''}")
+    finally:
+        racer.close()
     cache.close()
     if not entries:
         print(f"{cache.path}: no entries to recheck", file=sys.stderr if as_json else sys.stdout)
@@ -212,13 +216,15 @@ def _rerun(cache_dir: str | None, drop_failed: bool, as_json: bool, timeout_s: f
     return 1 if counts["failed"] or counts["unusable"] else 0
 
 
-def recheck_entry(entry: Any, device: torch.device, timed: bool, timeout_s: float = 180.0) -> dict[str, Any]:
+def recheck_entry(entry: Any, device: torch.device, timed: bool, timeout_s: float = 180.0,
+                  racer: Racer | None = None) -> dict[str, Any]:
     """Recheck one entry: ``{"status": "ok"|"failed"|"stale"|"unusable", "check": the failed check or '',
     "detail": words, "times": re-measured ms (when timed)}``.
 
     The correctness checks are the ones AUTOKERNEL_VERIFY runs (:func:`verify_entry`, in this process, on up
     to 64 rows); when ``timed`` (a GPU), the tuner's worker then checks the kernel again at the tuned shape
-    and races it against Inductor, as ``ak-tune`` did."""
+    and races it against Inductor, as ``ak-tune`` did (in ``racer``'s worker when given, else in a worker of
+    its own with ``timeout_s``)."""
     from autokernel.playbook.checks import CheckFailed
     from autokernel.playbook.tuner import verify_entry
 
@@ -233,40 +239,58 @@ def recheck_entry(entry: Any, device: torch.device, timed: bool, timeout_s: floa
         return {"status": "failed", "check": "setup", "detail": f"{type(exc).__name__}: {exc}", "times": {}}
     if not timed:
         return {"status": "ok", "check": "", "detail": "checks passed; not timed (interpreter)", "times": {}}
-    return _race(entry, device, timeout_s)
-
-
-def _race(entry: dict[str, Any], device: torch.device, timeout_s: float) -> dict[str, Any]:
-    """Time the entry's kernel and Inductor at the tuned shape in the tuner's worker process (a kernel
-    that crashes or hangs takes the worker down, not ak-cache)."""
-    from autokernel.lowering import families
-    from autokernel.playbook.tuner import TuneRequest, Worker, WorkerFailure, entry_candidate, measure_baseline
-
-    shape = list(entry.get("shape") or [entry["row_bucket"], entry["hidden"]])
-    request = TuneRequest(entry["pattern"], entry["flags"], entry["dtype"], shape)
-    problem = families()[entry["pattern"]].problem(entry["flags"], entry["dtype"], shape, device)
-    worker = Worker(request, device, None, timeout_s)
+    if racer is not None:
+        return racer.race(entry)
+    racer = Racer(device, timeout_s)
     try:
+        return racer.race(entry)
+    finally:
+        racer.close()
+
+
+class Racer:
+    """Races entries' kernels against Inductor at their tuned shapes in the tuner's worker process (a kernel
+    that crashes or hangs takes the worker down, not ak-cache; the next race starts another). One child
+    serves every race, retargeted from entry to entry."""
+
+    def __init__(self, device: torch.device, timeout_s: float):
+        self.device, self.timeout_s = device, timeout_s
+        self.worker: Any = None
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+    def race(self, entry: dict[str, Any]) -> dict[str, Any]:
+        from autokernel.lowering import families
+        from autokernel.playbook.tuner import TuneRequest, Worker, WorkerFailure, entry_candidate, measure_baseline
+
+        shape = list(entry.get("shape") or [entry["row_bucket"], entry["hidden"]])
+        request = TuneRequest(entry["pattern"], entry["flags"], entry["dtype"], shape)
+        problem = families()[entry["pattern"]].problem(entry["flags"], entry["dtype"], shape, self.device)
+        if self.worker is None:
+            self.worker = Worker(request, self.device, None, self.timeout_s)
+        self.worker.retarget(request, None)
         try:
-            _floor, peer, peer_problem = measure_baseline(worker, problem)
+            # No floor is reported here: no copy bandwidth to measure (rates given, empty).
+            _floor, peer, peer_problem = measure_baseline(self.worker, problem, rates={})
         except WorkerFailure as exc:
             peer, peer_problem = {"fwd_ms": None, "train_ms": None}, str(exc)
         try:
-            reply = worker.call("candidate", entry_candidate(entry))
+            reply = self.worker.call("candidate", entry_candidate(entry))
         except WorkerFailure as exc:
             reply = {"status": "crashed", "detail": str(exc)}
-    finally:
-        worker.stop()
-    shape_text = "x".join(map(str, shape))
-    if reply["status"] == "failed":
-        return {"status": "failed", "check": reply["stage"], "detail": f"at {shape_text}: {reply['detail']}",
-                "times": {}}
-    if reply["status"] != "ok":
-        return {"status": "failed", "check": "run", "detail": f"at {shape_text}: {reply.get('detail', '')}",
-                "times": {}}
-    times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
-             "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"]}
-    return {"times": times, **judge_race(entry, times, peer_problem)}
+        shape_text = "x".join(map(str, shape))
+        if reply["status"] == "failed":
+            return {"status": "failed", "check": reply["stage"], "detail": f"at {shape_text}: {reply['detail']}",
+                    "times": {}}
+        if reply["status"] != "ok":
+            return {"status": "failed", "check": "run", "detail": f"at {shape_text}: {reply.get('detail', '')}",
+                    "times": {}}
+        times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
+                 "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"]}
+        return {"times": times, **judge_race(entry, times, peer_problem)}
 
 
 def judge_race(entry: dict[str, Any], times: dict[str, float | None], peer_problem: str = "") -> dict[str, str]:
