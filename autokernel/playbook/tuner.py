@@ -363,10 +363,16 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         warm_note = ""
         if warm is not None and candidates:
             # Warm start: the nearest tuned shape's winner goes first in both phases, so a good baseline
-            # sets the plateau's bar from the first candidate.
-            warm_note = f"warm start from {warm[0]}"
+            # sets the plateau's bar from the first candidate. A winner of another width is a guess here
+            # (warps and blocks follow the width: a 2048-wide backward's launch took 2.5 ms at 8192 wide, 8x
+            # the default's): this shape's default goes before it, so a short budget still has a sane bar.
+            label, warm_config, warm_hidden = warm
+            warm_note = f"warm start from {label}"
             say(warm_note)
-            candidates = [(phase, warm[1], "warm start") for phase in phases] + candidates
+            firsts = [(warm_config, "warm start")]
+            if warm_hidden != problem.hidden:
+                firsts.insert(0, (problem.default_candidate(), "search"))
+            candidates = [(phase, config, origin) for phase in phases for config, origin in firsts] + candidates
         skip: set[str] = set()
         front_count = 0
         if interrupted is not None and candidates:
@@ -729,8 +735,9 @@ def _interrupted_run(runs_dir: Path, slug: str) -> tuple[Path, list[dict[str, st
 
 
 def _nearest_tuned(cache: KernelCache, problem: Any,
-                   noted: Iterable[dict[str, Any]] = ()) -> tuple[str, dict[str, Any]] | None:
-    """The config of the closest tuned shape of the same variant (hidden size first, then rows), if any: among
+                   noted: Iterable[dict[str, Any]] = ()) -> tuple[str, dict[str, Any], int] | None:
+    """(where from, config, hidden size) of the closest tuned shape of the same variant (hidden size first, then
+    rows), if any: among
     the cache's entries and the notes' winners (``noted``, as :meth:`NotesStore.winners` gives them). The
     same shape counts too: a retune starts from what the last one found, and re-measures it. Source kernels
     are left out (a config of the built-in family is what the search varies)."""
@@ -742,15 +749,15 @@ def _nearest_tuned(cache: KernelCache, problem: Any,
         if entry_problem(entry) or entry["pattern_key"] != problem.key or entry["kernel"]["kind"] != "family":
             continue
         found.append((shape_distance(entry["hidden"], entry["row_bucket"], *here), 0, key,
-                      dict(entry["kernel"]["config"])))
+                      dict(entry["kernel"]["config"]), entry["hidden"]))
     for record in noted:
         if record["pattern_key"] == problem.key and record["winner"].get("kind", "family") == "family":
             found.append((shape_distance(record["hidden"], record["row_bucket"], *here), 1,
-                          f"notes: run {record.get('run', '?')}", dict(record["winner"]["config"])))
+                          f"notes: run {record.get('run', '?')}", dict(record["winner"]["config"]), record["hidden"]))
     if not found:
         return None
-    _distance, _order, label, config = min(found, key=lambda f: f[:2])
-    return label, config
+    _distance, _order, label, config, hidden = min(found, key=lambda f: f[:2])
+    return label, config, hidden
 
 
 def entry_candidate(entry: dict[str, Any]) -> dict[str, Any]:
