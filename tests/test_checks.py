@@ -38,6 +38,38 @@ def test_cases_run_concurrently_on_cuda_and_keep_their_order_and_errors():
     assert isinstance(runs[2], RuntimeError) and "case 2" in str(runs[2])
 
 
+class _CrowdedProblem:
+    """Runs out of memory while another case runs beside it; alone, every case fits."""
+
+    device = torch.device("cuda")
+
+    def __init__(self):
+        self.running, self.alone = 0, []
+        self.lock = threading.Lock()
+
+    def run(self, config, case):
+        with self.lock:
+            self.running += 1
+            crowded = self.running > 1
+        try:
+            time.sleep(0.2)
+            if crowded and case == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            if not crowded:
+                self.alone.append(case)
+            return {"y": torch.full((1,), float(case))}
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_a_case_out_of_memory_beside_the_others_runs_again_alone():
+    problem = _CrowdedProblem()
+    runs = checks._run_all(problem, {}, [0, 1, 2])
+    assert [r["y"].item() for r in runs] == [0.0, 1.0, 2.0]
+    assert problem.alone[-1] == 1  # the rerun, after the pool (case 0 may have started before the others)
+
+
 def test_cases_run_one_by_one_off_cuda():
     problem = _SleepyProblem("cpu")
     runs = checks._run_all(problem, {}, [0, 1, 2])

@@ -13,8 +13,8 @@ module knows nothing of any pattern's math.
 On CUDA the smoke stage runs the target and every sweep case at once, in threads: each distinct
 specialization (a width that is not a multiple of 16, say) is a compile of its own, and Triton's compile
 releases the GIL, so the compiles overlap instead of queuing behind each other. The kernels still run one
-after another on the one stream, and the stages still judge in order. Under the interpreter, whose launch
-state is global, the cases run one by one.
+after another on the one stream, and the stages still judge in order. A case that runs out of memory beside
+the others runs again alone. Under the interpreter, whose launch state is global, the cases run one by one.
 """
 
 from __future__ import annotations
@@ -65,7 +65,14 @@ def _run_all(problem: Any, config: dict[str, Any], cases: list[Any]) -> list[Any
     if problem.device.type != "cuda" or len(cases) == 1:
         return [run(case) for case in cases]
     with ThreadPoolExecutor(max_workers=len(cases)) as pool:
-        return list(pool.map(run, cases))
+        runs = list(pool.map(run, cases))
+    # Together the cases hold every case's buffers at once (a linear + cross-entropy's logits are GiBs each):
+    # a case that ran out of memory beside the others runs again alone, after the others' blocks are freed.
+    for i, got in enumerate(runs):
+        if isinstance(got, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            runs[i] = run(cases[i])
+    return runs
 
 
 def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None,
