@@ -44,11 +44,12 @@ class _CrowdedProblem:
     device = torch.device("cuda")
 
     def __init__(self):
-        self.running, self.alone = 0, []
+        self.running, self.alone, self.calls = 0, [], []
         self.lock = threading.Lock()
 
     def run(self, config, case):
         with self.lock:
+            self.calls.append(case)
             self.running += 1
             crowded = self.running > 1
         try:
@@ -67,6 +68,7 @@ def test_a_case_out_of_memory_beside_the_others_runs_again_alone():
     problem = _CrowdedProblem()
     runs = checks._run_all(problem, {}, [0, 1, 2])
     assert [r["y"].item() for r in runs] == [0.0, 1.0, 2.0]
+    assert problem.calls.count(1) == 2  # out of memory beside the others, then again
     assert problem.alone[-1] == 1  # the rerun, after the pool (case 0 may have started before the others)
 
 
