@@ -22,7 +22,8 @@
 # Inductor decides whether the cache serves our kernel), then times eager, Inductor, Liger and
 # autokernel, with GPU time (CUDA-graph replay) beside the host-inclusive time. Results land in $OUT
 # (copy the .json/.md into benchmarks/results/).
-# A tuned cache outlives its machine: every mode ends with the cache exported to $OUT/cache.akc, and a call that
+# A tuned cache outlives its machine: every mode ends with the cache exported to $OUT/cache.akc (and each tuning
+# run's results.tsv copied to $OUT/runs/), and a call that
 # carries .akc-carry/ (git-excluded: `echo /.akc-carry/ >> .git/info/exclude`; copy the last call's cache.akc
 # there, carry [".whl", ".akc-carry"]) imports it first, so one call can tune and the next measure.
 set -u
@@ -33,7 +34,14 @@ export AUTOKERNEL_CACHE_DIR=/tmp/akc
 for bundle in .akc-carry/*.akc; do
   [ -e "$bundle" ] && ak-cache import "$bundle"
 done
-trap 'ak-cache export -o "$out/cache.akc" >/dev/null' EXIT
+# Each tuning run's results.tsv comes back too (why a candidate failed its checks lives only there).
+save_runs() {
+  ak-cache export -o "$out/cache.akc" >/dev/null
+  for tsv in "$AUTOKERNEL_CACHE_DIR"/*/runs/*/results.tsv; do
+    [ -e "$tsv" ] && mkdir -p "$out/runs" && cp "$tsv" "$out/runs/$(basename "$(dirname "$tsv")").tsv"
+  done
+}
+trap save_runs EXIT
 # Every mode's whole output, as it is printed: a call killed at its limit still brings back what ran (the
 # terminal shows only the tail of each step).
 log="$out/${1:-session}.log"
