@@ -18,6 +18,11 @@
 #                                                8192x4096 and softmax 8192x8192, MIN minutes each, cold
 #   bash benchmarks/device_session.sh decode-kernels MIN   the kernels at decode shapes, each case tuned
 #                                                forward-only for MIN minutes first
+#   bash benchmarks/device_session.sh agent MIN  ak-tune --strategy both on RMSNorm 8192x4096 (MIN minutes of search),
+#                                                its agent phase against a scripted Messages API server on
+#                                                127.0.0.1; carry .whl-agent too (`pip download --only-binary=:all:
+#                                                --python-version 3.12 --platform manylinux2014_x86_64 -d .whl-agent
+#                                                anthropic`; git-excluded like .whl)
 # Each pattern benchmark tunes its headline shape with ak-tune first (a short budget: the race against
 # Inductor decides whether the cache serves our kernel), then times eager, Inductor, Liger and
 # autokernel, with GPU time (CUDA-graph replay) beside the host-inclusive time. Results land in $OUT
@@ -88,9 +93,16 @@ decode-kernels)
   timeout 580 python3 benchmarks/bench_inference.py --skip decode,prefill --tune-kernels "${2:-0.2}" --out "$out" 2>&1 \
     | tee -a "$log" | tail -30
   ;;
+agent)
+  # The agent extra's wheels (anthropic and its dependencies, for the device's Python: see the header) in a
+  # folder of their own, ahead of nothing the machine has: only this mode puts them on the path.
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-agent .whl-agent/*.whl || exit 1
+  PYTHONPATH=$PYTHONPATH:/tmp/site-agent timeout 560 python3 benchmarks/bench_agent.py --budget "${2:-1}" \
+    --out "$out" 2>&1 | tee -a "$log" | tail -16
+  ;;
 *)
   echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e-tune MIN | e2e | inference-tune MIN |" \
-       "inference decode,prefill | tuner MIN | decode-kernels MIN" >&2
+       "inference decode,prefill | tuner MIN | decode-kernels MIN | agent MIN" >&2
   exit 2
   ;;
 esac

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from messages_server import MessagesServer, message, tool
 from models import AGENT_SOURCE
 
 from autokernel.cache import KernelCache
@@ -23,65 +22,22 @@ HANGS = "import time\n" + AGENT_SOURCE.replace("    cols = tl.arange(0, BLOCK_N)
 SLOWER = AGENT_SOURCE
 FASTER = AGENT_SOURCE.replace("@triton.jit\ndef rms_norm_fwd_kernel", "# variant\n@triton.jit\ndef rms_norm_fwd_kernel")
 
-
-def _message(content, stop="tool_use", n=[0]):  # noqa: B006 - a counter for unique ids
-    n[0] += 1
-    return 200, {"id": f"msg_{n[0]}", "type": "message", "role": "assistant", "model": "scripted",
-                 "content": content, "stop_reason": stop, "stop_sequence": None,
-                 "usage": {"input_tokens": 100, "output_tokens": 20}}
-
-
-def _tool(name, **tool_input):
-    return {"type": "tool_use", "id": f"toolu_{name}_{len(json.dumps(tool_input))}", "name": name,
-            "input": tool_input}
-
-
 SCRIPT = [
     (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-    _message([_tool("read_task")]),
+    message([tool("read_task")]),
     (500, {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}),
-    _message([{"type": "text", "text": "Reading the best."}, _tool("read_best")]),
-    _message([_tool("submit_kernel", source=WRONG)]),
-    _message([_tool("submit_kernel", source=HANGS)]),
-    _message([_tool("submit_kernel", source=SLOWER, config={"fwd_num_warps": 2})]),
-    _message([_tool("submit_kernel", source=FASTER, config={"fwd_num_warps": 1})]),
-    _message([{"type": "text", "text": "Done."}], stop="end_turn"),
+    message([{"type": "text", "text": "Reading the best."}, tool("read_best")]),
+    message([tool("submit_kernel", source=WRONG)]),
+    message([tool("submit_kernel", source=HANGS)]),
+    message([tool("submit_kernel", source=SLOWER, config={"fwd_num_warps": 2})]),
+    message([tool("submit_kernel", source=FASTER, config={"fwd_num_warps": 1})]),
+    message([{"type": "text", "text": "Done."}], stop="end_turn"),
 ]
-
-
-class _Server:
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                key = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix("Bearer ")
-                server.requests.append({"path": self.path, "body": body, "key": key})
-                status, payload = server.script.pop(0) if server.script else _message([], stop="end_turn")
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
 
 
 @pytest.fixture
 def server(monkeypatch):
-    srv = _Server(SCRIPT)
+    srv = MessagesServer(SCRIPT)
     monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.url)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key-not-real")
     yield srv

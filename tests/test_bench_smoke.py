@@ -145,6 +145,30 @@ def test_bench_tuner_smoke(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "pattern:ROWSxHIDDEN" in bad.stderr and "'rms_norm:8192'" in bad.stderr
 
 
+def test_bench_agent_smoke(tmp_path: Path) -> None:
+    """``bench_agent.py --smoke``: the search, then the agent phase against the scripted local server (two
+    submissions of an independently written kernel), the table and the results format."""
+    pytest.importorskip("anthropic")
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_agent.py"), "--smoke", "--shape", "6x40", "--budget", "5",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "agent.json").read_text())
+    res = data["result"]
+    assert [r["impl"] for r in res["rows"]] == ["search best", "agent submission 1", "agent submission 2", "inductor"]
+    assert [r["status"] for r in res["rows"][:3]] == ["ok", "ok", "ok"], res["rows"]
+    assert res["agent"] == "done (end_turn)" and res["requests_to_server"] == 5
+    assert res["status"] == "written" and res["cached"]["producer"] in ("search", "agent")
+    for row in data["rows"]:
+        for key in REQUIRED_ROW:
+            assert key in row, (key, row)
+    assert "| agent submission 2 | ok |" in (out / "agent.md").read_text()
+    bad = subprocess.run([*cmd[:2], "--smoke", "--shape", "8192"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "ROWSxHIDDEN" in bad.stderr and "'8192'" in bad.stderr
+
+
 def test_bench_tuner_counts_only_candidates() -> None:
     """Inductor's baseline (row 0 on a GPU), the in-context race and a resume marker (no number) are not candidates:
     counting the baseline inflated the per-minute rates."""

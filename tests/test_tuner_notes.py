@@ -73,10 +73,11 @@ def test_playbook_is_data_that_refers_to_the_problem(capsys):
 
 
 def _agent_script(config: dict) -> list:
-    from test_agent import WRONG, _message, _tool  # skips the test when the anthropic SDK is missing
+    from messages_server import message, tool
+    from test_agent import WRONG  # skips the test when the anthropic SDK is missing
 
-    return [_message([_tool("read_task")]), _message([_tool("submit_kernel", source=WRONG, config=config)]),
-            _message([{"type": "text", "text": "Done."}], stop="end_turn")]
+    return [message([tool("read_task")]), message([tool("submit_kernel", source=WRONG, config=config)]),
+            message([{"type": "text", "text": "Done."}], stop="end_turn")]
 
 
 def _tool_results(server, prefix: str) -> list[dict]:
@@ -89,9 +90,9 @@ def _tool_results(server, prefix: str) -> list[dict]:
 def _tune_with_agent(cache: KernelCache, config: dict, **kwargs) -> tuple:
     """A tuning run whose agent (a scripted Messages API server) reads its task and submits a kernel that
     computes a wrong dx with ``config``; the run's result and the tool results the agent got back."""
-    from test_agent import _Server
+    from messages_server import MessagesServer
 
-    server = _Server(_agent_script(config))
+    server = MessagesServer(_agent_script(config))
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("ANTHROPIC_BASE_URL", server.url)
