@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +48,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from bench_e2e import (  # noqa: E402
     FULL,
-    REPO,
     SMOKE,
     build,
     case_name,
@@ -58,6 +56,7 @@ from bench_e2e import (  # noqa: E402
     describe_run,
     measure_step,
     parse_step_args,
+    results_dir,
     step_parser,
 )
 
@@ -199,9 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
         rows.append(row)
     if rank == 0:
-        out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_ddp_")) if args.smoke
-                                               else REPO / "benchmarks" / "results")
-        out.mkdir(parents=True, exist_ok=True)
+        out = results_dir(args.out, args.smoke, "bench_ddp_")
         launch = ["torchrun", "--nproc-per-node", str(world), "benchmarks/bench_ddp.py"]
         meta = {**describe_run(device, dims, launch, argv),
                 "pattern": f"llama-step-{args.wrap}", "world_size": world}

@@ -295,6 +295,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parse_step_args(p, argv, IMPLS)
 
 
+def results_dir(out: str | None, smoke: bool, prefix: str) -> Path:
+    """Where a benchmark writes its results (created): ``--out``, else a fresh temporary folder for a smoke
+    run (its figures mean nothing), else ``benchmarks/results``."""
+    path = Path(out) if out else (Path(tempfile.mkdtemp(prefix=prefix)) if smoke else REPO / "benchmarks" / "results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def bench_device(smoke: bool) -> torch.device | None:
     """CUDA, or with ``smoke`` the CPU with Triton's interpreter; None (said on stderr) when CUDA is missing."""
     if smoke:
@@ -313,9 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else os.environ.get("AUTOKERNEL_CACHE_DIR")
     dims = SMOKE if args.smoke else FULL
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_e2e_")) if args.smoke
-                                           else REPO / "benchmarks" / "results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out, args.smoke, "bench_e2e_")
     meta = describe_run(device, dims, ["python", "benchmarks/bench_e2e.py"], argv)
     if args.tune is not None and "autokernel" in args.impl_list:
         meta["tune"] = run_tune(dims, args.tune, cache_dir, out)

@@ -61,7 +61,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -476,9 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cache_dir:
         os.environ["AUTOKERNEL_CACHE_DIR"] = str(Path(args.cache_dir).resolve())
     cache_dir = os.environ.get("AUTOKERNEL_CACHE_DIR")
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_inference_")) if args.smoke
-                                           else REPO / "benchmarks" / "results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = bench_e2e.results_dir(args.out, args.smoke, "bench_inference_")
     import transformers
 
     dims = model_dims(args.smoke)

@@ -27,7 +27,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -932,14 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune=args.tune,
         tune_budget=args.tune_budget,
     )
-    out = (
-        Path(args.out)
-        if args.out
-        else (
-            Path(tempfile.mkdtemp(prefix="bench_smoke_")) if args.smoke else REPO / "benchmarks" / "results"
-        )
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = bench_e2e.results_dir(args.out, args.smoke, "bench_smoke_")
     torch.manual_seed(0)
 
     gbps = copy_gbps(ctx)

@@ -129,9 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = bench_e2e.bench_device(args.smoke)
     if device is None:
         return 2
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_tuner_out_")) if args.smoke
-                                           else REPO / "benchmarks" / "results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = bench_e2e.results_dir(args.out, args.smoke, "bench_tuner_out_")
     meta = bench_e2e.run_header(device, ["python", "benchmarks/bench_tuner.py"], argv)
     meta["early_stops"] = not args.exhaust
     if args.exhaust:
