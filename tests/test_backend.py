@@ -369,6 +369,9 @@ def test_ak_tune_survives_hung_candidates(tmp_path):
     result = tune(TuneRequest("rms_norm", {"mode": "llama"}, "bf16", [4, 32]), cache, torch.device("cpu"),
                   budget_s=120, timeout_s=0.001)
     assert result.status == "no correct candidate" and result.candidates == 3
+    # The one line a user sees says where they failed and why, without opening results.tsv.
+    assert result.detail.startswith("every candidate failed its checks (see results.tsv): hang 3; the first: ")
+    assert "no answer within" in result.detail
     rows = (cache.runs_dir / Path(result.run_dir).name / "results.tsv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all("\tcrashed\t" in r and "no answer within" in r for r in rows)
     assert list(cache.entries()) == []

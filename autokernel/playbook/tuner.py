@@ -20,6 +20,7 @@ the best correct one is kept without the race against Inductor, and the entry sa
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import json
@@ -498,7 +499,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         final = min(trained, key=lambda b: b[2]["train_ms"]) if trained else best.get("fwd")
         result.candidates = counter["n"]
         if final is None:
-            result.detail = "every candidate failed its checks (see results.tsv)"
+            result.detail = "every candidate failed its checks (see results.tsv)" + _failure_summary(learned.failed)
             completed = True
             return result
         _ms, config, reply = final
@@ -700,6 +701,16 @@ def plot_progress(path: Path, rows: list[dict[str, Any]], title: str, peer: dict
     except Exception as exc:  # a picture must never cost the run
         logger.warning("ak-tune: could not draw %s: %s: %s", path, type(exc).__name__, exc)
         return False
+
+
+def _failure_summary(failed: list[dict[str, Any]]) -> str:
+    """Where a run's candidates failed, for the one line a user sees: the count at each check and the first
+    reason (one cause behind every failure, an out-of-memory say, shows there without opening results.tsv)."""
+    if not failed:
+        return ""
+    counts = collections.Counter(f["check"] for f in failed)
+    where = ", ".join(f"{check} {n}" for check, n in counts.most_common())
+    return f": {where}; the first: {failed[0]['reason'][:300]}"
 
 
 def measure_baseline(worker: Worker, problem: Any, rates: dict[str, float | None] | None = None,
