@@ -541,9 +541,11 @@ def make():
 '''
 
 
-def test_ak_tune_model_ranks_and_tunes(tmp_path, capsys):
-    from autokernel.playbook import cli
+def test_ak_tune_model_ranks_and_tunes(tmp_path, capsys, monkeypatch):
+    from autokernel.playbook import cli, model
 
+    released = []  # the parent hands its cached GPU blocks back before the tuning children start
+    monkeypatch.setattr(model, "release_cached_memory", lambda: released.append(True))
     model_file = tmp_path / "mymodel.py"
     model_file.write_text(MODEL_FILE)
     # A budget far shorter than the ranking's compile: the budget is tuning time, so the shape is still tuned.
@@ -553,7 +555,7 @@ def test_ak_tune_model_ranks_and_tunes(tmp_path, capsys):
     assert "2 pattern instance(s), 1 to tune" in out and "(Amdahl)" in out and "tuning for 0.01 min" in out
     (row,) = [line for line in out.splitlines() if line.lstrip().startswith("1  rms_norm 4x48")]
     assert row.split()[5] == "2"  # both norms share one variant and shape: count 2
-    assert "step before tuning" in out
+    assert "step before tuning" in out and len(released) == 2  # after the first timing, and after the last
     cache = KernelCache(tmp_path / "c", device="cpu")
     assert len(list(cache.entries())) == 1 and cache.wanted() == []
     for spec, message in ((f"{model_file}", "must look like"), (f"{tmp_path}/nope.py:make", "no file"),

@@ -23,6 +23,7 @@ the tuner; it knows nothing of FX.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import inspect
 import statistics
@@ -357,4 +358,14 @@ def _run_workloads(model: Any, workloads: list[Workload], options: dict[str, Any
             torch._dynamo.reset()  # explain must trace the model, not reuse the compiled frames
             instances += w.explain(model, options).instances
     torch._dynamo.reset()
+    # The blocks the caching allocator kept from these steps go back to the device: the tuning children that
+    # follow share the GPU with this process, and a linear + cross-entropy's checks need tens of GiB.
+    release_cached_memory()
     return total, instances
+
+
+def release_cached_memory() -> None:
+    """Free the CUDA caching allocator's unused blocks (the garbage holding them first); nothing off CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
