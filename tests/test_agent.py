@@ -59,7 +59,8 @@ def test_scripted_agent_session(tmp_path, server):
     assert "no answer within" in agent_rows[1]["detail"]
     assert agent_rows[0]["detail"].split(":")[0] in ("shape sweep", "stability", "edge cases")
     done = [r for r in rows if r["phase"] == "agent" and not r["n"]]
-    assert done and done[0]["status"] == "done (end_turn)" and "700 input / 140 output tokens" in done[0]["detail"]
+    assert done and done[0]["status"] == "done (end_turn)"
+    assert "700 input / 140 output tokens, $0.0042 (claude-sonnet-4-5 at $3/$15 per million)" in done[0]["detail"]
     # Every request went to the local server with the key; the failed check came back as a tool result.
     assert all(r["path"] == "/v1/messages" and r["key"] == "test-key-not-real" for r in server.requests)
     verdicts = [json.loads(c["content"]) for r in server.requests for m in r["body"]["messages"]

@@ -130,3 +130,22 @@ def test_ak_tune_summary_says_which_passes_are_ours():
     assert second.split()[3:5] == ["inductor", "wins"] and second.split()[5] == "-"
     assert third.split()[7:11] == ["0.0600", "-", "0.1500", "0.2100/0.1800"]
     assert fourth.split()[10] == "failed"
+
+
+def test_agent_cost_from_the_price_table_or_the_override(capsys):
+    """ak-tune logs the agent's tokens with their cost: the list price of the model (an id with a date suffix
+    matches its family), the --agent-price override, or 'unknown' saying how to give one."""
+    import pytest
+
+    from autokernel.playbook import cli
+    from autokernel.playbook.agent import AgentRun, price_for
+
+    run = AgentRun(input_tokens=700, output_tokens=140)
+    assert price_for("claude-sonnet-4-5-20250929") == (3.0, 15.0) and price_for("claude-opus-4-5") == (5.0, 25.0)
+    assert run.usage("claude-sonnet-4-5") == ("700 input / 140 output tokens, $0.0042 "
+                                              "(claude-sonnet-4-5 at $3/$15 per million)")
+    assert run.usage("claude-sonnet-4-5", (1.0, 2.0)).endswith("$0.0010 (claude-sonnet-4-5 at $1/$2 per million)")
+    assert "cost unknown for some-model (give ak-tune --agent-price IN,OUT" in run.usage("some-model")
+    with pytest.raises(SystemExit):
+        cli.main(["--pattern", "rms_norm", "--shape", "4x32", "--agent-price", "3"])
+    assert "--agent-price looks like IN,OUT" in capsys.readouterr().err

@@ -29,6 +29,27 @@ logger = logging.getLogger("autokernel")
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
 
+# USD per million (input, output) tokens: Anthropic's list prices when this table was written (late 2025).
+# A model id matches its longest prefix here (``claude-sonnet-4-5-20250929`` is ``claude-sonnet-4-5``); an
+# unknown model, or prices that changed, take ``ak-tune --agent-price IN,OUT``.
+PRICES_USD_PER_MTOK: dict[str, tuple[float, float]] = {
+    "claude-opus-4-5": (5.0, 25.0),
+    "claude-opus-4-1": (15.0, 75.0),
+    "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-haiku-4-5": (1.0, 5.0),
+}
+
+
+def price_for(model: str, override: tuple[float, float] | None = None) -> tuple[float, float] | None:
+    """USD per million (input, output) tokens of ``model``: ``override`` when given, else the table's entry
+    for the longest prefix of the model id, else None (unknown)."""
+    if override is not None:
+        return override
+    known = [name for name in PRICES_USD_PER_MTOK if model.startswith(name)]
+    return PRICES_USD_PER_MTOK[max(known, key=len)] if known else None
+
 TOOLS = [
     {"name": "read_task", "description": "The pattern's reference semantics, the kernel contract your source "
      "must satisfy, the built-in kernels' source to start from, the playbook (rules for fast memory-bound "
@@ -58,6 +79,16 @@ class AgentRun:
     output_tokens: int = 0
     stop: str = ""
 
+    def usage(self, model: str, price: tuple[float, float] | None = None) -> str:
+        """Tokens and their cost in words, e.g. ``1200 input / 300 output tokens, $0.0081 (claude-sonnet-4-5 at
+        $3/$15 per million)``; ``price`` overrides the table (:func:`price_for`)."""
+        tokens = f"{self.input_tokens} input / {self.output_tokens} output tokens"
+        rates = price_for(model, price)
+        if rates is None:
+            return f"{tokens}, cost unknown for {model} (give ak-tune --agent-price IN,OUT, USD per million tokens)"
+        usd = (self.input_tokens * rates[0] + self.output_tokens * rates[1]) / 1e6
+        return f"{tokens}, ${usd:.4f} ({model} at ${rates[0]:g}/${rates[1]:g} per million)"
+
 
 def _client() -> Any:
     if not os.environ.get("ANTHROPIC_API_KEY"):
@@ -73,9 +104,10 @@ def _client() -> Any:
 def run_agent(brief: dict[str, Any], best: Callable[[], dict[str, Any]],
               evaluate: Callable[[dict[str, Any]], dict[str, Any]], *, model: str = DEFAULT_MODEL,
               max_turns: int = 20, deadline: float | None = None,
-              say: Callable[[str], None] = lambda _m: None) -> AgentRun:
+              say: Callable[[str], None] = lambda _m: None, price: tuple[float, float] | None = None) -> AgentRun:
     """Run the loop until the model stops calling tools, ``max_turns`` replies have come back, or the
-    ``deadline`` (a ``time.time()`` value) has passed."""
+    ``deadline`` (a ``time.time()`` value) has passed. ``price``: USD per million (input, output) tokens, for
+    the log (else the table's, :func:`price_for`)."""
     client = _client()
     import anthropic
 
@@ -116,6 +148,6 @@ def run_agent(brief: dict[str, Any], best: Callable[[], dict[str, Any]],
                 text = json.dumps({"error": f"unknown tool {call.name!r}"})
             results.append({"type": "tool_result", "tool_use_id": call.id, "content": text})
         messages.append({"role": "user", "content": results})
-    logger.info("ak-tune agent: %d turns, %d submissions, %d input / %d output tokens, stop %s",
-                run.turns, run.submissions, run.input_tokens, run.output_tokens, run.stop)
+    logger.info("ak-tune agent: %d turns, %d submissions, %s, stop %s", run.turns, run.submissions,
+                run.usage(model, price), run.stop)
     return run

@@ -57,6 +57,17 @@ def _flags(text: str) -> dict[str, object]:
     return out
 
 
+def _price(text: str) -> tuple[float, float]:
+    try:
+        rates = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        rates = ()
+    if len(rates) != 2 or min(rates) < 0:
+        raise argparse.ArgumentTypeError(f"--agent-price looks like IN,OUT (USD per million input and output "
+                                         f"tokens, e.g. 3,15), got {text!r}")
+    return rates
+
+
 def _shard(text: str) -> Shard:
     try:
         return Shard.parse(text)
@@ -101,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                         "pip install 'autokernel[agent]'); both: search, then the agent tries to beat it")
     p.add_argument("--agent-model", default=None, help="Anthropic model for the agent")
     p.add_argument("--max-turns", type=int, default=20, help="agent replies per shape (default 20)")
+    p.add_argument("--agent-price", type=_price, metavar="IN,OUT",
+                   help="USD per million input and output tokens, for the agent's cost in the log (default: the "
+                        "list prices of the models it knows)")
     p.add_argument("--gpus", help="tune on these GPUs at once, e.g. 0,1, or all visible ones: all (one worker each, "
                                   "one shared queue); without CUDA (the interpreter) 0,1 means two CPU workers and "
                                   "all means one")
@@ -252,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = KernelCache(args.cache_dir, device=device)
     progress = _Progress(args.quiet or len(devices) > 1)
     tune_kwargs = dict(progress=progress, strategy=args.strategy, agent_model=args.agent_model,
-                       max_turns=args.max_turns, retry_failed=args.retry_failed)
+                       max_turns=args.max_turns, agent_price=args.agent_price, retry_failed=args.retry_failed)
     if args.model or args.hf_config:
         from autokernel.playbook.model import ModelError, hf_factory, load_factory, tune_model
 

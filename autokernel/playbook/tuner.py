@@ -296,13 +296,16 @@ STRATEGIES = ("search", "agent", "both")
 
 def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_s: float,
          timeout_s: float = 180.0, progress: Callable[[str], None] | None = None, strategy: str = "search",
-         agent_model: str | None = None, max_turns: int = 20, retry_failed: bool = False,
+         agent_model: str | None = None, max_turns: int = 20, agent_price: tuple[float, float] | None = None,
+         retry_failed: bool = False,
          baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None,
          worker: Worker | None = None) -> TuneResult:
     """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened.
 
     ``strategy``: "search" (the playbook's kernel space), "agent" (an LLM writes kernels; needs
-    ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it). ``retry_failed``: run
+    ANTHROPIC_API_KEY), or "both" (search first, then the agent tries to beat it); ``agent_price``: USD per
+    million (input, output) tokens for the agent's cost in the log, where the built-in table does not know the
+    model or its prices changed. ``retry_failed``: run
     the candidates that the notes say failed on this shape before, instead of skipping them. ``baseline``:
     the floor and Inductor's times already measured on this GPU for this request (``measure_baseline``),
     not measured again. ``worker``: a :class:`Worker` on ``device`` to reuse (it is retargeted to this
@@ -492,7 +495,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             log.row(n="", phase="agent", status="skipped", detail="forward-only request: the agent tunes training")
         elif strategy in ("agent", "both") and time.time() - t0 < budget_s:
             _agent_phase(problem, best, peer, floor, evaluate, agent_model, max_turns, t0 + budget_s, say, log,
-                         notes_brief(notes, problem.key, problem.hidden, bucket) | {"gpu": cache.fingerprint})
+                         notes_brief(notes, problem.key, problem.hidden, bucket) | {"gpu": cache.fingerprint},
+                         agent_price)
         # The final kernel: the fastest forward+backward among the backward and agent phases' winners (for a
         # forward-only request, the forward phase's winner).
         trained = [best[p] for p in ("bwd", "agent") if p in best]
@@ -799,7 +803,8 @@ def _kernel_record(pattern: str, candidate: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "family", "family": pattern, "config": config}
 
 
-def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadline, say, log, noted) -> None:
+def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadline, say, log, noted,
+                 price=None) -> None:
     """Let the agent try to beat the best so far; an unavailable agent is logged, never fatal. Its task
     (``read_task``) is the problem's brief, the playbook for the problem and ``noted``: what the notes say
     about this pattern key on this GPU."""
@@ -826,10 +831,9 @@ def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadlin
     try:
         brief = {**problem.agent_brief(), "playbook": playbook_for(problem), "notes_on_this_gpu": noted}
         run = run_agent(brief, current_best, submit, model=model or DEFAULT_MODEL,
-                        max_turns=max_turns, deadline=deadline, say=say)
+                        max_turns=max_turns, deadline=deadline, say=say, price=price)
         log.row(n="", phase="agent", status=f"done ({run.stop})",
-                detail=f"{run.turns} turns, {run.submissions} submissions, "
-                       f"{run.input_tokens} input / {run.output_tokens} output tokens")
+                detail=f"{run.turns} turns, {run.submissions} submissions, {run.usage(model or DEFAULT_MODEL, price)}")
     except AgentUnavailable as exc:
         logger.warning("ak-tune: agent unavailable (%s); keeping the search's results", exc)
         log.row(n="", phase="agent", status="unavailable", detail=str(exc)[:500])
