@@ -168,6 +168,29 @@ def test_hit_rewrites_and_matches_eager_with_inductor(tmp_path, spy):
     assert "autokernel.rms_norm_train" in spy.graphs[0]
 
 
+def test_served_under_the_users_saved_tensor_hooks(tmp_path, spy):
+    """A user's saved-tensor hooks around the compiled call (activation offloading reads each saved tensor's
+    data): the rewrite's own run on fake tensors does not reach them, the instance is served, and the hooks
+    see the real tensors the step saves."""
+    model = _model()
+    x = torch.randn(6, H, dtype=torch.bfloat16, requires_grad=True)
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(6))
+    compiled = torch.compile(model, backend=spy.backend, options=_opts(tmp_path))
+    packed = []
+
+    def offload(t):
+        packed.append(t.untyped_storage().data_ptr())  # raises on a fake tensor
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(offload, lambda t: t):
+        out = compiled(x)
+    out.float().sum().backward()
+    assert "autokernel.rms_norm_train" in spy.graphs[0] and packed
+    ref_x = x.detach().clone().requires_grad_(True)
+    model(ref_x).float().sum().backward()
+    assert_close(x.grad, ref_x.grad, torch.bfloat16, "dx under the user's hooks")
+
+
 def test_no_grad_and_inference_mode_use_the_forward_only_op(tmp_path, spy):
     model = _model()
     KernelCache(tmp_path, device="cpu").put_entry(_entry(6))

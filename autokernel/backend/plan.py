@@ -226,6 +226,10 @@ def _verification_problem(entry: dict[str, Any], device: torch.device) -> str | 
     return _verified[key]
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
     """Rewrite ``gm`` in place. Every step that can fail (building the replacements, running their fake
     kernels) happens before the first mutation, so a failure leaves the graph as Dynamo made it."""
@@ -235,7 +239,9 @@ def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
         example_args = [a.meta["example_value"] if isinstance(a, Node) else a for a in rep.args]
         # The example values' own mode: TracingContext's fake mode is another one during compile.
         fake_mode = next(a.fake_mode for a in example_args if isinstance(a, torch.Tensor))
-        with fake_mode:
+        # Identity saved-tensor hooks: a user's own (activation offloading, say) would otherwise pack the fake
+        # tensors the training op saves here, and fail on them.
+        with fake_mode, torch.autograd.graph.saved_tensors_hooks(_same, _same):
             result = rep.op(*example_args)
         staged.append((rw, rep, result))
     graph = gm.graph
