@@ -5,7 +5,7 @@ by shape and dtype (one storage saved twice counts once).
 python benchmarks/saved_activations.py [--device cpu|cuda]
 
 The partitioner's choice of what to save or recompute depends on the graph, not on the device's speed, so the
-CPU (Triton interpreter, tiny dimensions: bench_e2e's model at hidden 64, 2 layers, vocab 256, 64 tokens)
+CPU (Triton interpreter, tiny dimensions: bench_e2e's model at hidden 64, 2 layers, vocab 256, 96 tokens)
 answers which activations the rewrite adds or removes; a GPU run at those dimensions agrees. A diagnostic,
 not a benchmark: it prints, writes nothing.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-DIMS = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=32)
+DIMS = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=48)
 ITEMSIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4, torch.int64: 8, torch.int32: 4}
 
 
