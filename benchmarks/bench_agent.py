@@ -6,7 +6,8 @@ Usage (device machine; needs the ``agent`` extra, ``anthropic``)::
     python benchmarks/bench_agent.py [--shape 8192x4096] [--budget 1] [--out benchmarks/results] [--smoke]
 
 The device machine cannot reach the Anthropic API, so this shows the loop, not a model's ideas: ``ak-tune
---strategy both`` on RMSNorm (bf16, HF Llama flags) searches for ``--budget`` minutes, then its agent phase
+--strategy both`` on RMSNorm (bf16, HF Llama flags) with ``--budget`` minutes searches for half of them, then its
+agent phase
 talks to a local server (``tests/messages_server.py``) whose script reads the task and the best kernel, submits
 ``tests/models.py``'s ``AGENT_SOURCE`` (an RMSNorm pair written apart from the built-in family, to the same
 kernel contract) under two launch configurations, and ends its turn. Each submission goes through the child
@@ -131,7 +132,8 @@ def render_md(meta: dict[str, Any], res: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default=None, help="ROWSxHIDDEN (default 8192x4096; --smoke: 64x48)")
-    p.add_argument("--budget", type=float, default=1.0, help="minutes of search before the agent (default 1)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="minutes for the search and the agent together (default 1; the search gets half)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
     p.add_argument("--smoke", action="store_true", help="a tiny shape under the Triton interpreter (CPU)")
     args = p.parse_args(argv)

@@ -86,3 +86,19 @@ def test_agent_without_key_keeps_the_search(tmp_path, monkeypatch):
                for r in rows)
     (entry,) = [e for _, e in cache.entries()]
     assert entry["kernel"]["kind"] == "family"
+
+
+def test_both_leaves_the_agent_its_share_of_the_budget(tmp_path, server, monkeypatch):
+    """--strategy both: the search stops at its share of the budget (here none: one candidate a phase, as past
+    any budget), and the agent phase still runs in what is left."""
+    from autokernel.playbook import tuner
+
+    monkeypatch.setattr(tuner, "SEARCH_BUDGET_SHARE_WITH_AGENT", 0.0)
+    cache = KernelCache(tmp_path, device="cpu")
+    result = tune(TuneRequest("rms_norm", {"mode": "llama"}, "bf16", [6, 40]), cache, torch.device("cpu"),
+                  budget_s=600, timeout_s=20, strategy="both", max_turns=10)
+    rows = _rows(result)
+    searched = [r for r in rows if r["phase"] in ("fwd", "bwd") and r["n"]]
+    assert [r["phase"] for r in searched] == ["fwd", "bwd"], rows
+    assert [r["status"] for r in rows if r["phase"] == "agent" and r["n"]] == ["failed", "crashed", "ok", "ok"]
+    assert result.status == "written"

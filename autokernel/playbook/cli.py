@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=180.0, help="seconds before a candidate counts as hung")
     p.add_argument("--strategy", choices=STRATEGIES, default="search",
                    help="search: the playbook's kernel space; agent: an LLM writes kernels (ANTHROPIC_API_KEY, "
-                        "pip install 'autokernel[agent]'); both: search, then the agent tries to beat it")
+                        "pip install 'autokernel[agent]'); both: search for half the budget, then the agent tries "
+                        "to beat it")
     p.add_argument("--agent-model", default=None, help="Anthropic model for the agent")
     p.add_argument("--max-turns", type=int, default=20, help="agent replies per shape (default 20)")
     p.add_argument("--agent-price", type=_price, metavar="IN,OUT",

@@ -65,6 +65,9 @@ INTERPRETER_CANDIDATES = 3
 # the in-context race after the candidates, 25 s of a 44 s RMSNorm 8192x4096 run on the H100), and counted from the
 # run's start they ate most of the forward phase's share.
 FWD_BUDGET_SHARE = 0.4
+# --strategy both: the search's share of the budget; the agent gets the rest (a search that used it all left the
+# agent nothing: its phase starts only while the budget lasts).
+SEARCH_BUDGET_SHARE_WITH_AGENT = 0.5
 
 
 @dataclass
@@ -459,14 +462,15 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             return reply
 
         loop_t0 = time.time()
-        loop_budget_s = max(budget_s - (loop_t0 - t0), 0.0)
+        search_budget_s = budget_s * (SEARCH_BUDGET_SHARE_WITH_AGENT if strategy == "both" else 1.0)
+        loop_budget_s = max(search_budget_s - (loop_t0 - t0), 0.0)
         fwd_winner: dict[str, Any] | None = None
         late: set[str] = set()  # phases given a candidate after the budget ran out
         for index, (phase, config, origin) in enumerate(candidates):
             passname = "fwd" if phase == "fwd" else "train"
             # Past the budget, each phase still gets one candidate if it has no passing one yet, so a shape
             # once started writes a checked, raced kernel (a run whose ranking used the budget wrote nothing).
-            overtime = time.time() - t0 > budget_s
+            overtime = time.time() - t0 > search_budget_s
             if overtime:
                 if all(p in best or p in late for p in phases):
                     say("budget spent")
