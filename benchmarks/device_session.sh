@@ -27,12 +27,19 @@
 # Inductor decides whether the cache serves our kernel), then times eager, Inductor, Liger and
 # autokernel, with GPU time (CUDA-graph replay) beside the host-inclusive time. Results land in $OUT
 # (copy the .json/.md into benchmarks/results/).
+# PATCHES="benchmarks/experiments/x.patch ..." applies those first (any mode), for a change not yet on main.
 # A tuned cache outlives its machine: every mode ends with the cache exported to $OUT/cache.akc (and each tuning
 # run's results.tsv copied to $OUT/runs/), and a call that
 # carries .akc-carry/ (git-excluded: `echo /.akc-carry/ >> .git/info/exclude`; copy the last call's cache.akc
 # there, carry [".whl", ".akc-carry"]) imports it first, so one call can tune and the next measure.
 set -u
 source benchmarks/device_setup.sh || exit 1
+# PATCHES="a.patch b.patch": apply these (in order) to the machine's copy first, to test or measure a change that is
+# not on main (benchmarks/experiments/); the install is editable, so the patched code is what runs.
+for patch in ${PATCHES:-}; do
+  git apply "$patch" 2>/dev/null || patch -p1 --forward --quiet < "$patch" || { echo "could not apply $patch" >&2; exit 1; }
+  echo "applied $patch"
+done
 out=${OUT:-/tmp/ak-out}
 mkdir -p "$out"
 export AUTOKERNEL_CACHE_DIR=/tmp/akc
