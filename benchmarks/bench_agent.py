@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 # bench_e2e beside this file, this checkout's autokernel, and the tests' scripted server and agent kernel
 _HERE = Path(__file__).resolve().parent
@@ -58,10 +59,9 @@ def _ms(row: dict[str, str], key: str) -> float | None:
 def run(shape: list[int], budget_min: float, device: Any) -> dict[str, Any]:
     """One ``--strategy both`` tune against the scripted server; the rows of the table and what was cached."""
     server = MessagesServer(script())
-    saved = {k: os.environ.get(k) for k in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")}
-    os.environ.update(ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="scripted-not-a-real-key")
+    env = {"ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "scripted-not-a-real-key"}
     try:
-        with tempfile.TemporaryDirectory(prefix="bench_agent_") as root:
+        with mock.patch.dict(os.environ, env), tempfile.TemporaryDirectory(prefix="bench_agent_") as root:
             cache = KernelCache(root, device=device)
             try:
                 result = tune(TuneRequest("rms_norm", FLAGS, "bf16", shape), cache, device,
@@ -73,11 +73,6 @@ def run(shape: list[int], budget_min: float, device: Any) -> dict[str, Any]:
                 logged = list(csv.DictReader(f, delimiter="\t"))
     finally:
         server.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     case = "x".join(map(str, shape))
     searched = [r for r in logged if r["phase"] == "bwd" and r["status"] == "ok" and r["train_ms"]]
     submitted = [r for r in logged if r["phase"] == "agent" and r["n"]]

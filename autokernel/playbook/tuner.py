@@ -756,10 +756,9 @@ def _interrupted_run(runs_dir: Path, slug: str) -> tuple[Path, list[dict[str, st
 def _nearest_tuned(cache: KernelCache, problem: Any,
                    noted: Iterable[dict[str, Any]] = ()) -> tuple[str, dict[str, Any], int] | None:
     """(where from, config, hidden size) of the closest tuned shape of the same variant (hidden size first, then
-    rows), if any: among
-    the cache's entries and the notes' winners (``noted``, as :meth:`NotesStore.winners` gives them). The
-    same shape counts too: a retune starts from what the last one found, and re-measures it. Source kernels
-    are left out (a config of the built-in family is what the search varies)."""
+    rows), if any: among the cache's entries and the notes' winners (``noted``, as :meth:`NotesStore.winners`
+    gives them). The same shape counts too: a retune starts from what the last one found, and re-measures it.
+    Source kernels are left out (a config of the built-in family is what the search varies)."""
     from autokernel.cache.store import entry_problem
 
     here = (problem.hidden, row_bucket(problem.rows))
@@ -834,10 +833,11 @@ def _agent_phase(problem, best, peer, floor, evaluate, model, max_turns, deadlin
     say("agent")
     try:
         brief = {**problem.agent_brief(), "playbook": playbook_for(problem), "notes_on_this_gpu": noted}
-        run = run_agent(brief, current_best, submit, model=model or DEFAULT_MODEL,
-                        max_turns=max_turns, deadline=deadline, say=say, price=price)
+        model = model or DEFAULT_MODEL
+        run = run_agent(brief, current_best, submit, model=model, max_turns=max_turns, deadline=deadline, say=say,
+                        price=price)
         log.row(n="", phase="agent", status=f"done ({run.stop})",
-                detail=f"{run.turns} turns, {run.submissions} submissions, {run.usage(model or DEFAULT_MODEL, price)}")
+                detail=f"{run.turns} turns, {run.submissions} submissions, {run.usage(model, price)}")
     except AgentUnavailable as exc:
         logger.warning("ak-tune: agent unavailable (%s); keeping the search's results", exc)
         log.row(n="", phase="agent", status="unavailable", detail=str(exc)[:500])
