@@ -1,0 +1,102 @@
+"""Unmodified transformers models of each family issue 3 names (and two more spellings: Qwen3's norms of q and k,
+Phi-3's fused gate/up projection), 2 layers, eager attention, with labels: every instance found with the expected
+variant, then served from the cache, and the loss and every parameter gradient equal to eager's."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from models import serve_every_miss
+
+import autokernel
+from autokernel.playbook.tolerances import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+              max_position_embeddings=64)
+# (pattern, the flag that tells the spelling apart) -> instances in 2 layers. RMSNorm: each layer's input and
+# post-attention norms and the final norm; the three whose input is a residual sum carried on are add + RMSNorm.
+# The lm_head and the loss make one linear + cross-entropy (the logits the model returns are its side output).
+LLAMA_LIKE = {("rms_norm", 0.0, False): 2, ("rms_norm", 0.0, True): 3, ("swiglu", "silu", "separate"): 2,
+              ("rope", "half", 16): 2, ("softmax", "softmax"): 2, ("linear_cross_entropy", True): 1}
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2), LLAMA_LIKE),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None), LLAMA_LIKE),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2), LLAMA_LIKE),
+    # Gemma: RMSNorm scaled by (1 + w), GeGLU with the tanh gelu
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=16),
+              {**LLAMA_LIKE, ("rms_norm", 1.0, False): 2, ("rms_norm", 1.0, True): 3, ("rms_norm", 0.0, False): 0,
+               ("rms_norm", 0.0, True): 0, ("swiglu", "gelu_tanh", "separate"): 2, ("swiglu", "silu", "separate"): 0}),
+    # GPT-NeoX: LayerNorm with bias everywhere (input, post-attention, final, no residual variant), 4 of 16 columns
+    # a head rotated, no gated MLP
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25),
+                 {("layer_norm",): 5, ("rope", "half", 4): 2, ("softmax", "softmax"): 2,
+                  ("linear_cross_entropy", True): 1}),
+    # Qwen3: q and k each normalized over the head dim before RoPE (2 more plain RMSNorms a layer)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=16),
+              {**LLAMA_LIKE, ("rms_norm", 0.0, False): 6}),
+    # Phi-3: gate and up from one matmul, split in halves
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                                                   bos_token_id=1),
+             {**LLAMA_LIKE, ("swiglu", "silu", "separate"): 0, ("swiglu", "silu", "gate_up"): 2}),
+}
+
+
+def _spelling(inst: autokernel.InstanceReport) -> tuple:
+    f = inst.flags
+    return {"rms_norm": lambda: (f["offset"], f.get("residual", False)),
+            "swiglu": lambda: (f["act"], f["layout"]),
+            "rope": lambda: (f["layout"], f["rotary_dim"]),
+            "softmax": lambda: (f["op"],),
+            "linear_cross_entropy": lambda: (f["logits_out"],),
+            "layer_norm": lambda: ()}[inst.pattern]()
+
+
+def _step(fn, model, ids):
+    model.zero_grad()
+    loss = fn(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_found_served_and_right(tmp_path, family):
+    config_cls, model_cls, extra, expected = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(**COMMON, **extra)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(cfg)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    options = {"autokernel.cache_dir": str(tmp_path), "autokernel.compiler": "aot_eager"}
+
+    report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
+    found = Counter((i.pattern, *_spelling(i)) for i in report.instances)
+    assert found == Counter({k: n for k, n in expected.items() if n}), str(report)
+    assert all(i.status == "miss" for i in report.instances), str(report)
+    assert all(f"modeling_{family}.py" in i.source for i in report.instances if i.pattern != "linear_cross_entropy")
+
+    torch._dynamo.reset()
+    torch.compile(model, backend="autokernel", options=options)(input_ids=ids, labels=ids)  # records the misses
+    assert serve_every_miss(tmp_path, "cpu") == len({(i.pattern, i.dtype, i.shape, tuple(sorted(i.flags.items())))
+                                                     for i in report.instances})
+    torch._dynamo.reset()
+    report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
+    assert [i.status for i in report.instances] == ["hit"] * len(report.instances), str(report)
+
+    torch._dynamo.reset()
+    loss_c, grads_c = _step(torch.compile(model, backend="autokernel", options=options), model, ids)
+    loss_e, grads_e = _step(model, model, ids)
+    assert_close(loss_c, loss_e.double(), torch.float32, "loss")
+    assert grads_c.keys() == grads_e.keys()
+    for name, g in grads_c.items():
+        assert_close(g, grads_e[name].double(), torch.float32, f"grad {name}")
