@@ -115,6 +115,29 @@ def serve_every_miss(cache_dir, device) -> int:
     return len(wanted)
 
 
+def _lm_step(fn, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = fn(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def check_causal_lm_step(model: nn.Module, ids: torch.Tensor, options: dict, grads: bool = True) -> None:
+    """A transformers causal LM's training step (``labels=ids``, loss, backward) compiled with the autokernel
+    backend against eager's: the loss and, with ``grads``, every parameter's gradient. Against eager in the
+    model's dtype: in bf16 eager is itself ~1 unit off the exact value, so the bf16 row is applied to eager's own
+    result (it allows two units)."""
+    dtype = next(model.parameters()).dtype
+    torch._dynamo.reset()
+    loss_c, grads_c = _lm_step(torch.compile(model, backend="autokernel", options=options), model, ids)
+    loss_e, grads_e = _lm_step(model, model, ids)
+    assert_close(loss_c, loss_e.double(), dtype, "loss")
+    if grads:
+        assert grads_c.keys() == grads_e.keys()
+        for name, g in grads_c.items():
+            assert_close(g, grads_e[name].double(), dtype, f"grad {name}")
+
+
 def compile_log_statuses(caplog) -> list[str]:
     """(pattern, status) of every instance the backend planned, from its compile-time log."""
     out = []
