@@ -1,4 +1,4 @@
-"""GPU: our ops under CUDA graphs (mode="reduce-overhead") and generate() with a static KV cache."""
+"""GPU: our ops under CUDA graphs (mode="reduce-overhead" and "max-autotune") and generate() with a static KV cache."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def _fill(model, ids, cache_dir) -> None:
     torch._dynamo.reset()
 
 
-def test_reduce_overhead_captures_and_replays_our_kernels(tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])  # both capture CUDA graphs
+def test_cuda_graph_modes_capture_and_replay_our_kernels(tmp_path, caplog, monkeypatch, mode):
     from torch._dynamo.utils import counters
 
     # torch.compile takes mode= or options=, not both: the cache is named by the environment.
@@ -49,7 +50,7 @@ def test_reduce_overhead_captures_and_replays_our_kernels(tmp_path, caplog, monk
     _fill(model, ids, tmp_path)
     counters.clear()
     caplog.set_level(logging.INFO, logger="autokernel")
-    compiled = torch.compile(model, backend="autokernel", mode="reduce-overhead")
+    compiled = torch.compile(model, backend="autokernel", mode=mode)
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
         for _ in range(4):  # warm-up, record, then replays
