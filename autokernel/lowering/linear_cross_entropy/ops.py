@@ -24,6 +24,8 @@ functionalize the ``out=`` writes into the chunk buffer and could not keep the m
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from autokernel.cache import row_bucket, runtime
@@ -40,6 +42,7 @@ from autokernel.lowering.pattern import dtype_name
 PATTERN = "linear_cross_entropy"
 
 
+@functools.cache  # computed on every call of an opaque op; its arguments are few and hashable
 def pattern_key(reduction: str, ignore_index: int, label_smoothing: float, x_dtype: torch.dtype,
                 out_dtype: torch.dtype, bias: bool, vocab: int, keep_logits: bool) -> str:
     """The variant part of the cache key. The lookup's own size is the hidden size (the width of ``x``); the

@@ -13,6 +13,7 @@ Math (``n = x * rsqrt(mean(x^2) + eps)`` in float32, ``w_eff = w + offset``):
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -35,6 +36,7 @@ PATTERN = "rms_norm"
 MODES = ("llama", "gemma")
 
 
+@functools.cache  # computed on every call of an opaque op; its arguments are few and hashable
 def pattern_key(mode: str, offset: float, x_dtype: torch.dtype, w_dtype: torch.dtype | None,
                 out_dtype: torch.dtype, residual: bool = False) -> str:
     """The variant part of the cache key: everything but the shape that changes the kernel.

@@ -18,6 +18,7 @@ is computed with torch ops in the autograd formula, which then also saves q and 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -41,6 +42,7 @@ PATTERN = "rope"
 KERNEL = "rope_kernel"  # the name a source entry defines
 
 
+@functools.cache  # computed on every call of an opaque op; its arguments are few and hashable
 def pattern_key(layout: str, rotary_dim: int, head_dim: int, heads: int, kv_heads: int, dtype: torch.dtype,
                 cs_dtype: torch.dtype, out_dtype: torch.dtype) -> str:
     """The variant part of the cache key: everything but the shape that changes the kernel. ``heads`` and
