@@ -1,5 +1,5 @@
 """The benchmark scripts' plumbing, end to end on the CPU: ``bench_patterns.py``, ``bench_ddp.py`` (two gloo
-ranks), ``bench_inference.py`` and ``bench_tuner.py``, each with ``--smoke``."""
+ranks), ``bench_inference.py`` and ``bench_tuner.py``, each with ``--smoke``; ``op_host_cost.py``."""
 
 from __future__ import annotations
 
@@ -202,3 +202,14 @@ def test_bench_e2e_memory_blocks_alive_at_the_peak() -> None:
     md = bench_e2e.render_md({"case": "c", "device": "d", "torch": "t", "triton": "t", "date": "d", "command": "c"},
                              [row])
     assert "- autokernel: 597.0 MiB at the peak: 501 x 1, 32 x 3" in md
+
+
+def test_op_host_cost_runs(tmp_path: Path) -> None:
+    """``op_host_cost.py``: every row timed (a positive number), the stubbed wrapper never launching a kernel."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "op_host_cost.py"), "--calls", "50"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = dict(line.strip("|").split("|")[:2] for line in proc.stdout.splitlines()[3:])
+    assert {k.strip() for k in rows} == {"op", "ours", "custom_op no-op", "Library no-op", "empty_like"}, proc.stdout
+    assert all(float(v) > 0 for v in rows.values()), proc.stdout
