@@ -1,5 +1,6 @@
 """Host cost of one call of an opaque op (the dynamic-shape path), the kernel launch left out: what a step pays per
 instance where no CUDA graph replays it. CPU, no Triton: ``python benchmarks/op_host_cost.py [--calls N]``.
+The GPU's layer-by-layer figures, launches and compiled graphs included, are ``overhead_probe.py``'s.
 
 Times, per call, in microseconds (median of 5 rounds of N calls):
 - ``op``: ``torch.ops.autokernel.rms_norm`` (the forward-only RMSNorm op) with the kernel wrapper replaced by one
