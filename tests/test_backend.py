@@ -413,6 +413,12 @@ def test_ak_tune_rejects_bad_requests(tmp_path, capsys):
     assert cli.main(["--pattern", "rms_norm", "--shape", "4x32", "--flags", "mode=vanilla",
                      "--cache-dir", str(tmp_path), "-q"]) == 1
     assert "flag mode must be 'llama' or 'gemma'" in capsys.readouterr().out
+    for flag, value, what in [("--budget", "-1", "minutes"), ("--budget", "0", "minutes"),
+                              ("--timeout", "x", "seconds"), ("--max-turns", "0", "agent replies"),
+                              ("--seq", "1.5", "tokens")]:
+        with pytest.raises(SystemExit):
+            cli.main(["--pattern", "rms_norm", "--shape", "4x32", flag, value, "--cache-dir", str(tmp_path)])
+        assert f"argument {flag}: expected a positive number of {what}, got '{value}'" in capsys.readouterr().err
 
 
 def test_ak_tune_warm_starts_from_the_nearest_tuned_shape(tmp_path):
