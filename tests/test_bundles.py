@@ -167,3 +167,24 @@ def test_not_a_bundle(tmp_path):
     junk.write_bytes(b"not a tar")
     with pytest.raises(BundleError, match="not a bundle"):
         read_bundle(junk)
+
+
+def test_cli_refuses_bad_paths_keys_and_ages_without_a_traceback(tmp_path, source_cache, capsys):
+    """An export into a missing folder, a missing or empty key file, a negative age or timeout: one line naming
+    what was wrong, a non-zero exit, no half-written bundle, no entry dropped."""
+    root = ["--cache-dir", str(source_cache)]
+    assert cache_cli.main([*root, "export", "-o", str(tmp_path / "no" / "b.akc")]) == 1
+    assert "refused: cannot write " in capsys.readouterr().err and not (tmp_path / "no").exists()
+    empty = tmp_path / "empty.key"
+    empty.write_bytes(b"\n")
+    for key_file, why in [(tmp_path / "missing.key", "No such file"), (empty, "is empty")]:
+        assert cache_cli.main([*root, "export", "-o", str(tmp_path / "k.akc"), "--sign", "--key-file",
+                               str(key_file)]) == 1
+        assert f"--key-file {key_file}" in (err := capsys.readouterr().err) and why in err
+        assert not (tmp_path / "k.akc").exists()
+    for args, what in [(["prune", "--older-than", "-1"], "days"), (["verify", "--rerun", "--timeout", "0"],
+                                                                  "seconds")]:
+        with pytest.raises(SystemExit):
+            cache_cli.main([*root, *args])
+        assert f"expected a positive number of {what}" in capsys.readouterr().err
+    assert len(list(KernelCache(source_cache, device="cpu").entries())) == 2

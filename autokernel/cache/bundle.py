@@ -66,7 +66,13 @@ def _sign(manifest: dict[str, Any], key: bytes) -> str:
 def signing_key(key_file: str | None = None) -> bytes | None:
     """The HMAC key: ``--key-file`` contents, else ``AUTOKERNEL_SIGNING_KEY``, else None."""
     if key_file:
-        return Path(key_file).read_bytes().strip()
+        try:
+            key = Path(key_file).read_bytes().strip()
+        except OSError as exc:
+            raise BundleError(f"--key-file {key_file}: {exc.strerror or exc}") from None
+        if not key:
+            raise BundleError(f"--key-file {key_file} is empty")
+        return key
     env = os.environ.get("AUTOKERNEL_SIGNING_KEY")
     return env.encode() if env else None
 
@@ -99,12 +105,16 @@ def export_bundle(root: str | os.PathLike, out: str | os.PathLike, fingerprint: 
     if key:
         manifest["signature"] = _sign(manifest, key)
     tmp = Path(f"{out}.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for name, data in [("manifest.json", json.dumps(manifest, indent=1).encode()), *files]:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, out)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for name, data in [("manifest.json", json.dumps(manifest, indent=1).encode()), *files]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, out)
+    except OSError as exc:  # a missing or read-only folder, a full disk: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"cannot write {out}: {exc.strerror or exc}") from None
     return manifest
 
 

@@ -29,6 +29,20 @@ from autokernel.cache.store import CacheWriteError, KernelCache, entry_problem
 STALE_MARGIN = 1.05
 
 
+def positive(kind: type, what: str):
+    """An argparse type: a number of ``kind`` above zero, else an error saying ``what`` it counts (argparse
+    names the flag)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text!r}")
+        return value
+    return parse
+
+
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
 
@@ -46,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("key", nargs="?", help="an entry key")
     rm.add_argument("--pattern", help="every entry of this pattern")
     prune = sub.add_parser("prune", help="drop this GPU's caches for other torch/triton versions, and losers")
-    prune.add_argument("--older-than", type=float, metavar="DAYS", help="also drop entries older than this")
+    prune.add_argument("--older-than", type=positive(float, "days"), metavar="DAYS",
+                       help="also drop entries older than this")
     sub.add_parser("wanted", help="list recorded misses")
     clear = sub.add_parser("clear", help="delete this GPU's entries and wanted table")
     clear.add_argument("--yes", action="store_true", help="do not ask")
@@ -67,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                           "against Inductor again")
     ver.add_argument("--drop-failed", action="store_true", help="with --rerun: delete failed and stale entries")
     ver.add_argument("--json", action="store_true", help="with --rerun: one JSON object per entry")
-    ver.add_argument("--timeout", type=float, default=180.0,
+    ver.add_argument("--timeout", type=positive(float, "seconds"), default=180.0,
                      help="with --rerun on a GPU: seconds before a kernel counts as hung (default 180)")
     args = p.parse_args(argv)
     try:
@@ -315,8 +330,8 @@ def _bundles(args: argparse.Namespace) -> int:
     from autokernel.cache.store import default_cache_dir
 
     root = args.cache_dir or default_cache_dir()
-    key = signing_key(args.key_file)
     try:
+        key = signing_key(args.key_file)
         if args.command == "export":
             if args.sign and key is None:
                 print("ak-cache export --sign: no key (set AUTOKERNEL_SIGNING_KEY or pass --key-file)", file=sys.stderr)

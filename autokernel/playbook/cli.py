@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from autokernel.cache.cli import positive
 from autokernel.playbook.model import DECODE_BATCHES
 from autokernel.playbook.pool import Job, Shard, tune_all
 from autokernel.playbook.tuner import STRATEGIES, TuneRequest, TuneResult, set_interpreter_if_no_gpu
@@ -42,20 +43,6 @@ def _batches(text: str) -> tuple[int, ...]:
     if not sizes or any(b < 1 for b in sizes):
         raise argparse.ArgumentTypeError(f"--decode-batches sizes must be positive, got {text!r}")
     return sizes
-
-
-def _positive(kind: type, what: str):
-    """An argparse type: a number of ``kind`` above zero, else an error saying ``what`` it counts (argparse
-    names the flag)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text!r}")
-        return value
-    return parse
 
 
 def _flags(text: str) -> dict[str, object]:
@@ -96,9 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "with the inputs, loss, backward)")
     p.add_argument("--hf-config", help="like --model, for the causal LM a local transformers config.json "
                                        "describes (random weights)")
-    p.add_argument("--batch", type=_positive(int, "sequences"), default=1,
+    p.add_argument("--batch", type=positive(int, "sequences"), default=1,
                    help="--hf-config: batch size (default 1)")
-    p.add_argument("--seq", type=_positive(int, "tokens"), default=512,
+    p.add_argument("--seq", type=positive(int, "tokens"), default=512,
                    help="--hf-config: sequence length (default 512)")
     p.add_argument("--inference", action="store_true",
                    help="--model/--hf-config: tune for inference instead of training. The model must be a "
@@ -117,19 +104,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flags", type=_flags, default={}, help="variant flags, e.g. mode=gemma,offset=1")
     p.add_argument("--forward-only", action="store_true",
                    help="--pattern: tune the forward pass alone (inference); the entry serves no backward")
-    p.add_argument("--budget", type=_positive(float, "minutes"), default=30.0,
+    p.add_argument("--budget", type=positive(float, "minutes"), default=30.0,
                    help="minutes of tuning (default 30); a shape once started still gets one checked "
                         "forward and backward candidate past it (forward-only: one forward candidate). "
                         "--model/--hf-config: counted from the end of the ranking, which comes first, as does "
                         "the timing of the model after")
-    p.add_argument("--timeout", type=_positive(float, "seconds"), default=180.0,
+    p.add_argument("--timeout", type=positive(float, "seconds"), default=180.0,
                    help="seconds before a candidate counts as hung")
     p.add_argument("--strategy", choices=STRATEGIES, default="search",
                    help="search: the playbook's kernel space; agent: an LLM writes kernels (ANTHROPIC_API_KEY, "
                         "pip install 'autokernel[agent]'); both: search for half the budget, then the agent tries "
                         "to beat it")
     p.add_argument("--agent-model", default=None, help="Anthropic model for the agent")
-    p.add_argument("--max-turns", type=_positive(int, "agent replies"), default=20,
+    p.add_argument("--max-turns", type=positive(int, "agent replies"), default=20,
                    help="agent replies per shape (default 20)")
     p.add_argument("--agent-price", type=_price, metavar="IN,OUT",
                    help="USD per million input and output tokens, for the agent's cost in the log (default: the "
