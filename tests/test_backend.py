@@ -419,6 +419,17 @@ def test_ak_tune_rejects_bad_requests(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(["--pattern", "rms_norm", "--shape", "4x32", flag, value, "--cache-dir", str(tmp_path)])
         assert f"argument {flag}: expected a positive number of {what}, got '{value}'" in capsys.readouterr().err
+    for args, why in [(["--shape", "4x32"], "--shape goes with --pattern"),
+                      (["--pattern", "rms_norm", "--shape", "4x32", "--decode-batches", "1,8"],
+                       "--decode-batches goes with --inference")]:
+        with pytest.raises(SystemExit):
+            cli.main([*args, "--cache-dir", str(tmp_path)])
+        assert why in capsys.readouterr().err
+    # A flag the pattern does not have (a typo) would tune the default variant: refused, naming the pattern's flags.
+    assert cli.main(["--pattern", "rms_norm", "--shape", "4x32", "--flags", "mode=gemma,ofset=1",
+                     "--cache-dir", str(tmp_path), "-q"]) == 1
+    assert "rms_norm has no flag ofset (it reads mode, offset, " in capsys.readouterr().out
+    assert list(KernelCache(tmp_path, device="cpu").entries()) == []
 
 
 def test_ak_tune_warm_starts_from_the_nearest_tuned_shape(tmp_path):

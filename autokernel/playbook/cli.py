@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(input_ids as given; other inputs such as labels are not used) and one decode step (one "
                         "token per sequence) at each --decode-batches size; their misses are tuned forward-only "
                         "(an entry for the forward alone: training compiles still miss it)")
-    p.add_argument("--decode-batches", type=_batches, default=DECODE_BATCHES,
+    p.add_argument("--decode-batches", type=_batches,
                    help="--inference: batch sizes of the decode steps, e.g. 1,8,64,256 (the default); a decode step "
                         "has one row per sequence, and the cache buckets rows by powers of two")
     p.add_argument("--pattern", help="tune one pattern instance instead of the wanted table (e.g. rms_norm)")
@@ -258,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         return _print_notes(args)
     if args.pattern and not args.shape:
         parser.error("--pattern needs --shape")
+    if args.shape and not args.pattern:
+        parser.error("--shape goes with --pattern")
     if args.inference and not (args.model or args.hf_config):
         parser.error("--inference goes with --model or --hf-config")
+    if args.decode_batches and not args.inference:
+        parser.error("--decode-batches goes with --inference")
     if args.forward_only and not args.pattern:
         parser.error("--forward-only goes with --pattern (a wanted request knows whether it needs a backward)")
     if args.strategy != "search" and not os.environ.get("ANTHROPIC_API_KEY"):
@@ -280,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             factory = load_factory(args.model) if args.model else hf_factory(args.hf_config, args.batch, args.seq)
             results = tune_model(factory, cache, devices, args.budget * 60, args.timeout, out=progress.print,
                                  shard=args.shard, list_only=args.list,
-                                 decode_batches=args.decode_batches if args.inference else None, **tune_kwargs)
+                                 decode_batches=(args.decode_batches or DECODE_BATCHES) if args.inference else None,
+                                 **tune_kwargs)
         except ModelError as exc:
             print(f"ak-tune: {exc}", file=sys.stderr)
             return 2

@@ -319,10 +319,14 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     family = families().get(request.pattern)
     if family is None:
         return TuneResult(request, "error", detail=f"unknown pattern {request.pattern!r}")
+    flags = _ReadFlags(request.flags)
     try:
-        problem = family.problem(request.flags, request.dtype, request.shape, device)
+        problem = family.problem(flags, request.dtype, request.shape, device)
     except ValueError as exc:
         return TuneResult(request, "error", detail=str(exc))
+    if unknown := sorted(set(flags) - flags.read):  # a typo would otherwise tune the default variant
+        return TuneResult(request, "error", detail=f"{request.pattern} has no flag {', '.join(unknown)} (it reads "
+                                                   f"{', '.join(sorted(flags.read)) or 'none'})")
     interpret = device.type == "cpu" and interpreter_enabled()
     max_rows = INTERPRETER_ROWS if interpret else None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -742,6 +746,27 @@ def measure_baseline(worker: Worker, problem: Any, rates: dict[str, float | None
     if reply["status"] != "ok":
         return floor, {"fwd_ms": None, "train_ms": None}, reply.get("detail", reply["status"])
     return floor, {"fwd_ms": reply["fwd_ms"], "train_ms": reply.get("train_ms")}, ""  # train: None if forward-only
+
+
+class _ReadFlags(dict):
+    """A request's flags, remembering which keys the problem looked up: a family reads every flag it has when
+    it builds its problem, so a key it never read is no flag of the pattern."""
+
+    def __init__(self, flags: dict[str, Any]):
+        super().__init__(flags)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
 
 
 def _interrupted_run(runs_dir: Path, slug: str) -> tuple[Path, list[dict[str, str]]] | None:
