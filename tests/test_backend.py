@@ -420,6 +420,7 @@ def test_ak_tune_rejects_bad_requests(tmp_path, capsys):
             cli.main(["--pattern", "rms_norm", "--shape", "4x32", flag, value, "--cache-dir", str(tmp_path)])
         assert f"argument {flag}: expected a positive number of {what}, got '{value}'" in capsys.readouterr().err
     for args, why in [(["--shape", "4x32"], "--shape goes with --pattern"),
+                      (["--model", "m.py:f", "--hf-config", "c.json"], "--model and --hf-config each name the model"),
                       (["--pattern", "rms_norm", "--shape", "4x32", "--decode-batches", "1,8"],
                        "--decode-batches goes with --inference")]:
         with pytest.raises(SystemExit):

@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return _print_notes(args)
     if args.pattern and not args.shape:
         parser.error("--pattern needs --shape")
+    if args.model and args.hf_config:
+        parser.error("--model and --hf-config each name the model: pass one")
     if args.shape and not args.pattern:
         parser.error("--shape goes with --pattern")
     if args.inference and not (args.model or args.hf_config):
