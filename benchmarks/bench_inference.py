@@ -201,6 +201,13 @@ def _end_first_call(device: torch.device, base: int, row: dict[str, Any]) -> Non
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _end_timing(device: torch.device, base: int, row: dict[str, Any]) -> None:
+    """Record ``steady_peak_mib`` (since the first call's end) and ``peak_mib`` (the larger of it and the first
+    call's)."""
+    row["steady_peak_mib"] = steady = _peak_mib(device, base)
+    row["peak_mib"] = max(row["first_call_peak_mib"], steady) if steady is not None else None
+
+
 def _instances(workload: Workload, model: torch.nn.Module) -> dict[str, int]:
     """Pattern instances of one forward as the autokernel backend sees them (``autokernel.explain``), by status."""
     torch._dynamo.reset()  # explain must trace the model, not reuse the compiled frames
@@ -244,8 +251,7 @@ def time_decode(impl: str, model: torch.nn.Module, batch: int, context: int, ste
             step()
             clock.mark()
         times = clock.intervals_ms()
-        row["steady_peak_mib"] = _peak_mib(device, base)
-        row["peak_mib"] = max(row["first_call_peak_mib"], row["steady_peak_mib"]) if device.type == "cuda" else None
+        _end_timing(device, base, row)
         if profile and impl == "autokernel":
             row["profile"] = profile_share(step, device)
     row.update(counts.read())
@@ -277,8 +283,7 @@ def time_prefill(impl: str, model: torch.nn.Module, ids: torch.Tensor, iters: in
                 row["first_call_s"] = round(time.perf_counter() - t0, 2)
                 _end_first_call(device, base, row)
         times = clock.intervals_ms()[2 * WARMUP::2]  # each forward's own interval, warm-up dropped
-        row["steady_peak_mib"] = _peak_mib(device, base)
-        row["peak_mib"] = max(row["first_call_peak_mib"], row["steady_peak_mib"]) if device.type == "cuda" else None
+        _end_timing(device, base, row)
     row.update(counts.read())
     median = statistics.median(times)
     row.update(ms=round(median, 4), tokens_per_s=round(ids.numel() / median * 1e3))
