@@ -1,8 +1,17 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run on CPU tensors in the interpreter; it must be chosen before the
 # kernels' modules are imported. On a GPU machine (pytest -m gpu) they are compiled for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: no graph, guard or recompile count left by the test before."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

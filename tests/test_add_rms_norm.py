@@ -25,13 +25,6 @@ from autokernel.playbook.tolerances import assert_close
 H = 40
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 class PreNormBlock(nn.Module):
     """A pre-norm residual block's edge: the sum is normalized and also carried on."""
 

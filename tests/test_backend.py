@@ -20,13 +20,6 @@ from autokernel.playbook.tolerances import assert_close
 H = 48
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 class _Spy:
     """The autokernel backend, keeping the text of each graph it hands on (after its rewrite)."""
 

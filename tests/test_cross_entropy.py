@@ -35,13 +35,6 @@ AK_OPS = {torch.ops.autokernel.cross_entropy.default, torch.ops.autokernel.cross
 V = 40  # classes in the spelling tests
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "akcache")

@@ -28,10 +28,8 @@ MIB = 2**20
 
 
 @pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
+def _free_gpu_memory():
     yield
-    torch._dynamo.reset()
     torch.cuda.empty_cache()
 
 

@@ -16,13 +16,6 @@ from autokernel.playbook import cli
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def one_candidate(monkeypatch):
     """ak-tune under the interpreter checks one candidate per shape: these tests are about finding, tuning and

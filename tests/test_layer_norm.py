@@ -34,13 +34,6 @@ AK_OPS = {torch.ops.autokernel.layer_norm.default, torch.ops.autokernel.layer_no
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "akcache")

@@ -40,13 +40,6 @@ SMALL = LinearCrossEntropyConfig(fwd_chunk_rows=3, train_chunk_rows=4, fwd_block
                                  train_block_n=32, train_num_warps=1)
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "akcache")

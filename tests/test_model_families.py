@@ -54,13 +54,6 @@ def _spelling(inst: autokernel.InstanceReport) -> tuple:
             "layer_norm": lambda: ()}[inst.pattern]()
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_found_served_and_right(tmp_path, family):
     config_cls, model_cls, extra, expected = FAMILIES[family]

@@ -37,13 +37,6 @@ AK_OPS = {getattr(torch.ops.autokernel, name).default
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "akcache")

@@ -35,13 +35,6 @@ AK_OPS = {torch.ops.autokernel.rope.default, torch.ops.autokernel.rope_train.def
 SMALL = RopeConfig(fwd_block_h=1, fwd_num_warps=1, bwd_block_h=2, bwd_num_warps=1)
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "akcache")

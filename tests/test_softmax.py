@@ -40,13 +40,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AK_OPS = {torch.ops.autokernel.softmax.default, torch.ops.autokernel.softmax_train.default}
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "akcache")

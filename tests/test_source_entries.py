@@ -18,11 +18,8 @@ H = 40
 
 
 @pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
+def _fresh_runtime():
     runtime.invalidate()
-    yield
-    torch._dynamo.reset()
 
 
 def _put(tmp_path, rows, source):
