@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
@@ -22,6 +23,8 @@ VALID_WARPS = (1, 2, 4, 8, 16, 32)
 ROW_COUNT_UNSPECIALIZED = ("n_rows",)
 
 _Config = TypeVar("_Config", bound="KernelConfig")
+
+_LIBRARY = torch.library.Library("autokernel", "FRAGMENT")
 
 
 class KernelConfig:
@@ -134,3 +137,22 @@ def run_with_fallback(memo_key: tuple, chosen: tuple[Any, Any], default: Any, ru
                        what, type(exc).__name__, exc)
         runtime.memo[memo_key] = (default, None)
         return run(default, None)
+
+
+def define_plain_op(qualname: str, fn: Callable[..., Any], *, inline: bool, fake: Callable[..., Any]) -> Any:
+    """Define an op no autograd formula runs through (a forward-only or a backward op), ``qualname``
+    (``autokernel::name``) with its schema from ``fn``'s type hints. Inline: ``torch.library.triton_op`` (its
+    fake comes from its body). Opaque: ``torch.library.Library`` with ``fake`` for tracing, rather than
+    ``torch.library.custom_op``: Inductor calls either alike, but ``custom_op`` wraps every call in its
+    autograd and aliasing checks, a host cost that a step without CUDA graphs pays per instance
+    (``benchmarks/op_host_cost.py``: ~12.7 against ~3.7 us for a no-op on this project's CPU machine).
+    Returns the callable op."""
+    if inline:
+        return torch.library.triton_op(qualname, fn, mutates_args=())
+    namespace, name = qualname.split("::")
+    if namespace != _LIBRARY.ns:
+        raise ValueError(f"define_plain_op defines ops under {_LIBRARY.ns}::, got {qualname!r}")
+    _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
+    _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, fake, lib=_LIBRARY)
+    return getattr(getattr(torch.ops, namespace), name).default

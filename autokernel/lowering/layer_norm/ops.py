@@ -16,6 +16,7 @@ import math
 import torch
 
 from autokernel.cache import row_bucket, runtime
+from autokernel.lowering.launch import define_plain_op
 from autokernel.lowering.layer_norm.kernels import (
     LayerNormConfig,
     default_config,
@@ -77,11 +78,11 @@ def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torc
 
 
 def _define_ops(suffix: str, inline: bool) -> None:
-    """Define ``autokernel::layer_norm{suffix}``, ``layer_norm_train{suffix}`` and
-    ``layer_norm_backward{suffix}``, in the two flavours of ``autokernel.lowering.rms_norm.ops``: opaque
-    (``custom_op``: picks its configuration on every call; symbolic shapes, the Triton interpreter) and
-    inline (``triton_op``: Inductor launches the kernels from its own code; configuration picked at trace
-    time, right for static shapes only)."""
+    """Define ``autokernel::layer_norm{suffix}``, ``layer_norm_train{suffix}`` and ``layer_norm_backward{suffix}``,
+    in the two flavours of ``autokernel.lowering.rms_norm.ops``: opaque (``custom_op`` or a plain ``Library`` op:
+    picks its configuration on every call; symbolic shapes, the Triton interpreter) and inline (``triton_op``:
+    Inductor launches the kernels from its own code; configuration picked at trace time, right for static shapes
+    only)."""
     define = torch.library.triton_op if inline else torch.library.custom_op
 
     def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -103,24 +104,25 @@ def _define_ops(suffix: str, inline: bool) -> None:
         # A custom op returns tensors, never None: an absent weight or bias gets an empty gradient.
         return dx, dw if dw is not None else x.new_empty((0,)), db if db is not None else x.new_empty((0,))
 
-    forward_op = define(f"autokernel::layer_norm{suffix}", forward, mutates_args=())
+    define_plain_op(f"autokernel::layer_norm{suffix}", forward, inline=inline,
+                    fake=lambda x, weight, bias, eps, norm_ndim, mode, out_dtype, cache_dir:
+                    x.new_empty(x.shape, dtype=out_dtype))
+    backward_op = define_plain_op(
+        f"autokernel::layer_norm_backward{suffix}", backward, inline=inline,
+        fake=lambda dy, x, weight, bias, mean, rstd, norm_ndim, mode, out_dtype, cache_dir: (
+            x.new_empty(x.shape),
+            weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,)),
+            bias.new_empty(bias.shape) if bias is not None else x.new_empty((0,))))
     train_op = define(f"autokernel::layer_norm_train{suffix}", train, mutates_args=())
-    backward_op = define(f"autokernel::layer_norm_backward{suffix}", backward, mutates_args=())
     if not inline:  # a triton_op derives its fake from its body
 
         def stats_shape(x, norm_ndim):
             return x.shape[: x.dim() - norm_ndim]
 
-        forward_op.register_fake(lambda x, weight, bias, eps, norm_ndim, mode, out_dtype, cache_dir:
-                                 x.new_empty(x.shape, dtype=out_dtype))
         train_op.register_fake(lambda x, weight, bias, eps, norm_ndim, mode, out_dtype, cache_dir: (
             x.new_empty(x.shape, dtype=out_dtype),
             x.new_empty(stats_shape(x, norm_ndim), dtype=torch.float32),
             x.new_empty(stats_shape(x, norm_ndim), dtype=torch.float32)))
-        backward_op.register_fake(lambda dy, x, weight, bias, mean, rstd, norm_ndim, mode, out_dtype, cache_dir: (
-            x.new_empty(x.shape),
-            weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,)),
-            bias.new_empty(bias.shape) if bias is not None else x.new_empty((0,))))
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, _eps, norm_ndim, mode, out_dtype, cache_dir = inputs

@@ -20,6 +20,7 @@ import torch
 
 from autokernel.cache import row_bucket, runtime
 from autokernel.cache.sources import load_source
+from autokernel.lowering.launch import define_plain_op
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
@@ -131,17 +132,17 @@ def _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh, resid
 
 
 def _define_ops(suffix: str, inline: bool) -> None:
-    """Define, under ``autokernel::``, ``rms_norm{suffix}`` (forward only), ``rms_norm_train{suffix}``
-    (also returns rstd; differentiable) and ``rms_norm_backward{suffix}``, and the add + RMSNorm pair
-    ``add_rms_norm{suffix}`` / ``add_rms_norm_train{suffix}`` (also return ``h = x + residual``), whose
-    backward is ``rms_norm_backward{suffix}`` with ``dh`` and ``residual=True``.
+    """Define, under ``autokernel::``, ``rms_norm{suffix}`` (forward only), ``rms_norm_train{suffix}`` (also returns
+    rstd; differentiable) and ``rms_norm_backward{suffix}``, and the add + RMSNorm pair ``add_rms_norm{suffix}`` /
+    ``add_rms_norm_train{suffix}`` (also return ``h = x + residual``), whose backward is
+    ``rms_norm_backward{suffix}`` with ``dh`` and ``residual=True``.
 
-    Two flavours of the same ops. Opaque (``torch.library.custom_op``): Inductor calls the op, and the op
-    picks its configuration on every call from the actual shape; it serves symbolic shapes and the Triton
-    interpreter. Inline (``torch.library.triton_op``): AOTAutograd traces through the op, so Inductor
-    launches our kernels from its own generated code (a fraction of the opaque op's host cost, measured
-    in benchmarks/NOTES.md); the configuration is picked once, at trace time, which is only right for
-    static shapes.
+    Two flavours of the same ops. Opaque (``torch.library.custom_op`` for the differentiable train ops, a plain
+    ``Library`` op for the others, a third of the host cost a call: ``define_plain_op``): Inductor calls the op, and
+    the op picks its configuration on every call from the actual shape; it serves symbolic shapes and the Triton
+    interpreter. Inline (``torch.library.triton_op``): AOTAutograd traces through the op, so Inductor launches our
+    kernels from its own generated code (a fraction of the opaque op's host cost, measured in benchmarks/NOTES.md);
+    the configuration is picked once, at trace time, which is only right for static shapes.
     """
     define = torch.library.triton_op if inline else torch.library.custom_op
 
@@ -167,26 +168,26 @@ def _define_ops(suffix: str, inline: bool) -> None:
                  residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh, residual, inline)
 
-    forward_op = define(f"autokernel::rms_norm{suffix}", forward, mutates_args=())
-    train_op = define(f"autokernel::rms_norm_train{suffix}", train, mutates_args=())
-    add_forward_op = define(f"autokernel::add_rms_norm{suffix}", add_forward, mutates_args=())
-    add_train_op = define(f"autokernel::add_rms_norm_train{suffix}", add_train, mutates_args=())
-    backward_op = define(f"autokernel::rms_norm_backward{suffix}", backward, mutates_args=())
-    if not inline:  # a triton_op derives its fake from its body
-        def rstd_like(x):
-            return x.new_empty(x.shape[:-1], dtype=torch.float32)
+    def rstd_like(x):
+        return x.new_empty(x.shape[:-1], dtype=torch.float32)
 
-        forward_op.register_fake(lambda x, weight, eps, offset, mode, out_dtype, cache_dir:
-                                 x.new_empty(x.shape, dtype=out_dtype))
+    define_plain_op(f"autokernel::rms_norm{suffix}", forward, inline=inline,
+                    fake=lambda x, weight, eps, offset, mode, out_dtype, cache_dir:
+                    x.new_empty(x.shape, dtype=out_dtype))
+    define_plain_op(f"autokernel::add_rms_norm{suffix}", add_forward, inline=inline,
+                    fake=lambda x, residual, weight, eps, offset, mode, out_dtype, cache_dir: (
+                        x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape)))
+    backward_op = define_plain_op(
+        f"autokernel::rms_norm_backward{suffix}", backward, inline=inline,
+        fake=lambda dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh=None, residual=False: (
+            x.new_empty(x.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))))
+    train_op = define(f"autokernel::rms_norm_train{suffix}", train, mutates_args=())
+    add_train_op = define(f"autokernel::add_rms_norm_train{suffix}", add_train, mutates_args=())
+    if not inline:  # a triton_op derives its fake from its body
         train_op.register_fake(lambda x, weight, eps, offset, mode, out_dtype, cache_dir: (
             x.new_empty(x.shape, dtype=out_dtype), rstd_like(x)))
-        add_forward_op.register_fake(lambda x, residual, weight, eps, offset, mode, out_dtype, cache_dir: (
-            x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape)))
         add_train_op.register_fake(lambda x, residual, weight, eps, offset, mode, out_dtype, cache_dir: (
             x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape), rstd_like(x)))
-        backward_op.register_fake(lambda dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh=None,
-                                  residual=False: (
-            x.new_empty(x.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))))
 
     def setup_context(ctx, inputs, output):
         x, weight, _eps, offset, mode, out_dtype, cache_dir = inputs

@@ -24,7 +24,7 @@ import logging
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.lowering.launch import cached_choice, load_source_kernels, run_with_fallback
+from autokernel.lowering.launch import cached_choice, define_plain_op, load_source_kernels, run_with_fallback
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rope.kernels import (
     RopeConfig,
@@ -129,8 +129,8 @@ def _define_ops(suffix: str, inline: bool) -> None:
     """Define ``autokernel::rope{suffix}`` (forward only), ``rope_train{suffix}`` (differentiable) and
     ``rope_backward{suffix}``.
 
-    Two flavours of the same ops, as for RMSNorm (see ``autokernel.lowering.rms_norm.ops``): opaque
-    (``custom_op``, configuration picked on every call; symbolic shapes, the interpreter) and inline
+    Two flavours of the same ops, as for RMSNorm (see ``autokernel.lowering.rms_norm.ops``): opaque (``custom_op``
+    or a plain ``Library`` op, configuration picked on every call; symbolic shapes, the interpreter) and inline
     (``triton_op``, traced through, so Inductor launches our kernel from its own code; static shapes)."""
     define = torch.library.triton_op if inline else torch.library.custom_op
 
@@ -146,19 +146,19 @@ def _define_ops(suffix: str, inline: bool) -> None:
                  rotary_dim: int, in_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
         return _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, cache_dir, inline)
 
-    forward_op = define(f"autokernel::rope{suffix}", forward, mutates_args=())
-    train_op = define(f"autokernel::rope_train{suffix}", train, mutates_args=())
-    backward_op = define(f"autokernel::rope_backward{suffix}", backward, mutates_args=())
-    if not inline:  # a triton_op derives its fake from its body
-        def fake_forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir):
-            return (q.new_empty(q.shape, dtype=out_dtype),
-                    k.new_empty(k.shape, dtype=out_dtype) if k is not None else _empty(q, out_dtype))
+    def fake_forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir):
+        return (q.new_empty(q.shape, dtype=out_dtype),
+                k.new_empty(k.shape, dtype=out_dtype) if k is not None else _empty(q, out_dtype))
 
-        forward_op.register_fake(fake_forward)
-        train_op.register_fake(fake_forward)
-        backward_op.register_fake(lambda dq, dk, cos, sin, layout, rotary_dim, in_dtype, cache_dir: (
+    define_plain_op(f"autokernel::rope{suffix}", forward, inline=inline, fake=fake_forward)
+    backward_op = define_plain_op(
+        f"autokernel::rope_backward{suffix}", backward, inline=inline,
+        fake=lambda dq, dk, cos, sin, layout, rotary_dim, in_dtype, cache_dir: (
             dq.new_empty(dq.shape, dtype=in_dtype),
             dk.new_empty(dk.shape, dtype=in_dtype) if dk is not None else _empty(dq, in_dtype)))
+    train_op = define(f"autokernel::rope_train{suffix}", train, mutates_args=())
+    if not inline:  # a triton_op derives its fake from its body
+        train_op.register_fake(fake_forward)
 
     def setup_context(ctx, inputs, output):
         q, k, cos, sin, layout, rotary_dim, _out_dtype, cache_dir = inputs

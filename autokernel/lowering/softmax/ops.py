@@ -22,6 +22,7 @@ import torch
 
 from autokernel.cache import row_bucket, runtime
 from autokernel.cache.sources import load_source
+from autokernel.lowering.launch import define_plain_op
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.softmax.kernels import (
     SoftmaxConfig,
@@ -115,11 +116,11 @@ def _define_ops(suffix: str, inline: bool) -> None:
     """Define ``autokernel::softmax{suffix}``, ``softmax_train{suffix}`` and ``softmax_backward{suffix}``.
 
     Two flavours of the same three ops, as for RMSNorm (``autokernel/lowering/rms_norm/ops.py``). Opaque
-    (``torch.library.custom_op``): Inductor calls the op, and the op picks its configuration on every call
-    from the actual shape; it serves symbolic shapes and the Triton interpreter. Inline
-    (``torch.library.triton_op``): AOTAutograd traces through the op, so Inductor launches our kernels from
-    its own generated code; the configuration is picked once, at trace time, which is only right for static
-    shapes. The forward-only and training ops compute the same thing; only the training op has an autograd
+    (``torch.library.custom_op``, or a plain ``Library`` op where no autograd formula runs): Inductor calls the op,
+    and the op picks its configuration on every call from the actual shape; it serves symbolic shapes and the Triton
+    interpreter. Inline (``torch.library.triton_op``): AOTAutograd traces through the op, so Inductor launches our
+    kernels from its own generated code; the configuration is picked once, at trace time, which is only right for
+    static shapes. The forward-only and training ops compute the same thing; only the training op has an autograd
     formula (which saves ``y``).
     """
     define = torch.library.triton_op if inline else torch.library.custom_op
@@ -133,13 +134,15 @@ def _define_ops(suffix: str, inline: bool) -> None:
         return _launch(y, log, x_dtype, y.dtype, cache_dir, lambda config, kernels: softmax_bwd(
             dy, y, log, x_dtype, config, kernels=kernels, traceable=inline))
 
-    forward_op = define(f"autokernel::softmax{suffix}", forward, mutates_args=())
+    def fake_forward(x, log, out_dtype, cache_dir):
+        return x.new_empty(x.shape, dtype=out_dtype)
+
+    define_plain_op(f"autokernel::softmax{suffix}", forward, inline=inline, fake=fake_forward)
+    backward_op = define_plain_op(f"autokernel::softmax_backward{suffix}", backward, inline=inline,
+                                  fake=lambda dy, y, log, x_dtype, cache_dir: y.new_empty(y.shape, dtype=x_dtype))
     train_op = define(f"autokernel::softmax_train{suffix}", forward, mutates_args=())
-    backward_op = define(f"autokernel::softmax_backward{suffix}", backward, mutates_args=())
     if not inline:  # a triton_op derives its fake from its body
-        for op in (forward_op, train_op):
-            op.register_fake(lambda x, log, out_dtype, cache_dir: x.new_empty(x.shape, dtype=out_dtype))
-        backward_op.register_fake(lambda dy, y, log, x_dtype, cache_dir: y.new_empty(y.shape, dtype=x_dtype))
+        train_op.register_fake(fake_forward)
 
     def setup_context(ctx, inputs, output):
         x, log, _out_dtype, cache_dir = inputs

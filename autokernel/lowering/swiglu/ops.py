@@ -17,6 +17,7 @@ import torch
 
 from autokernel.cache import row_bucket, runtime
 from autokernel.cache.sources import load_source
+from autokernel.lowering.launch import define_plain_op
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.swiglu.kernels import (
     SourceKernels,
@@ -126,8 +127,8 @@ def _define_ops(suffix: str, inline: bool) -> None:
     """Define ``autokernel::swiglu{suffix}``, ``swiglu_train{suffix}`` and ``swiglu_backward{suffix}``.
 
     Two flavours of the same three ops, as for RMSNorm (see ``autokernel.lowering.rms_norm.ops``): opaque
-    (``custom_op``, configuration picked on every call; symbolic shapes, the interpreter) and inline
-    (``triton_op``, traced through, so Inductor launches our kernels from its own code; static shapes)."""
+    (``custom_op`` or a plain ``Library`` op, configuration picked on every call; symbolic shapes, the interpreter)
+    and inline (``triton_op``, traced through, so Inductor launches our kernels from its own code; static shapes)."""
     define = torch.library.triton_op if inline else torch.library.custom_op
 
     def forward(x: torch.Tensor, up: torch.Tensor | None, act: str, layout: str, cache_dir: str) -> torch.Tensor:
@@ -140,17 +141,17 @@ def _define_ops(suffix: str, inline: bool) -> None:
                  cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
         return _backward(dy, x, up, act, layout, cache_dir, inline)
 
-    forward_op = define(f"autokernel::swiglu{suffix}", forward, mutates_args=())
-    train_op = define(f"autokernel::swiglu_train{suffix}", train, mutates_args=())
-    backward_op = define(f"autokernel::swiglu_backward{suffix}", backward, mutates_args=())
-    if not inline:  # a triton_op derives its fake from its body
-        def fake_forward(x, up, act, layout, cache_dir):
-            return x.new_empty(_out_shape(x, layout))
+    def fake_forward(x, up, act, layout, cache_dir):
+        return x.new_empty(_out_shape(x, layout))
 
-        forward_op.register_fake(fake_forward)
-        train_op.register_fake(fake_forward)
-        backward_op.register_fake(lambda dy, x, up, act, layout, cache_dir: (
+    define_plain_op(f"autokernel::swiglu{suffix}", forward, inline=inline, fake=fake_forward)
+    backward_op = define_plain_op(
+        f"autokernel::swiglu_backward{suffix}", backward, inline=inline,
+        fake=lambda dy, x, up, act, layout, cache_dir: (
             x.new_empty(x.shape), up.new_empty(up.shape) if up is not None else x.new_empty((0,))))
+    train_op = define(f"autokernel::swiglu_train{suffix}", train, mutates_args=())
+    if not inline:  # a triton_op derives its fake from its body
+        train_op.register_fake(fake_forward)
 
     def setup_context(ctx, inputs, output):
         x, up, act, layout, cache_dir = inputs
