@@ -20,10 +20,12 @@ import autokernel
 from autokernel.cache import KernelCache, row_bucket
 from autokernel.lowering.cross_entropy.kernels import (
     CrossEntropyConfig,
+    count_valid,
     cross_entropy_bwd,
     cross_entropy_fwd,
     cross_entropy_reference,
     default_config,
+    launch_rows,
 )
 from autokernel.lowering.cross_entropy.ops import pattern_key
 from autokernel.playbook.tolerances import assert_close
@@ -325,11 +327,11 @@ def _kernel_check(rows, vocab, dtype, reduction, smoothing, config, *, scale=1.0
     if all_ignored:
         y[:] = ignore
     out_dtype = out_dtype or dtype
-    loss, grad = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, config, True)
+    loss, stats = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, config, True)
     loss_only, none = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, config, False)
-    assert none is None
+    assert none is None and stats.shape == (rows, 2) and stats.dtype == torch.float32
     dloss = torch.randn(loss.shape, generator=g).to(out_dtype)
-    dx = cross_entropy_bwd(dloss, grad, reduction, config)
+    dx = cross_entropy_bwd(dloss, x, y, stats, ignore, smoothing, reduction, config)
     x64 = x.double().requires_grad_(True)
     ref = cross_entropy_reference(x64, y, ignore, smoothing, reduction)
     ref.backward(dloss.double())
@@ -339,9 +341,10 @@ def _kernel_check(rows, vocab, dtype, reduction, smoothing, config, *, scale=1.0
     assert_close(loss_only, ref, out_dtype, f"forward-only loss {rows}x{vocab}")
     assert_close(dx, x64.grad, dtype, f"dlogits {rows}x{vocab}")
     # Deterministic: a second run is bitwise equal.
-    loss2, grad2 = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, config, True)
+    loss2, stats2 = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, config, True)
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(grad, grad2) and torch.equal(dx, cross_entropy_bwd(dloss, grad2, reduction, config))
+    torch.testing.assert_close(stats2, stats, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(dx, cross_entropy_bwd(dloss, x, y, stats2, ignore, smoothing, reduction, config))
     return loss, dx
 
 
@@ -380,27 +383,43 @@ def test_every_row_ignored_gives_nan_mean_and_zero_grads():
 def test_kernels_wide_noncontiguous_rows():
     x = torch.randn(4, 3000 + 5)[:, :3000]
     y = torch.tensor([1, -100, 2999, 0])
-    loss, grad = cross_entropy_fwd(x, y, -100, 0.0, "none", torch.float32, default_config(3000, 4, x.dtype), True)
+    cfg = default_config(3000, 4, x.dtype)
+    loss, stats = cross_entropy_fwd(x, y, -100, 0.0, "none", torch.float32, cfg, True)
+    dloss = torch.randn(4)
+    grad = cross_entropy_bwd(dloss, x, y, stats, -100, 0.0, "none", cfg)
     x64 = x.double().requires_grad_(True)
     ref = cross_entropy_reference(x64, y, -100, 0.0, "none")
-    ref.sum().backward()
+    ref.backward(dloss.double())
     assert_close(loss, ref, torch.float32, "loss")
     assert_close(grad, x64.grad, torch.float32, "grad")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_traceable_backward_is_the_same_product(reduction):
-    """The inline op's backward (torch ops, for Inductor) against the Triton kernel and the reference."""
+def test_gradient_written_in_the_forward(reduction):
+    """The forward kernel's gradient-writing mode (linear + cross-entropy's chunks launch it, in place of
+    the chunk's logits): the gradient for an upstream gradient of 1, from wide rows read twice."""
     x = torch.randn(6, 300).to(torch.bfloat16)
     y = torch.tensor([0, 5, -100, 299, 7, 1])
-    loss, grad = cross_entropy_fwd(x, y, -100, 0.1, reduction, torch.float32, SMALL, True)
-    dloss = torch.randn(loss.shape)
+    loss_rows = torch.empty(6)
+    grad = torch.empty_like(x)
+    launch_rows(x, y, loss_rows, grad, count_valid(y, -100), -100, 0.1, reduction, SMALL)
     x64 = x.double().requires_grad_(True)
-    cross_entropy_reference(x64, y, -100, 0.1, reduction).backward(dloss.double())
-    for traceable in (False, True):
-        dx = cross_entropy_bwd(dloss, grad, reduction, SMALL, traceable=traceable)
-        assert dx.dtype == torch.bfloat16 and dx.shape == x.shape
-        assert_close(dx, x64.grad, torch.bfloat16, f"dlogits traceable={traceable}")
+    loss = cross_entropy_reference(x64, y, -100, 0.1, reduction)
+    (loss if reduction == "mean" else loss.sum()).backward()
+    assert_close(grad, x64.grad, torch.bfloat16, "grad")
+    assert_close(loss_rows, cross_entropy_reference(x.double(), y, -100, 0.1, "none"), torch.float32, "loss rows")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_traceable_backward_launches_the_same_kernel(reduction):
+    """The inline op's backward (the kernel through wrap_triton, for Inductor) against the direct launch."""
+    x = torch.randn(6, 300).to(torch.bfloat16)
+    y = torch.tensor([0, 5, -100, 299, 7, 1])
+    loss, stats = cross_entropy_fwd(x, y, -100, 0.1, reduction, torch.float32, SMALL, True)
+    dloss = torch.randn(loss.shape)
+    direct = cross_entropy_bwd(dloss, x, y, stats, -100, 0.1, reduction, SMALL)
+    traced = cross_entropy_bwd(dloss, x, y, stats, -100, 0.1, reduction, SMALL, traceable=True)
+    assert traced.dtype == torch.bfloat16 and traced.shape == x.shape and torch.equal(traced, direct)
 
 
 def test_bad_inputs_and_configs_are_named():
@@ -411,8 +430,11 @@ def test_bad_inputs_and_configs_are_named():
         cross_entropy_fwd(x, torch.zeros(4), -100, 0.0, "mean", x.dtype, SMALL, False)
     with pytest.raises(ValueError, match="reduction must be one of"):
         cross_entropy_fwd(x, torch.zeros(4, dtype=torch.long), -100, 0.0, "avg", x.dtype, SMALL, False)
+    y = torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="dloss has 1 elements, expected 4"):
-        cross_entropy_bwd(torch.ones(()), x, "none", SMALL)
+        cross_entropy_bwd(torch.ones(()), x, y, torch.zeros(4, 2), -100, 0.0, "none", SMALL)
+    with pytest.raises(ValueError, match=r"stats must be float32 \[4, 2\]"):
+        cross_entropy_bwd(torch.ones(()), x, y, torch.zeros(4), -100, 0.0, "mean", SMALL)
     with pytest.raises(ValueError, match="train_num_warps must be one of"):
         CrossEntropyConfig(train_num_warps=3)
     with pytest.raises(ValueError, match="bwd_block_n must be a power of two"):
@@ -428,7 +450,9 @@ def test_opcheck():
     torch.library.opcheck(ops.cross_entropy, (x, y, -100, 0.1, "mean", torch.float32, ""))
     torch.library.opcheck(ops.cross_entropy_train, (x.clone().requires_grad_(True), y, -100, 0.0, "none",
                                                     torch.bfloat16, ""))
-    torch.library.opcheck(ops.cross_entropy_backward, (torch.randn(()), x, -100, 0.0, "sum", torch.float32, ""))
+    _loss, stats = ops.cross_entropy_train(x, y, -100, 0.0, "sum", torch.float32, "")
+    torch.library.opcheck(ops.cross_entropy_backward, (torch.randn(()), x, y, stats, -100, 0.0, "sum", torch.float32,
+                                                       ""))
 
 
 # ---------------------------------------------------------------- ak-tune

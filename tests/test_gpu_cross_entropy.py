@@ -36,19 +36,19 @@ def _check(rows, vocab, dtype, reduction, smoothing=0.0, config=None, scale=2.0,
     y[1::7] = ignore
     out_dtype = torch.float32 if upcast else dtype
     cfg = config or default_config(vocab, rows, dtype)
-    loss, grad = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, cfg, True)
+    loss, stats = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, cfg, True)
     loss_only, _ = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, cfg, False)
     dloss = torch.randn(loss.shape, device="cuda", generator=g).to(out_dtype)
-    dx = cross_entropy_bwd(dloss, grad, reduction, cfg)
+    dx = cross_entropy_bwd(dloss, x, y, stats, ignore, smoothing, reduction, cfg)
     x64 = x.double().requires_grad_(True)
     ref = cross_entropy_reference(x64, y, ignore, smoothing, reduction)
     ref.backward(dloss.double())
     assert_close(loss, ref, out_dtype, "loss")
     assert_close(loss_only, ref, out_dtype, "forward-only loss")
     assert_close(dx, x64.grad, dtype, "dlogits")
-    loss2, grad2 = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, cfg, True)
-    dx2 = cross_entropy_bwd(dloss, grad2, reduction, cfg)
-    assert torch.equal(loss, loss2) and torch.equal(grad, grad2) and torch.equal(dx, dx2), "not deterministic"
+    loss2, stats2 = cross_entropy_fwd(x, y, ignore, smoothing, reduction, out_dtype, cfg, True)
+    dx2 = cross_entropy_bwd(dloss, x, y, stats2, ignore, smoothing, reduction, cfg)
+    assert torch.equal(loss, loss2) and torch.equal(stats, stats2) and torch.equal(dx, dx2), "not deterministic"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -150,8 +150,7 @@ def _check_compiled(fn, compiled, inputs, dtype):
 @pytest.mark.parametrize("fn", [ce_upcast, ce_smoothed, hf_causal_lm])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_static_shapes_launch_inline(fn, dtype, tmp_path):
-    """Static shapes: Inductor's own code launches our forward kernel (no op call left) and generates the
-    backward's multiply itself; both match float64."""
+    """Static shapes: Inductor's own code launches our kernels (no op call left); both match float64."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -161,7 +160,7 @@ def test_static_shapes_launch_inline(fn, dtype, tmp_path):
     compiled = torch.compile(fn, backend="autokernel", options={"autokernel.cache_dir": str(tmp_path)})
     _, code = run_and_get_code(lambda: _check_compiled(fn, compiled, inputs, dtype))
     code = "\n".join(code)
-    assert "_cross_entropy_fwd_kernel" in code and "_cross_entropy_bwd_kernel" not in code
+    assert "_cross_entropy_fwd_kernel" in code and "_cross_entropy_bwd_kernel" in code
     assert "autokernel.cross_entropy_train" not in code and "autokernel.cross_entropy_backward" not in code
 
 
@@ -209,6 +208,7 @@ def test_opcheck_cuda(suffix):
                           (x, y, -100, 0.0, "none", torch.bfloat16, ""), **checks)
     torch.library.opcheck(getattr(ops, f"cross_entropy{suffix}"),
                           (x.detach(), y, -100, 0.0, "sum", torch.float32, ""), **checks)
+    _loss, stats = getattr(ops, f"cross_entropy_train{suffix}")(x.detach(), y, -100, 0.0, "mean", torch.float32, "")
     torch.library.opcheck(getattr(ops, f"cross_entropy_backward{suffix}"),
-                          (torch.randn((), device="cuda"), x.detach(), -100, 0.0, "mean", torch.float32, ""),
-                          **checks)
+                          (torch.randn((), device="cuda"), x.detach(), y, stats, -100, 0.0, "mean", torch.float32,
+                           ""), **checks)

@@ -8,6 +8,7 @@ few compiles.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from types import SimpleNamespace
@@ -394,6 +395,37 @@ def test_driver_is_deterministic_and_computes_only_what_is_asked():
     assert torch.equal(only_dw.dw, first.dw)
 
 
+@pytest.mark.parametrize("reduction,bias,smoothing,dtype", [("mean", True, 0.1, torch.bfloat16),
+                                                             ("sum", False, 0.0, torch.float32)])
+def test_training_over_kept_logits(reduction, bias, smoothing, dtype):
+    """With the logits kept (HF returns them), training writes them whole, then forms the gradient one slice of
+    the vocabulary at a time (32 columns: two whole slices and a partial one): the reference's loss, logits
+    and gradients, the row-chunked pass's within the tolerance, and bitwise the same on a second run."""
+    g = torch.Generator().manual_seed(7)
+    rows, vocab, hidden = 11, 70, 12
+    x = torch.randn(rows, hidden, generator=g).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g) * 0.6).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype) if bias else None
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    y[2::5] = -100
+    y[0] = vocab - 1  # a label in the last, partial slice
+    sliced = dataclasses.replace(SMALL, train_slice_cols=32)
+    grads = Grads(True, True, bias)
+    kept, again = (linear_cross_entropy(x, w, b, y, -100, smoothing, reduction, torch.float32, sliced, grads=grads,
+                                        keep_logits=True) for _ in range(2))
+    ref = linear_cross_entropy_reference(x, w, b, y, -100, smoothing, reduction, torch.ones(()), keep_logits=True)
+    plain = linear_cross_entropy(x, w, b, y, -100, smoothing, reduction, torch.float32, sliced, grads=grads)
+    assert_close(kept.loss, ref["loss"], torch.float32, "loss")
+    assert_close(kept.logits, ref["logits"], dtype, "logits")
+    for name in ("dx", "dw") + (("db",) if bias else ()):
+        got = getattr(kept, name)
+        assert got.dtype == dtype
+        assert_close(got, ref[name], dtype, name)
+        assert_close(got, getattr(plain, name), dtype, f"{name} against the row-chunked pass")
+    for a, b2 in zip(kept, again, strict=True):
+        assert (a is None and b2 is None) or torch.equal(a, b2)
+
+
 def test_default_config_sizes_the_chunk_by_bytes():
     # 1024 rows of a 128256 bf16 vocabulary (250.5 MiB) where dW leaves little of the 1.4 GiB budget (hidden
     # 4096); twice that where it leaves room (hidden 2048: 2048 rows; a 32000 vocabulary: 8320 rows, 507 MiB).
@@ -412,6 +444,14 @@ def test_candidate_chunks_stay_in_the_memory_budget():
         assert max(chunks) == most, chunks
         grads = (128256 + 8192) * hidden * 2
         assert max(chunks) * 128256 * 2 + grads <= 1.4 * 2**30 + 128 * 128256 * 2  # within one row tile
+    # Where the logits are kept, the gradient slices' widths: under the same cap, the default among them.
+    kept = LinearCrossEntropyProblem({"vocab": 128256, "logits_out": True}, "bf16", [8192, 2048], "cpu")
+    slices = {c["train_slice_cols"] for phase, c in kept.candidates() if phase == "bwd"}
+    assert slices == {2048, 4096, 8192, 16384, 32768} and kept.default_candidate()["train_slice_cols"] == 16384
+    assert max(slices) * 8192 * 2 + (128256 + 8192) * 2048 * 2 <= 1.4 * 2**30
+    assert {c["train_slice_cols"] for _, c in problem.candidates()} == {problem.default_candidate()["train_slice_cols"]}
+    with pytest.raises(ValueError, match="train_slice_cols must be > 0"):
+        LinearCrossEntropyConfig(train_slice_cols=0)
     with pytest.raises(ValueError, match="train_chunk_rows must be > 0"):
         LinearCrossEntropyConfig(train_chunk_rows=0)
     with pytest.raises(ValueError, match="fwd_block_n must be a power of two"):

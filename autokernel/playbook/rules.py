@@ -144,8 +144,9 @@ CHAPTERS: dict[str, Chapter] = {chapter.pattern: chapter for chapter in (
     Chapter("cross_entropy", ("one-pass", "save-statistics", "split-huge-rows", "fp32-accumulation",
                               "hopper-launch"),
             (Observation("8192x128256: fwd 0.705 ms vs Inductor 1.350, Liger 0.919; fwd+bwd lost the race "
-                         "(Inductor 2.60 ms): the functional op writes a logits-sized gradient and the backward "
-                         "reads it again", H200, NOTES_MD),)),
+                         "(Inductor 2.60 ms) when the forward wrote the gradient and the backward read it again "
+                         "to scale it (four logits-sized passes); the family now saves (max, log-sum-exp) and "
+                         "recomputes the gradient in the backward (three)", H200, NOTES_MD),)),
     Chapter("swiglu", ("one-pass", "vectorized-loads", "fp32-accumulation", "hopper-launch"),
             (Observation("8192x14336: Inductor is already at the DRAM floor in both passes; the race keeps "
                          "Inductor, and the goal is to lose nothing", H200, NOTES_MD),)),

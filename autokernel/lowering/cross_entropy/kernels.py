@@ -1,4 +1,5 @@
-"""Triton cross-entropy with the logits' gradient computed in the forward pass (the Liger approach).
+"""Triton cross-entropy: the loss and each row's logsumexp in one read of the logits; the gradient
+recomputed from them in the backward.
 
 Notation, for one row ``x`` of ``C`` logits with label ``y`` and label smoothing ``e`` (everything in
 float32 inside the kernels; ``M = max(x)``, ``S = sum_j exp(x_j - M)``, so ``lse = M + log S``)::
@@ -17,12 +18,18 @@ after the kernel, in a fixed order: deterministic. ``x - M`` is exact in float32
 
 Forward: one program per row. A row that fits in one block is read once and held in registers. A wider
 row is walked in ``BLOCK_N``-wide chunks with an online max (one reduction per chunk) and per-lane sums
-of exponentials rescaled as the max grows (one exp per element); when the gradient is wanted, the row
-is walked again to write ``grad`` (that second read hits L2 when few rows are in flight: one per SM).
+of exponentials rescaled as the max grows (one exp per element). It writes the row's loss and, for the
+backward, the row's statistics ``(M, log S)`` (8 bytes a row: ``M`` apart, for the accuracy above). With
+``HAS_GRAD`` it also writes the gradient for an upstream gradient of 1, walking the row again (from L2
+when few rows are in flight: one per SM): the chunked linear + cross-entropy uses that, in place of a
+chunk's logits that it never keeps.
 
 Backward: ``dlogits = grad * dloss`` (``dloss`` a scalar for 'mean'/'sum', one value per row for
-'none'), read on the device by a 2-D grid of (row, column block) programs; the inline op leaves this
-product to Inductor instead (see :func:`cross_entropy_bwd`).
+'none'), recomputed from the logits and the saved statistics by a 2-D grid of (row, column block)
+programs: one read of the logits, one write of their gradient. Writing the gradient in the forward
+instead (Liger's way) costs that write in the forward and, for a functional op, a read and a write of
+the gradient in the backward to scale it: four logits-sized passes against three. Liger saves the
+backward's pair by writing the gradient over the logits, which a functional op may not do.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ def _cross_entropy_fwd_kernel(
     X,
     LABELS,
     LOSS,
+    STATS,
     DX,
     N_VALID,
     stride_x,
@@ -63,15 +71,16 @@ def _cross_entropy_fwd_kernel(
     n_cols,
     ignore_index,
     label_smoothing,
+    HAS_STATS: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     MEAN: tl.constexpr,
     SMOOTHING: tl.constexpr,
     SINGLE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program per row: the row's loss, and with ``HAS_GRAD`` its gradient. A row that fits in one
-    block (``SINGLE``: ``n_cols <= BLOCK_N``) is read once and kept in registers; a wider one is read in
-    chunks, twice."""
+    """One program per row: the row's loss, with ``HAS_STATS`` its ``(M, log S)`` (``STATS[row, 0:2]``),
+    with ``HAS_GRAD`` its gradient. A row that fits in one block (``SINGLE``: ``n_cols <= BLOCK_N``) is
+    read once and kept in registers; a wider one is read in chunks (twice with ``HAS_GRAD``)."""
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride passes 2**31 for 8192 x 128256 logits
     x_row = X + row * stride_x
     dx_row = DX + row * stride_dx
@@ -117,6 +126,9 @@ def _cross_entropy_fwd_kernel(
         if SMOOTHING:
             loss += eps * (row_max - sum_x / n_cols)
         tl.store(LOSS + row, loss)
+        if HAS_STATS:
+            tl.store(STATS + 2 * row, row_max)
+            tl.store(STATS + 2 * row + 1, log_s)
         if HAS_GRAD:
             scale = 1.0
             if MEAN:
@@ -136,6 +148,9 @@ def _cross_entropy_fwd_kernel(
                     tl.store(dx_row + cols, (g * scale).to(DX.dtype.element_ty), mask=mask)
     else:
         tl.store(LOSS + row, 0.0)
+        if HAS_STATS:  # unread by the backward; written so that the op's outputs are deterministic
+            tl.store(STATS + 2 * row, 0.0)
+            tl.store(STATS + 2 * row + 1, 0.0)
         if HAS_GRAD:
             zero = tl.zeros([BLOCK_N], dtype=DX.dtype.element_ty)
             for start in range(0, n_cols, BLOCK_N):
@@ -145,25 +160,48 @@ def _cross_entropy_fwd_kernel(
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
-    G,
+    X,
+    LABELS,
+    STATS,
     DLOSS,
+    N_VALID,
     DX,
-    stride_g,
+    stride_x,
     stride_dx,
     n_cols,
+    col_offset,
+    n_classes,
+    ignore_index,
+    label_smoothing,
     PER_ROW: tl.constexpr,
+    MEAN: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``dx[row, cols] = g[row, cols] * dloss`` for one (row, column block)."""
+    """``dx[row, cols]``, the gradient for the upstream gradient ``dloss``, recomputed for one (row,
+    column block) from the row's logits, label and forward statistics ``(M, log S)``. ``X`` and ``DX`` hold
+    ``n_cols`` columns: classes ``col_offset`` to ``col_offset + n_cols`` of ``n_classes`` (a slice of the
+    vocabulary, for linear + cross-entropy; the whole row otherwise)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < n_cols
-    if PER_ROW:
-        d = tl.load(DLOSS + row).to(tl.float32)
+    dx_ptrs = DX + row * stride_dx + cols
+    label = tl.load(LABELS + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(dx_ptrs, tl.zeros([BLOCK_N], dtype=DX.dtype.element_ty), mask=mask)
     else:
-        d = tl.load(DLOSS).to(tl.float32)
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX + row * stride_dx + cols, (g * d).to(DX.dtype.element_ty), mask=mask)
+        if PER_ROW:
+            scale = tl.load(DLOSS + row).to(tl.float32)
+        else:
+            scale = tl.load(DLOSS).to(tl.float32)
+        if MEAN:
+            scale = scale / tl.load(N_VALID).to(tl.float32)
+        row_max = tl.load(STATS + 2 * row)
+        log_s = tl.load(STATS + 2 * row + 1)
+        eps = tl.cast(label_smoothing, tl.float32)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp((x - row_max) - log_s) - eps / n_classes
+        g = tl.where(cols + col_offset == label, g - (1.0 - eps), g)
+        tl.store(dx_ptrs, (g * scale).to(DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,11 +212,14 @@ def _cross_entropy_bwd_kernel(
 
 class SourceKernels(NamedTuple):
     """Kernels a cache entry brings as source text (written by the tuning agent), in place of the built-in
-    pair. The contract is the built-in kernels' parameter lists: ``fwd(X, LABELS, LOSS, DX, N_VALID,
-    stride_x, stride_dx, n_cols, ignore_index, label_smoothing, HAS_GRAD, MEAN, SMOOTHING, SINGLE, BLOCK_N)`` on a
-    grid of ``(rows,)`` writing one float32 loss per row (0 for ignored rows) and, with ``HAS_GRAD``, the
-    gradient row; ``bwd(G, DLOSS, DX, stride_g, stride_dx, n_cols, PER_ROW, BLOCK_N)`` on a grid of
-    ``(rows, cdiv(n_cols, BLOCK_N))``."""
+    pair. The contract is the built-in kernels' parameter lists: ``fwd(X, LABELS, LOSS, STATS, DX, N_VALID,
+    stride_x, stride_dx, n_cols, ignore_index, label_smoothing, HAS_STATS, HAS_GRAD, MEAN, SMOOTHING, SINGLE,
+    BLOCK_N)`` on a grid of ``(rows,)`` writing one float32 loss per row (0 for ignored rows), with
+    ``HAS_STATS`` the row's float32 ``(M, log S)`` at ``STATS[2 * row]``, ``STATS[2 * row + 1]``, with
+    ``HAS_GRAD`` the gradient row; ``bwd(X, LABELS, STATS, DLOSS, N_VALID, DX, stride_x, stride_dx, n_cols,
+    col_offset, n_classes, ignore_index, label_smoothing, PER_ROW, MEAN, BLOCK_N)`` on a grid of
+    ``(rows, cdiv(n_cols, BLOCK_N))`` writing the gradient for the upstream gradient ``DLOSS`` of classes
+    ``col_offset`` to ``col_offset + n_cols`` of ``n_classes``."""
 
     fwd: Any
     bwd: Any
@@ -186,9 +227,10 @@ class SourceKernels(NamedTuple):
 
 @dataclass(frozen=True)
 class CrossEntropyConfig(KernelConfig):
-    """Launch parameters of the three launches: the forward kernel computing the loss alone (``fwd_*``),
-    the same kernel also writing the gradient (``train_*``: it moves twice the bytes, so its best chunk
-    and warps differ), and the backward's scaling kernel (``bwd_*``). Block widths are powers of two."""
+    """Launch parameters of the three launches: the forward kernel computing the loss (``fwd_*``; with the
+    statistics for the backward too), the same kernel also writing the gradient (``train_*``: it moves
+    twice the bytes, so its best chunk and warps differ; linear + cross-entropy's chunks use it), and the
+    backward kernel (``bwd_*``). Block widths are powers of two."""
 
     fwd_num_warps: int = 16
     fwd_block_n: int = 8192
@@ -281,9 +323,11 @@ def launch_rows(
     config: CrossEntropyConfig,
     kernels: SourceKernels | None = None,
     traceable: bool = False,
+    stats: torch.Tensor | None = None,
 ) -> None:
     """Launch the forward kernel over the rows of ``x2`` (``[rows, C]``, unit column stride): write each
-    row's float32 loss into ``loss_rows`` and, when ``grad`` is given (``[rows, C]``, unit column stride),
+    row's float32 loss into ``loss_rows``, when ``stats`` is given (float32 ``[rows, 2]``, contiguous) the
+    row's ``(M, log S)`` for the backward, and when ``grad`` is given (``[rows, C]``, unit column stride)
     the gradient of the reduced loss with respect to the row, scaled by ``1 / n_valid`` for 'mean'.
 
     ``n_valid`` may count more rows than ``x2`` holds (a chunk of a larger batch, the loss being the mean
@@ -303,13 +347,15 @@ def launch_rows(
         x2,
         labels,
         loss_rows,
-        grad if grad is not None else loss_rows,  # dummy pointer, never written without HAS_GRAD
+        stats if stats is not None else loss_rows,  # dummy pointers, never written without HAS_STATS / HAS_GRAD
+        grad if grad is not None else loss_rows,
         n_valid,
         x2.stride(0),
         grad.stride(0) if grad is not None else 0,
         vocab,
         int(ignore_index),
         float(label_smoothing),
+        HAS_STATS=stats is not None,
         HAS_GRAD=grad is not None,
         MEAN=reduction == "mean",
         SMOOTHING=label_smoothing != 0.0,
@@ -341,79 +387,108 @@ def cross_entropy_fwd(
     reduction: str,
     out_dtype: torch.dtype,
     config: CrossEntropyConfig,
-    with_grad: bool,
+    with_stats: bool,
     kernels: SourceKernels | None = None,
     traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-entropy of ``logits`` (``[..., C]``, flattened to rows) against ``labels`` (one per row).
 
     Returns the loss (a scalar for 'mean'/'sum', ``[rows]`` for 'none', in ``out_dtype``) and, with
-    ``with_grad``, the gradient of that loss with respect to ``logits`` (logits' shape and dtype,
-    contiguous), else ``None``. ``kernels``: kernels from a cache entry's source (see
-    :class:`SourceKernels`). ``traceable``: launch through ``wrap_triton`` (called from a ``triton_op``).
+    ``with_stats``, each row's float32 ``(M, log S)`` (``[rows, 2]``: what :func:`cross_entropy_bwd`
+    needs), else ``None``. ``kernels``: kernels from a cache entry's source (see :class:`SourceKernels`).
+    ``traceable``: launch through ``wrap_triton`` (called from a ``triton_op``).
     """
     rows, vocab = _check(logits, labels, reduction)
     x2 = logits if logits.stride(-1) == 1 else logits.contiguous()
     x2 = x2.reshape(rows, vocab)
     y = labels.reshape(-1).contiguous()
     loss_rows = torch.empty((rows,), dtype=torch.float32, device=logits.device)
-    grad = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device) if with_grad else None
+    stats = torch.empty((rows, 2), dtype=torch.float32, device=logits.device) if with_stats else None
     n_valid = count_valid(y, ignore_index)
-    launch_rows(x2, y, loss_rows, grad, n_valid, ignore_index, label_smoothing, reduction, config, kernels=kernels,
-                traceable=traceable)
-    loss = reduce_loss(loss_rows, n_valid, reduction, out_dtype)
-    return loss, (grad.view(logits.shape) if grad is not None else None)
+    launch_rows(x2, y, loss_rows, None, n_valid, ignore_index, label_smoothing, reduction, config, kernels=kernels,
+                traceable=traceable, stats=stats)
+    return reduce_loss(loss_rows, n_valid, reduction, out_dtype), stats
+
+
+def launch_grad(
+    x2: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    dloss: torch.Tensor,
+    n_valid: torch.Tensor,
+    grad: torch.Tensor,
+    col_offset: int,
+    n_classes: int,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    config: CrossEntropyConfig,
+    kernels: SourceKernels | None = None,
+    traceable: bool = False,
+) -> None:
+    """Launch the backward kernel: write into ``grad`` (``[rows, w]``, unit column stride) the gradient of
+    the loss for the upstream gradient ``dloss`` (one value, or one per row for 'none') with respect to
+    ``x2`` (``[rows, w]``, unit column stride): classes ``col_offset`` to ``col_offset + w`` of
+    ``n_classes``, from the forward's ``stats`` (float32 ``[rows, 2]``, contiguous)."""
+    rows, width = x2.shape
+    if rows == 0 or width == 0:
+        return
+    cfg = effective_config(config, width)
+    kernel = kernels.bwd if kernels is not None else _cross_entropy_bwd_kernel
+    if traceable:
+        kernel = wrap_triton(kernel)
+    kernel[(rows, triton.cdiv(width, cfg.bwd_block_n))](
+        x2,
+        labels,
+        stats,
+        dloss,
+        n_valid,
+        grad,
+        x2.stride(0),
+        grad.stride(0),
+        width,
+        int(col_offset),
+        int(n_classes),
+        int(ignore_index),
+        float(label_smoothing),
+        PER_ROW=reduction == "none",
+        MEAN=reduction == "mean",
+        BLOCK_N=cfg.bwd_block_n,
+        num_warps=cfg.bwd_num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
 def cross_entropy_bwd(
     dloss: torch.Tensor,
-    grad: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
     reduction: str,
     config: CrossEntropyConfig,
     kernels: SourceKernels | None = None,
     traceable: bool = False,
 ) -> torch.Tensor:
-    """``grad * dloss``: the logits' gradient for the upstream gradient ``dloss`` of the loss (a scalar
-    for 'mean'/'sum', one value per row for 'none'). Returns a new tensor of ``grad``'s shape and dtype.
-    ``traceable`` (the inline op): the same product in torch ops, for Inductor to generate and fuse."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"cross_entropy_bwd: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if grad.dim() < 1 or grad.shape[-1] == 0:
-        raise ValueError(f"cross_entropy_bwd: grad must be [..., classes], got {tuple(grad.shape)}")
-    vocab = grad.shape[-1]
-    rows = grad.numel() // vocab
+    """The logits' gradient for the upstream gradient ``dloss`` of the loss (a scalar for 'mean'/'sum',
+    one value per row for 'none'), from the logits, the labels and the forward's ``stats``. Returns a new
+    tensor of the logits' shape and dtype."""
+    rows, vocab = _check(logits, labels, reduction)
     per_row = reduction == "none"
     want = rows if per_row else 1
     if dloss.numel() != want:
         raise ValueError(f"cross_entropy_bwd: dloss has {dloss.numel()} elements, expected {want} "
                          f"(reduction {reduction!r})")
-    if traceable:
-        # Inline op (Inductor traces it): a plain pointwise multiply, which Inductor generates itself and may
-        # compute in place in ``grad`` (a saved tensor, donated to the backward graph), where a Triton kernel
-        # of ours would need a second logits-sized buffer.
-        scale = dloss.reshape(-1, 1) if per_row else dloss.reshape(())
-        return (grad.float() * scale.float()).to(grad.dtype)
-    g2 = (grad if grad.stride(-1) == 1 else grad.contiguous()).reshape(rows, vocab)
-    d = dloss.reshape(-1).contiguous()
-    dx = torch.empty((rows, vocab), dtype=grad.dtype, device=grad.device)
-    if rows > 0:
-        cfg = effective_config(config, vocab)
-        kernel = kernels.bwd if kernels is not None else _cross_entropy_bwd_kernel
-        if traceable:
-            kernel = wrap_triton(kernel)
-        kernel[(rows, triton.cdiv(vocab, cfg.bwd_block_n))](
-            g2,
-            d,
-            dx,
-            g2.stride(0),
-            dx.stride(0),
-            vocab,
-            PER_ROW=per_row,
-            BLOCK_N=cfg.bwd_block_n,
-            num_warps=cfg.bwd_num_warps,
-            num_stages=cfg.num_stages,
-        )
-    return dx.view(grad.shape)
+    if tuple(stats.shape) != (rows, 2) or stats.dtype != torch.float32:
+        raise ValueError(f"cross_entropy_bwd: stats must be float32 [{rows}, 2] (the forward's), got "
+                         f"{stats.dtype} {tuple(stats.shape)}")
+    x2 = (logits if logits.stride(-1) == 1 else logits.contiguous()).reshape(rows, vocab)
+    y = labels.reshape(-1).contiguous()
+    dx = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
+    launch_grad(x2, y, stats.contiguous(), dloss.reshape(-1).contiguous(), count_valid(y, ignore_index), dx, 0,
+                vocab, ignore_index, label_smoothing, reduction, config, kernels=kernels, traceable=traceable)
+    return dx.view(logits.shape)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -3,11 +3,10 @@
 The ops are functional (no input mutation, outputs never alias inputs) and pick their kernel
 configuration at run time from the actual shape, through the in-memory table of the disk cache.
 
-The training op returns ``(loss, grad)``: the gradient of the loss with respect to the logits, computed
-in the same pass as the loss, so the backward never reads the logits again; the backward op only
-scales ``grad`` by the incoming gradient of the loss. The price of being functional: ``grad`` is a new
-tensor of the logits' size, alive from the forward to the backward (Liger writes it over the logits
-instead), and the backward writes the scaled copy. Math: see ``kernels``.
+The training op returns ``(loss, stats)``: each row's ``(max, log-sum-exp)``, 8 bytes a row, written in
+the forward's one read of the logits; the backward op recomputes the gradient from the logits (saved
+for it) and those statistics, one read of the logits and one write of their gradient. Math and the
+reason over computing the gradient in the forward: see ``kernels``.
 """
 
 from __future__ import annotations
@@ -112,18 +111,19 @@ def _launch(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_d
         return run(default, None)
 
 
-def _forward(logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, with_grad: bool,
+def _forward(logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, with_stats: bool,
              traceable: bool):
     return _launch(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir,
                    lambda config, kernels: cross_entropy_fwd(
-                       logits, labels, ignore_index, label_smoothing, reduction, out_dtype, config, with_grad,
+                       logits, labels, ignore_index, label_smoothing, reduction, out_dtype, config, with_stats,
                        kernels=kernels, traceable=traceable))
 
 
-def _backward(dloss, grad, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, traceable: bool):
-    # The configuration is keyed on the logits; ``grad`` has their shape and dtype.
-    return _launch(grad, reduction, ignore_index, label_smoothing, out_dtype, cache_dir,
-                   lambda config, kernels: cross_entropy_bwd(dloss, grad, reduction, config, kernels=kernels,
+def _backward(dloss, logits, labels, stats, ignore_index, label_smoothing, reduction, out_dtype, cache_dir,
+              traceable: bool):
+    return _launch(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir,
+                   lambda config, kernels: cross_entropy_bwd(dloss, logits, labels, stats, ignore_index,
+                                                             label_smoothing, reduction, config, kernels=kernels,
                                                              traceable=traceable))
 
 
@@ -153,9 +153,11 @@ def _define_ops(suffix: str, inline: bool) -> None:
         return _forward(logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, True,
                         inline)
 
-    def backward(dloss: torch.Tensor, grad: torch.Tensor, ignore_index: int, label_smoothing: float,
-                 reduction: str, out_dtype: torch.dtype, cache_dir: str) -> torch.Tensor:
-        return _backward(dloss, grad, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, inline)
+    def backward(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
+                 ignore_index: int, label_smoothing: float, reduction: str, out_dtype: torch.dtype,
+                 cache_dir: str) -> torch.Tensor:
+        return _backward(dloss, logits, labels, stats, ignore_index, label_smoothing, reduction, out_dtype,
+                         cache_dir, inline)
 
     forward_op = define(f"autokernel::cross_entropy{suffix}", forward, mutates_args=())
     train_op = define(f"autokernel::cross_entropy_train{suffix}", train, mutates_args=())
@@ -165,18 +167,18 @@ def _define_ops(suffix: str, inline: bool) -> None:
                                  cache_dir: _loss_like(logits, labels, reduction, out_dtype))
         train_op.register_fake(lambda logits, labels, ignore_index, label_smoothing, reduction, out_dtype,
                                cache_dir: (_loss_like(logits, labels, reduction, out_dtype),
-                                           torch.empty_like(logits, memory_format=torch.contiguous_format)))
-        backward_op.register_fake(lambda dloss, grad, ignore_index, label_smoothing, reduction, out_dtype,
-                                  cache_dir: torch.empty_like(grad, memory_format=torch.contiguous_format))
+                                           logits.new_empty((labels.numel(), 2), dtype=torch.float32)))
+        backward_op.register_fake(lambda dloss, logits, labels, stats, ignore_index, label_smoothing, reduction,
+                                  out_dtype, cache_dir: torch.empty_like(logits, memory_format=torch.contiguous_format))
 
     def setup_context(ctx, inputs, output):
-        _logits, _labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir = inputs
-        ctx.save_for_backward(output[1])
+        logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir = inputs
+        ctx.save_for_backward(logits, labels, output[1])
         ctx.args = (ignore_index, label_smoothing, reduction, out_dtype, cache_dir)
 
-    def train_backward(ctx, dloss, _dgrad):
-        (grad,) = ctx.saved_tensors
-        return backward_op(dloss, grad, *ctx.args), None, None, None, None, None, None
+    def train_backward(ctx, dloss, _dstats):
+        logits, labels, stats = ctx.saved_tensors
+        return backward_op(dloss, logits, labels, stats, *ctx.args), None, None, None, None, None, None
 
     train_op.register_autograd(train_backward, setup_context=setup_context)
 

@@ -3,11 +3,11 @@
 The tuner (``autokernel.playbook``) drives any problem through the same protocol and knows nothing
 of cross-entropy's math; this module knows nothing of the tuner's search or of FX.
 
-The kernel space: the forward is one read of the logits (a second read of each row comes from L2 when
-few rows are in flight); with the gradient it also writes one logits-sized tensor. What moves its time
-is the chunk width and the warps per row (loads in flight per SM, registers per thread); the forward
-alone (``fwd_*``) and the forward writing the gradient (``train_*``) are tuned apart. The backward is
-an elementwise scale: block width and warps.
+The kernel space: the forward is one read of the logits, writing each row's loss (and, for training,
+8 bytes of statistics). What moves its time is the chunk width and the warps per row (loads in flight
+per SM, registers per thread). The backward recomputes the gradient elementwise from the logits and the
+statistics: one read, one write; block width and warps. (The ``train_*`` knobs of the config belong to
+the gradient-writing forward that only linear + cross-entropy launches: not searched here.)
 
 Flags: ``reduction`` (mean, sum, none; default mean), ``ignore_index`` (default -100),
 ``label_smoothing`` (default 0), ``upcast`` (the model computes in float32 from lower-precision
@@ -89,8 +89,8 @@ class CrossEntropyProblem(RowProblem):
         return default_config(self.hidden, self.rows, self.dtype).to_dict()
 
     def candidates(self) -> list[tuple[str, dict[str, Any]]]:
-        """(phase, config) pairs: the loss-only forward's knobs first, then the training knobs (the
-        gradient-writing forward, then the backward's scale), the tuner carrying the forward's winner."""
+        """(phase, config) pairs: the forward's knobs first, then the backward's, the tuner carrying the
+        forward's winner."""
         base = self.default_candidate()
         out: list[tuple[str, dict[str, Any]]] = [("fwd", base)]
         blocks = [b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= max(1024, self._block())]
@@ -99,10 +99,7 @@ class CrossEntropyProblem(RowProblem):
                 cand = {**base, "fwd_block_n": block, "fwd_num_warps": warps}
                 if cand != base and self._plausible(block, warps):
                     out.append(("fwd", cand))
-        for block in blocks:
-            for warps in (4, 8, 16, 32):
-                if self._plausible(block, warps):
-                    out.append(("bwd", {**base, "train_block_n": block, "train_num_warps": warps}))
+        out.append(("bwd", base))
         for block in (1024, 2048, 4096, 8192):
             for warps in (2, 4, 8, 16):
                 if block <= max(1024, self._block()) and self._plausible(block, warps):
@@ -166,16 +163,21 @@ class CrossEntropyProblem(RowProblem):
             self._source_dir = tempfile.mkdtemp(prefix="autokernel-candidates-")
         return cfg, source_kernels(self._source_dir, candidate["source"])
 
-    def _fwd(self, cfg, k, case: Case, with_grad: bool):
+    def _fwd(self, cfg, k, case: Case, with_stats: bool):
         return cross_entropy_fwd(case.logits, case.labels, self.ignore_index, self.label_smoothing, self.reduction,
-                                 self.out_dtype, cfg, with_grad, k)
+                                 self.out_dtype, cfg, with_stats, k)
+
+    def _train(self, cfg, k, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pair as the op and its backward run it: the loss and the logits' gradient."""
+        loss, stats = self._fwd(cfg, k, case, True)
+        return loss, cross_entropy_bwd(case.dloss, case.logits, case.labels, stats, self.ignore_index,
+                                       self.label_smoothing, self.reduction, cfg, k)
 
     def run(self, config: dict[str, Any], case: Case) -> dict[str, torch.Tensor]:
         """The forward alone (``loss_fwd``) and the training pair (``loss``, ``dlogits``)."""
         cfg, k = self._kernels(config)
         loss_fwd, _ = self._fwd(cfg, k, case, False)
-        loss, grad = self._fwd(cfg, k, case, True)
-        dlogits = cross_entropy_bwd(case.dloss, grad, self.reduction, cfg, k)
+        loss, dlogits = self._train(cfg, k, case)
         return {"loss": loss, "loss_fwd": loss_fwd, "dlogits": dlogits}
 
     def tolerance_dtype(self, output: str) -> torch.dtype:
@@ -191,8 +193,7 @@ class CrossEntropyProblem(RowProblem):
             return self._fwd(cfg, k, case, False)
 
         def train():
-            _, grad = self._fwd(cfg, k, case, True)
-            return cross_entropy_bwd(case.dloss, grad, self.reduction, cfg, k)
+            return self._train(cfg, k, case)
 
         return {"fwd": fwd, "train": train}
 
@@ -219,7 +220,8 @@ class CrossEntropyProblem(RowProblem):
 
     def bytes_moved(self) -> dict[str, int]:
         """Fewest bytes that must cross DRAM: fwd reads the logits and labels; training also writes the
-        logits' gradient (computed in the same pass)."""
+        logits' gradient (one pass could, writing it from the forward's read; ours reads the logits again
+        in the backward)."""
         n = self.rows * self.hidden
         xb = self.dtype.itemsize
         labels = self.rows * 8

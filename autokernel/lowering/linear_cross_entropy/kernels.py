@@ -26,9 +26,22 @@ Reduction 'none' gives one loss per row, and ``dW = sum_r g_r G_r^T h_r`` needs 
 each chunk's ``G``, scales its rows by ``g`` and then forms the products (one matmul more than 'mean').
 
 Memory beyond the inputs: ``dh`` (N x H), ``dW`` (V x H), ``db`` and one ``[C, V]`` buffer; never an
-``[N, V]`` tensor, nor a float32 copy of any logits. When the model also reads the logits (HF returns
-them), they are written once into that ``[N, V]`` output, and the gradient goes to the chunk buffer.
-At 8192 x 4096 -> 128256 in bf16 with ``C = 1024``: dh 64 MiB, dW 1002 MiB, chunk 250.5 MiB.
+``[N, V]`` tensor, nor a float32 copy of any logits. At 8192 x 4096 -> 128256 in bf16 with ``C = 1024``: dh
+64 MiB, dW 1002 MiB, chunk 250.5 MiB.
+
+When the model also reads the logits (HF returns them), they are written once, whole, into that ``[N, V]``
+output, and training goes over them instead (:func:`_train_over_kept_logits`): each row chunk's matmul
+writes its logits there and the cross-entropy kernel its losses and row statistics ``(max, log S)``; then
+the gradient is recomputed from the kept logits one vocabulary slice of ``S`` columns at a time into an
+``[N, S]`` buffer (``train_slice_cols``)::
+
+    G_s        = grad(Z[:, v:v+S])        the cross-entropy backward kernel, from the kept logits and stats
+    dW[v:v+S]  = G_s^T @ h                cuBLAS, each row of dW written once (no read-modify-write per chunk)
+    dh        += G_s @ W[v:v+S]           cuBLAS addmm into dh (one rounding per slice)
+    db[v:v+S]  = sum_rows G_s
+
+The buffer is sized by bytes like the chunk (16384 columns at 8192 rows in bf16: 256 MiB, where the row
+chunks' gradient buffer took 2048 rows x 128256 = 501 MiB), and ``dW``'s per-chunk re-reads are gone.
 
 ``C`` (``fwd_chunk_rows``, ``train_chunk_rows``) trades memory against the matmuls' efficiency and against
 re-reading ``dW``: every chunk reads and writes all of ``dW`` (2 GB per chunk at 128256 x 4096), which stays
@@ -48,6 +61,7 @@ from autokernel.lowering.cross_entropy.kernels import (
     CrossEntropyConfig,
     SourceKernels,
     count_valid,
+    launch_grad,
     launch_rows,
     reduce_loss,
 )
@@ -66,10 +80,13 @@ MAX_DEFAULT_ROWS = 16384  # a small vocabulary gains nothing from larger chunks 
 class LinearCrossEntropyConfig(KernelConfig):
     """Rows per chunk and the cross-entropy kernel's launch parameters, for the forward alone (``fwd_*``) and
     for the pass that also computes the gradients (``train_*``): see
-    :class:`autokernel.lowering.cross_entropy.kernels.CrossEntropyConfig`."""
+    :class:`autokernel.lowering.cross_entropy.kernels.CrossEntropyConfig`. ``train_slice_cols``: vocabulary
+    columns per gradient slice when the logits are kept (the training pass over them, see the module
+    docstring)."""
 
     fwd_chunk_rows: int = 1024
     train_chunk_rows: int = 1024
+    train_slice_cols: int = 16384
     fwd_num_warps: int = 16
     fwd_block_n: int = 8192
     train_num_warps: int = 32
@@ -78,7 +95,7 @@ class LinearCrossEntropyConfig(KernelConfig):
 
     def __post_init__(self) -> None:
         self._check_common(("fwd_num_warps", "train_num_warps"),
-                           positive=("fwd_chunk_rows", "train_chunk_rows", "num_stages"))
+                           positive=("fwd_chunk_rows", "train_chunk_rows", "train_slice_cols", "num_stages"))
         self.ce_config()  # the cross-entropy fields' own checks, with their messages
 
     def ce_config(self) -> CrossEntropyConfig:
@@ -99,6 +116,13 @@ def chunk_rows_for(vocab: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
     return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
+def slice_cols_for(rows: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
+    """The most vocabulary columns (a multiple of :data:`ROW_MULTIPLE`, at least one multiple) whose
+    ``[rows, cols]`` gradient slice fits in ``budget`` bytes."""
+    cols = budget // max(rows * itemsize, 1)
+    return max(ROW_MULTIPLE, cols // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
 def max_chunk_bytes(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
     """The largest chunk buffer a candidate may take: what the memory budget leaves beside ``dW`` and ``dh``,
     and never less than :data:`MIN_CHUNK_CAP_BYTES`. Larger chunks make the ``dh = G @ W`` matmul wide
@@ -112,12 +136,15 @@ def default_config(rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> Li
     """A heuristic starting point: a chunk buffer of about :data:`CHUNK_BYTES` (1024 rows at a 128256
     vocabulary in bf16, 4096 at 32000), up to :data:`LARGE_CHUNK_BYTES` where the memory budget leaves room
     (a small hidden size: 2048 rows at 8192x2048->128256, measured 20.9 ms against 22.0 at 1024 rows on an
-    H200), and the cross-entropy family's own default for the vocabulary."""
+    H200), gradient slices of about :data:`CHUNK_BYTES` over the kept logits (16384 columns at 8192 rows in
+    bf16), and the cross-entropy family's own default for the vocabulary."""
     ce = ce_default_config(vocab, 1, dtype)
     room = max_chunk_bytes(rows, hidden, vocab, dtype.itemsize)
     budget = LARGE_CHUNK_BYTES if room >= LARGE_CHUNK_BYTES else CHUNK_BYTES
     chunk = min(chunk_rows_for(vocab, dtype.itemsize, budget), MAX_DEFAULT_ROWS)
-    return LinearCrossEntropyConfig(fwd_chunk_rows=chunk, train_chunk_rows=chunk, fwd_num_warps=ce.fwd_num_warps,
+    cols = min(slice_cols_for(rows, dtype.itemsize), vocab)
+    return LinearCrossEntropyConfig(fwd_chunk_rows=chunk, train_chunk_rows=chunk, train_slice_cols=cols,
+                                    fwd_num_warps=ce.fwd_num_warps,
                                     fwd_block_n=ce.fwd_block_n, train_num_warps=ce.train_num_warps,
                                     train_block_n=ce.train_block_n, num_stages=ce.num_stages)
 
@@ -210,7 +237,6 @@ def linear_cross_entropy(
     device, dtype = x.device, x.dtype
     h = _rows(x, hidden)
     y = labels.reshape(-1).contiguous()  # the kernel reads one label per row at unit stride
-    wt = weight.t()
     n_valid = count_valid(y, ignore_index)
     loss_rows = torch.empty((rows,), dtype=torch.float32, device=device)
     logits = torch.empty((rows, vocab), dtype=dtype, device=device) if keep_logits else None
@@ -218,36 +244,12 @@ def linear_cross_entropy(
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if grads.weight else None
     db32 = torch.zeros((vocab,), dtype=torch.float32, device=device) if grads.bias and bias is not None else None
     want_grad = grads.any()
-    chunk = max(1, min(config.train_chunk_rows if want_grad else config.fwd_chunk_rows, rows))
-    # One buffer for every chunk: the logits when they are not kept, the gradient when it is wanted.
-    buffer = (torch.empty((chunk, vocab), dtype=dtype, device=device)
-              if rows and (want_grad or not keep_logits) else None)
-    ce = config.ce_config()
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
-        n = stop - start
-        h_c = h[start:stop]
-        z = logits[start:stop] if logits is not None else buffer[:n]
-        if bias is not None:
-            torch.addmm(bias, h_c, wt, out=z)
-        else:
-            torch.mm(h_c, wt, out=z)
-        g = buffer[:n] if want_grad else None
-        launch_rows(z, y[start:stop], loss_rows[start:stop], g, n_valid, ignore_index, label_smoothing,
-                    reduction, ce, kernels=kernels)
-        if g is None:
-            continue
-        if dloss_rows is not None:  # 'none': the kernel wrote each row's gradient unscaled
-            g.mul_(dloss_rows[start:stop].reshape(-1, 1).to(dtype))
-        if dx is not None:
-            torch.mm(g, weight, out=dx[start:stop])
-        if dw is not None:
-            if start == 0:
-                torch.mm(g.t(), h_c, out=dw)
-            else:
-                dw.addmm_(g.t(), h_c)
-        if db32 is not None:
-            db32 += g.sum(0, dtype=torch.float32)
+    if keep_logits and want_grad and dloss_rows is None:
+        _train_over_kept_logits(h, weight, bias, y, logits, loss_rows, n_valid, dx, dw, db32, ignore_index,
+                                label_smoothing, reduction, config, kernels)
+    else:
+        _chunks_over_rows(h, weight, bias, y, logits, loss_rows, n_valid, dx, dw, db32, dloss_rows, want_grad,
+                          ignore_index, label_smoothing, reduction, config, kernels)
     if dw is not None and rows == 0:
         dw.zero_()
     loss = None if dloss_rows is not None else reduce_loss(loss_rows, n_valid, reduction, out_dtype)
@@ -259,6 +261,92 @@ def linear_cross_entropy(
         dw,
         db32.to(dtype) if db32 is not None else None,
     )
+
+
+def _logits_into(z: torch.Tensor, h: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``z = h @ W^T (+ bias)``, cuBLAS writing into ``z``."""
+    if bias is not None:
+        torch.addmm(bias, h, wt, out=z)
+    else:
+        torch.mm(h, wt, out=z)
+
+
+def _chunks_over_rows(h, weight, bias, y, logits, loss_rows, n_valid, dx, dw, db32, dloss_rows, want_grad: bool,
+                      ignore_index, label_smoothing, reduction, config, kernels) -> None:
+    """The row-chunked pass (see the module docstring): each chunk's logits (into ``logits`` when kept, else
+    into the buffer), its losses and, when gradients are wanted, its gradient in the buffer and the chunk's
+    share of ``dx``, ``dW`` and ``db``."""
+    rows, vocab = h.shape[0], weight.shape[0]
+    chunk = max(1, min(config.train_chunk_rows if want_grad else config.fwd_chunk_rows, rows))
+    # One buffer for every chunk: the logits when they are not kept, the gradient when it is wanted.
+    buffer = (torch.empty((chunk, vocab), dtype=h.dtype, device=h.device)
+              if rows and (want_grad or logits is None) else None)
+    ce = config.ce_config()
+    wt = weight.t()
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        n = stop - start
+        h_c = h[start:stop]
+        z = logits[start:stop] if logits is not None else buffer[:n]
+        _logits_into(z, h_c, wt, bias)
+        g = buffer[:n] if want_grad else None
+        launch_rows(z, y[start:stop], loss_rows[start:stop], g, n_valid, ignore_index, label_smoothing,
+                    reduction, ce, kernels=kernels)
+        if g is None:
+            continue
+        if dloss_rows is not None:  # 'none': the kernel wrote each row's gradient unscaled
+            g.mul_(dloss_rows[start:stop].reshape(-1, 1).to(h.dtype))
+        if dx is not None:
+            torch.mm(g, weight, out=dx[start:stop])
+        if dw is not None:
+            if start == 0:
+                torch.mm(g.t(), h_c, out=dw)
+            else:
+                dw.addmm_(g.t(), h_c)
+        if db32 is not None:
+            db32 += g.sum(0, dtype=torch.float32)
+
+
+def _train_over_kept_logits(h, weight, bias, y, logits, loss_rows, n_valid, dx, dw, db32, ignore_index,
+                            label_smoothing, reduction, config, kernels) -> None:
+    """The training pass when the logits are kept whole (the model returns them): first each row chunk's
+    logits, written into ``logits``, with their losses and row statistics; then the gradient one slice of
+    the vocabulary at a time, recomputed from the kept logits into a ``[rows, slice]`` buffer, each slice
+    giving its rows of ``dW`` and ``db`` whole (written once, not read and written per row chunk) and its
+    share of ``dx`` (accumulated in ``dx``'s dtype, one rounding per slice, as ``dW`` per chunk in the
+    row-chunked pass)."""
+    rows, vocab = h.shape[0], weight.shape[0]
+    if rows == 0:
+        return
+    ce = config.ce_config()
+    wt = weight.t()
+    stats = torch.empty((rows, 2), dtype=torch.float32, device=h.device)
+    chunk = max(1, min(config.train_chunk_rows, rows))
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        z = logits[start:stop]
+        _logits_into(z, h[start:stop], wt, bias)
+        launch_rows(z, y[start:stop], loss_rows[start:stop], None, n_valid, ignore_index, label_smoothing,
+                    reduction, ce, kernels=kernels, stats=stats[start:stop])
+    # The tuned width, capped where the batch has more rows than the tuned shape: the buffer stays in budget.
+    cap = slice_cols_for(rows, h.dtype.itemsize, max_chunk_bytes(rows, h.shape[1], vocab, h.dtype.itemsize))
+    width = max(1, min(config.train_slice_cols, cap, vocab))
+    buffer = torch.empty((rows, width), dtype=h.dtype, device=h.device)
+    one = torch.ones((), dtype=torch.float32, device=h.device)  # the gradient for an upstream gradient of 1
+    for v0 in range(0, vocab, width):
+        v1 = min(v0 + width, vocab)
+        g = buffer[:, :v1 - v0]
+        launch_grad(logits[:, v0:v1], y, stats, one, n_valid, g, v0, vocab, ignore_index, label_smoothing,
+                    reduction, ce, kernels=kernels)
+        if dw is not None:
+            torch.mm(g.t(), h, out=dw[v0:v1])
+        if dx is not None:
+            if v0 == 0:
+                torch.mm(g, weight[v0:v1], out=dx)
+            else:
+                dx.addmm_(g, weight[v0:v1])
+        if db32 is not None:
+            db32[v0:v1] = g.sum(0, dtype=torch.float32)
 
 
 def linear_cross_entropy_reference(

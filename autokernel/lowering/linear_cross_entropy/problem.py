@@ -128,6 +128,17 @@ class LinearCrossEntropyProblem(RowProblem):
         options.add(max(ROW_MULTIPLE, most // ROW_MULTIPLE * ROW_MULTIPLE))
         return sorted({min(r, batch) for r in options})
 
+    def _slices(self) -> list[int]:
+        """Vocabulary columns per gradient slice worth trying where the logits are kept (the training pass over
+        them): powers of two whose ``[rows, cols]`` buffer is under the memory cap, and no wider than the
+        vocabulary (rounded up to the row tile); none where the logits are not kept."""
+        if not self.keep_logits:
+            return []
+        cap = max_chunk_bytes(self.rows, self.hidden, self.vocab, self.dtype.itemsize)
+        widest = -(-self.vocab // ROW_MULTIPLE) * ROW_MULTIPLE
+        return sorted({min(c, widest) for c in (2048, 4096, 8192, 16384, 32768)
+                       if self.rows * c * self.dtype.itemsize <= cap})
+
     def candidates(self) -> list[tuple[str, dict[str, Any]]]:
         """(phase, config) pairs: the forward's chunk rows, then its cross-entropy launch; the training pass's
         chunk rows, then its launch (the tuner carries the forward's winner into the second phase)."""
@@ -144,6 +155,9 @@ class LinearCrossEntropyProblem(RowProblem):
                     out.append(("fwd", cand))
         for rows in self._chunks():
             out.append(("bwd", {**base, "train_chunk_rows": rows}))
+        for cols in self._slices():
+            if cols != base["train_slice_cols"]:
+                out.append(("bwd", {**base, "train_slice_cols": cols}))
         for block in ce_blocks:
             for warps in (4, 8, 16, 32):
                 if CrossEntropyProblem._plausible(block, warps):
