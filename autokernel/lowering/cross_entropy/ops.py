@@ -24,6 +24,7 @@ from autokernel.lowering.cross_entropy.kernels import (
     cross_entropy_fwd,
     default_config,
 )
+from autokernel.lowering.launch import define_plain_op
 from autokernel.lowering.pattern import dtype_name
 
 logger = logging.getLogger("autokernel")
@@ -137,9 +138,9 @@ def _define_ops(suffix: str, inline: bool) -> None:
     ``cross_entropy_backward{suffix}``.
 
     Two flavours of the same three ops, as for RMSNorm (see ``autokernel.lowering.rms_norm.ops``): opaque
-    (``torch.library.custom_op``; picks its configuration on every call, serves symbolic shapes and the
-    Triton interpreter) and inline (``torch.library.triton_op``; Inductor launches the kernels from its own
-    generated code, configuration picked at trace time: static shapes only).
+    (``torch.library.custom_op`` or a plain ``Library`` op; picks its configuration on every call, serves symbolic
+    shapes and the Triton interpreter) and inline (``torch.library.triton_op``; Inductor launches the kernels from
+    its own generated code, configuration picked at trace time: static shapes only).
     """
     define = torch.library.triton_op if inline else torch.library.custom_op
 
@@ -159,17 +160,18 @@ def _define_ops(suffix: str, inline: bool) -> None:
         return _backward(dloss, logits, labels, stats, ignore_index, label_smoothing, reduction, out_dtype,
                          cache_dir, inline)
 
-    forward_op = define(f"autokernel::cross_entropy{suffix}", forward, mutates_args=())
+    define_plain_op(f"autokernel::cross_entropy{suffix}", forward, inline=inline,
+                    fake=lambda logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir:
+                    _loss_like(logits, labels, reduction, out_dtype))
+    backward_op = define_plain_op(
+        f"autokernel::cross_entropy_backward{suffix}", backward, inline=inline,
+        fake=lambda dloss, logits, labels, stats, ignore_index, label_smoothing, reduction, out_dtype, cache_dir:
+        torch.empty_like(logits, memory_format=torch.contiguous_format))
     train_op = define(f"autokernel::cross_entropy_train{suffix}", train, mutates_args=())
-    backward_op = define(f"autokernel::cross_entropy_backward{suffix}", backward, mutates_args=())
     if not inline:  # a triton_op derives its fake from its body
-        forward_op.register_fake(lambda logits, labels, ignore_index, label_smoothing, reduction, out_dtype,
-                                 cache_dir: _loss_like(logits, labels, reduction, out_dtype))
         train_op.register_fake(lambda logits, labels, ignore_index, label_smoothing, reduction, out_dtype,
                                cache_dir: (_loss_like(logits, labels, reduction, out_dtype),
                                            logits.new_empty((labels.numel(), 2), dtype=torch.float32)))
-        backward_op.register_fake(lambda dloss, logits, labels, stats, ignore_index, label_smoothing, reduction,
-                                  out_dtype, cache_dir: torch.empty_like(logits, memory_format=torch.contiguous_format))
 
     def setup_context(ctx, inputs, output):
         logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir = inputs
