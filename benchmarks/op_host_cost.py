@@ -6,7 +6,7 @@ Times, per call, in microseconds (median of 5 rounds of N calls):
 - ``op``: ``torch.ops.autokernel.rms_norm`` (the forward-only RMSNorm op) with the kernel wrapper replaced by one
   that only allocates the outputs;
 - ``ours``: the same body called directly (variant key, configuration lookup, the stubbed wrapper): ``op`` minus
-  this is the dispatcher's and ``torch.library.custom_op``'s share;
+  this is the dispatcher's share (the op is a plain ``torch.library.Library`` op: ``define_plain_op``);
 - ``custom_op no-op`` / ``Library no-op``: an op that only allocates its output, defined through
   ``torch.library.custom_op`` and through ``torch.library.Library`` with a ``CompositeExplicitAutograd`` kernel:
   what the registration itself costs.

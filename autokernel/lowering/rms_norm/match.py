@@ -9,6 +9,8 @@ The spellings below all reach the same few aten ops; each is one alternative of 
 - ``F.rms_norm`` / ``nn.RMSNorm`` (decomposed: weight multiplied in float32) -> mode ``gemma``;
   on CUDA the single op ``aten._fused_rms_norm``
 - no weight; operands commuted; ``h / sqrt(v + eps)``; eps a literal or a module attribute.
+- float32 inputs: the casts are no-ops the graph does not hold, so every spelling reads as mode ``gemma`` (the
+  weight multiplied in float32), which in float32 is the same arithmetic as ``llama``'s.
 - any of these applied to ``h = x + residual`` where ``h`` is read elsewhere too: add + RMSNorm, one
   op that also returns ``h`` (flag ``residual``).
 
