@@ -145,7 +145,8 @@ def define_plain_op(qualname: str, fn: Callable[..., Any], *, inline: bool, fake
     fake comes from its body). Opaque: ``torch.library.Library`` with ``fake`` for tracing, rather than
     ``torch.library.custom_op``: Inductor calls either alike, but ``custom_op`` wraps every call in its
     autograd and aliasing checks, a host cost that a step without CUDA graphs pays per instance
-    (``benchmarks/op_host_cost.py``: ~12.7 against ~3.7 us for a no-op on this project's CPU machine).
+    (``benchmarks/op_host_cost.py`` on this project's CPU machine: a no-op ~11 against ~4 us a call; RMSNorm's
+    forward-only op, its kernel stubbed, 8.3 us against 17-20 as a ``custom_op``).
     Returns the callable op."""
     if inline:
         return torch.library.triton_op(qualname, fn, mutates_args=())

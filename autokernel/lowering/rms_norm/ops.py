@@ -138,7 +138,7 @@ def _define_ops(suffix: str, inline: bool) -> None:
     ``rms_norm_backward{suffix}`` with ``dh`` and ``residual=True``.
 
     Two flavours of the same ops. Opaque (``torch.library.custom_op`` for the differentiable train ops, a plain
-    ``Library`` op for the others, a third of the host cost a call: ``define_plain_op``): Inductor calls the op, and
+    ``Library`` op for the others, about half the host cost a call: ``define_plain_op``): Inductor calls the op, and
     the op picks its configuration on every call from the actual shape; it serves symbolic shapes and the Triton
     interpreter. Inline (``torch.library.triton_op``): AOTAutograd traces through the op, so Inductor launches our
     kernels from its own generated code (a fraction of the opaque op's host cost, measured in benchmarks/NOTES.md);
@@ -168,9 +168,6 @@ def _define_ops(suffix: str, inline: bool) -> None:
                  residual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return _backward(dy, x, weight, rstd, offset, mode, out_dtype, cache_dir, dh, residual, inline)
 
-    def rstd_like(x):
-        return x.new_empty(x.shape[:-1], dtype=torch.float32)
-
     define_plain_op(f"autokernel::rms_norm{suffix}", forward, inline=inline,
                     fake=lambda x, weight, eps, offset, mode, out_dtype, cache_dir:
                     x.new_empty(x.shape, dtype=out_dtype))
@@ -184,6 +181,9 @@ def _define_ops(suffix: str, inline: bool) -> None:
     train_op = define(f"autokernel::rms_norm_train{suffix}", train, mutates_args=())
     add_train_op = define(f"autokernel::add_rms_norm_train{suffix}", add_train, mutates_args=())
     if not inline:  # a triton_op derives its fake from its body
+        def rstd_like(x):
+            return x.new_empty(x.shape[:-1], dtype=torch.float32)
+
         train_op.register_fake(lambda x, weight, eps, offset, mode, out_dtype, cache_dir: (
             x.new_empty(x.shape, dtype=out_dtype), rstd_like(x)))
         add_train_op.register_fake(lambda x, residual, weight, eps, offset, mode, out_dtype, cache_dir: (
