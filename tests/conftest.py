@@ -15,3 +15,9 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> str:
+    """A fresh autokernel cache directory for the test (created on first write)."""
+    return str(tmp_path / "akcache")

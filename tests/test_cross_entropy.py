@@ -37,11 +37,6 @@ AK_OPS = {torch.ops.autokernel.cross_entropy.default, torch.ops.autokernel.cross
 V = 40  # classes in the spelling tests
 
 
-@pytest.fixture
-def cache_dir(tmp_path) -> str:
-    return str(tmp_path / "akcache")
-
-
 def explain(fn, inputs, cache_dir: str) -> list[autokernel.InstanceReport]:
     torch._dynamo.reset()
     report = autokernel.explain(fn, *inputs, options={"autokernel.cache_dir": cache_dir})

@@ -35,11 +35,6 @@ EPS = 1e-5
 
 
 @pytest.fixture
-def cache_dir(tmp_path) -> str:
-    return str(tmp_path / "akcache")
-
-
-@pytest.fixture
 def rewritten(monkeypatch) -> SimpleNamespace:
     """Per graph the backend hands to its compiler: how many layer_norm ops it holds."""
     seen = SimpleNamespace(counts=[])

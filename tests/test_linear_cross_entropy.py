@@ -41,11 +41,6 @@ SMALL = LinearCrossEntropyConfig(fwd_chunk_rows=3, train_chunk_rows=4, fwd_block
                                  train_block_n=32, train_num_warps=1)
 
 
-@pytest.fixture
-def cache_dir(tmp_path) -> str:
-    return str(tmp_path / "akcache")
-
-
 def explain(fn, inputs, cache_dir: str, pattern: str = "linear_cross_entropy") -> list[autokernel.InstanceReport]:
     torch._dynamo.reset()
     report = autokernel.explain(fn, *inputs, options={"autokernel.cache_dir": cache_dir})

@@ -37,11 +37,6 @@ AK_OPS = {getattr(torch.ops.autokernel, name).default
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture
-def cache_dir(tmp_path) -> str:
-    return str(tmp_path / "akcache")
-
-
 def explain(fn, inputs, cache_dir: str) -> autokernel.Report:
     torch._dynamo.reset()
     report = autokernel.explain(fn, *inputs, options={"autokernel.cache_dir": cache_dir})

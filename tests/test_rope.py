@@ -35,11 +35,6 @@ AK_OPS = {torch.ops.autokernel.rope.default, torch.ops.autokernel.rope_train.def
 SMALL = RopeConfig(fwd_block_h=1, fwd_num_warps=1, bwd_block_h=2, bwd_num_warps=1)
 
 
-@pytest.fixture
-def cache_dir(tmp_path) -> str:
-    return str(tmp_path / "akcache")
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -41,11 +41,6 @@ AK_OPS = {torch.ops.autokernel.softmax.default, torch.ops.autokernel.softmax_tra
 
 
 @pytest.fixture
-def cache_dir(tmp_path) -> str:
-    return str(tmp_path / "akcache")
-
-
-@pytest.fixture
 def rewritten(monkeypatch) -> list[int]:
     """Per graph the backend hands to its compiler: how many autokernel softmax ops it holds."""
     counts: list[int] = []

@@ -40,11 +40,6 @@ AK_OPS = {torch.ops.autokernel.swiglu.default, torch.ops.autokernel.swiglu_train
 SMALL = SwigluConfig(fwd_block=16, fwd_num_warps=1, bwd_block=16, bwd_num_warps=1)
 
 
-@pytest.fixture
-def cache_dir(tmp_path) -> str:
-    return str(tmp_path / "akcache")
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -16,7 +16,6 @@ import logging
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.cache.sources import load_source
 from autokernel.lowering.cross_entropy.kernels import (
     CrossEntropyConfig,
     SourceKernels,
@@ -24,7 +23,7 @@ from autokernel.lowering.cross_entropy.kernels import (
     cross_entropy_fwd,
     default_config,
 )
-from autokernel.lowering.launch import define_plain_op
+from autokernel.lowering.launch import define_plain_op, load_source_kernels
 from autokernel.lowering.pattern import dtype_name
 
 logger = logging.getLogger("autokernel")
@@ -47,11 +46,7 @@ FWD_KERNEL, BWD_KERNEL = "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel" 
 
 def source_kernels(root: str, source: str) -> SourceKernels:
     """The kernel pair a source text defines (loaded under ``root``); ValueError when it lacks one."""
-    module = load_source(root, source)
-    missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
-    if missing:
-        raise ValueError(f"its source defines no {' or '.join(missing)}")
-    return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+    return SourceKernels(*load_source_kernels(root, source, (FWD_KERNEL, BWD_KERNEL)))
 
 
 def _shape(t: torch.Tensor) -> tuple[int, int]:

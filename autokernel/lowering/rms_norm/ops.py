@@ -19,8 +19,7 @@ import logging
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.cache.sources import load_source
-from autokernel.lowering.launch import define_plain_op
+from autokernel.lowering.launch import define_plain_op, load_source_kernels
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
@@ -52,11 +51,7 @@ FWD_KERNEL, BWD_KERNEL = "rms_norm_fwd_kernel", "rms_norm_bwd_kernel"  # names a
 
 def source_kernels(root: str, source: str) -> SourceKernels:
     """The kernel pair a source text defines (loaded under ``root``); ValueError when it lacks one."""
-    module = load_source(root, source)
-    missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
-    if missing:
-        raise ValueError(f"its source defines no {' or '.join(missing)}")
-    return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+    return SourceKernels(*load_source_kernels(root, source, (FWD_KERNEL, BWD_KERNEL)))
 
 
 def select_config(x: torch.Tensor, key: str, cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:

@@ -16,8 +16,7 @@ import logging
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.cache.sources import load_source
-from autokernel.lowering.launch import define_plain_op
+from autokernel.lowering.launch import define_plain_op, load_source_kernels
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.swiglu.kernels import (
     SourceKernels,
@@ -45,11 +44,7 @@ def gate_width(x: torch.Tensor, layout: str) -> int:
 
 def source_kernels(root: str, source: str) -> SourceKernels:
     """The kernel pair a source text defines (loaded under ``root``); ValueError when it lacks one."""
-    module = load_source(root, source)
-    missing = [n for n in (FWD_KERNEL, BWD_KERNEL) if not hasattr(module, n)]
-    if missing:
-        raise ValueError(f"its source defines no {' or '.join(missing)}")
-    return SourceKernels(getattr(module, FWD_KERNEL), getattr(module, BWD_KERNEL))
+    return SourceKernels(*load_source_kernels(root, source, (FWD_KERNEL, BWD_KERNEL)))
 
 
 def _shape_of(x: torch.Tensor, layout: str) -> tuple[int, int]:
