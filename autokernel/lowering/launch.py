@@ -121,20 +121,23 @@ def cached_choice(cache_dir: str, device: torch.device, key: str, hidden: int, r
     return default, None
 
 
-def run_with_fallback(memo_key: tuple, chosen: tuple[Any, Any], default: Any, run: Any, what: str) -> Any:
-    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
-    compile on this GPU, say), log it once and serve this shape with the built-in ``default`` from now on
-    (the run-time memo under ``memo_key`` is replaced)."""
-    from autokernel.cache import runtime
-
+def run_with_fallback(chosen: tuple[Any, Any], run: Callable[[Any, Any], Any], what: str, x: torch.Tensor,
+                      fallback: Callable[[], tuple[tuple, Any]]) -> Any:
+    """``run(config, kernels)`` with the cache's choice ``chosen``; if that raises (a source kernel that does not
+    compile on this GPU, say), log it once (naming pattern ``what`` and ``x``'s shape) and serve this shape with
+    the built-in default from now on. ``fallback()`` gives (the run-time memo key of this shape, the built-in
+    default): only that path pays for it."""
     config, kernels = chosen
     try:
         return run(config, kernels)
     except Exception as exc:
+        from autokernel.cache import runtime  # here, not per call: this runs on every call of an opaque op
+
+        memo_key, default = fallback()
         if kernels is None and config == default:
             raise
-        logger.warning("autokernel: the cached %s kernel failed (%s: %s); using the built-in default",
-                       what, type(exc).__name__, exc)
+        logger.warning("autokernel: the cached %s kernel for %s failed (%s: %s); using the built-in default",
+                       what, tuple(x.shape), type(exc).__name__, exc)
         runtime.memo[memo_key] = (default, None)
         return run(default, None)
 

@@ -11,8 +11,6 @@ reason over computing the gradient in the forward: see ``kernels``.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from autokernel.cache import row_bucket, runtime
@@ -23,10 +21,8 @@ from autokernel.lowering.cross_entropy.kernels import (
     cross_entropy_fwd,
     default_config,
 )
-from autokernel.lowering.launch import define_plain_op, load_source_kernels
+from autokernel.lowering.launch import cached_choice, define_plain_op, load_source_kernels, run_with_fallback
 from autokernel.lowering.pattern import dtype_name
-
-logger = logging.getLogger("autokernel")
 
 PATTERN = "cross_entropy"
 
@@ -69,42 +65,20 @@ def select_config(logits: torch.Tensor, reduction: str, ignore_index: int, label
     if chosen is None:
         vocab, rows = _shape(logits)
         key = pattern_key(reduction, ignore_index, label_smoothing, logits.dtype, out_dtype)
-        chosen = runtime.memo[memo_key] = _resolve(key, logits.device, vocab, rows, logits.dtype, cache_dir)
+        chosen = runtime.memo[memo_key] = cached_choice(cache_dir, logits.device, key, vocab, rows,
+                                                        CrossEntropyConfig, source_kernels, _default(logits))
     return chosen
 
 
-def _resolve(key: str, device: torch.device, vocab: int, rows: int, dtype: torch.dtype,
-             cache_dir: str) -> tuple[CrossEntropyConfig, SourceKernels | None]:
-    entry = runtime.lookup(cache_dir, device, key, vocab, rows) if cache_dir else None
-    if entry is not None:
-        kernel = entry["kernel"]
-        try:
-            config = CrossEntropyConfig.from_dict(kernel.get("config") or {})
-            if kernel["kind"] == "family":
-                return config, None
-            return config, source_kernels(cache_dir, kernel["source"])
-        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
-            logger.warning("autokernel: cache entry for %s V=%d is unusable (%s); using the default configuration",
-                           key, vocab, exc)
-    return default_config(vocab, row_bucket(rows), dtype), None
+def _default(logits: torch.Tensor) -> CrossEntropyConfig:
+    vocab, rows = _shape(logits)
+    return default_config(vocab, row_bucket(rows), logits.dtype)
 
 
 def _launch(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir, run):
-    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
-    compile on this GPU, say), log it once and serve this shape with the built-in default from now on."""
-    config, kernels = select_config(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir)
-    try:
-        return run(config, kernels)
-    except Exception as exc:
-        vocab, rows = _shape(logits)
-        default = default_config(vocab, row_bucket(rows), logits.dtype)
-        if kernels is None and config == default:
-            raise
-        logger.warning("autokernel: the cached cross_entropy kernel for %s failed (%s: %s); using the built-in "
-                       "default", tuple(logits.shape), type(exc).__name__, exc)
-        runtime.memo[_memo_key(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir)] = (
-            default, None)
-        return run(default, None)
+    return run_with_fallback(
+        select_config(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir), run, PATTERN, logits,
+        lambda: (_memo_key(logits, reduction, ignore_index, label_smoothing, out_dtype, cache_dir), _default(logits)))
 
 
 def _forward(logits, labels, ignore_index, label_smoothing, reduction, out_dtype, cache_dir, with_stats: bool,

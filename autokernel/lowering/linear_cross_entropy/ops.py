@@ -85,11 +85,11 @@ def _run(x, weight, bias, labels, ignore_index, label_smoothing, reduction, out_
     this shape) if that raises: a source kernel that does not compile on this GPU, say."""
     choice = (bias, reduction, ignore_index, label_smoothing, out_dtype, keep_logits, cache_dir)
     return run_with_fallback(
-        _memo_key(x, weight, *choice), select_config(x, weight, *choice), _default(x, weight),
+        select_config(x, weight, *choice),
         lambda config, kernels: linear_cross_entropy(x, weight, bias, labels, ignore_index, label_smoothing, reduction,
                                                      out_dtype, config, keep_logits=keep_logits, kernels=kernels,
                                                      **kwargs),
-        PATTERN)
+        PATTERN, x, lambda: (_memo_key(x, weight, *choice), _default(x, weight)))
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,11 @@ Math (``n = x * rsqrt(mean(x^2) + eps)`` in float32, ``w_eff = w + offset``):
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.lowering.launch import define_plain_op, load_source_kernels
+from autokernel.lowering.launch import cached_choice, define_plain_op, load_source_kernels, run_with_fallback
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rms_norm.kernels import (
     RmsNormConfig,
@@ -29,8 +28,6 @@ from autokernel.lowering.rms_norm.kernels import (
     rms_norm_bwd,
     rms_norm_fwd,
 )
-
-logger = logging.getLogger("autokernel")
 
 PATTERN = "rms_norm"
 MODES = ("llama", "gemma")
@@ -61,47 +58,30 @@ def select_config(x: torch.Tensor, key: str, cache_dir: str) -> tuple[RmsNormCon
     memo_key = _memo_key(x, key, cache_dir)
     chosen = runtime.memo.get(memo_key)
     if chosen is None:
-        hidden = x.shape[-1] if x.dim() else 1
-        chosen = runtime.memo[memo_key] = _resolve(key, x.device, hidden, x.numel() // max(hidden, 1), x.dtype,
-                                                   cache_dir)
+        hidden, rows = _shape(x)
+        chosen = runtime.memo[memo_key] = cached_choice(cache_dir, x.device, key, hidden, rows, RmsNormConfig,
+                                                        source_kernels, _default(x))
     return chosen
 
 
-def _memo_key(x: torch.Tensor, key: str, cache_dir: str) -> tuple:
+def _shape(x: torch.Tensor) -> tuple[int, int]:
     hidden = x.shape[-1] if x.dim() else 1
-    return (key, cache_dir, x.device, hidden, row_bucket(x.numel() // max(hidden, 1)))
+    return hidden, x.numel() // max(hidden, 1)
+
+
+def _memo_key(x: torch.Tensor, key: str, cache_dir: str) -> tuple:
+    hidden, rows = _shape(x)
+    return (key, cache_dir, x.device, hidden, row_bucket(rows))
+
+
+def _default(x: torch.Tensor) -> RmsNormConfig:
+    hidden, rows = _shape(x)
+    return default_config(hidden, row_bucket(rows), x.dtype)
 
 
 def _launch(x, key, cache_dir, run):
-    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
-    compile on this GPU, say), log it once and serve this shape with the built-in default from now on."""
-    config, kernels = select_config(x, key, cache_dir)
-    try:
-        return run(config, kernels)
-    except Exception as exc:
-        default = default_config(x.shape[-1], row_bucket(x.numel() // max(x.shape[-1], 1)), x.dtype)
-        if kernels is None and config == default:
-            raise
-        logger.warning("autokernel: the cached rms_norm kernel for %s failed (%s: %s); using the built-in default",
-                       tuple(x.shape), type(exc).__name__, exc)
-        runtime.memo[_memo_key(x, key, cache_dir)] = (default, None)
-        return run(default, None)
-
-
-def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
-             cache_dir: str) -> tuple[RmsNormConfig, SourceKernels | None]:
-    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
-    if entry is not None:
-        kernel = entry["kernel"]
-        try:
-            config = RmsNormConfig.from_dict(kernel.get("config") or {})
-            if kernel["kind"] == "family":
-                return config, None
-            return config, source_kernels(cache_dir, kernel["source"])
-        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
-            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
-                           key, hidden, exc)
-    return default_config(hidden, row_bucket(rows), dtype), None
+    return run_with_fallback(select_config(x, key, cache_dir), run, PATTERN, x,
+                             lambda: (_memo_key(x, key, cache_dir), _default(x)))
 
 
 def _key(x, weight, offset, mode, out_dtype, residual) -> str:

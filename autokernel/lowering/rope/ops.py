@@ -94,8 +94,8 @@ def select_config(x: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, la
 
 def _run(x, k, cos, layout, rotary_dim, in_dtype, out_dtype, cache_dir, run):
     memo_key, chosen = select_config(x, k, cos, layout, rotary_dim, in_dtype, out_dtype, cache_dir)
-    default = default_config(x.shape[-1], memo_key[-1], in_dtype)
-    return run_with_fallback(memo_key, chosen, default, run, "rope")
+    return run_with_fallback(chosen, run, "rope", x,
+                             lambda: (memo_key, default_config(x.shape[-1], memo_key[-1], in_dtype)))
 
 
 def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,12 +16,10 @@ The backward needs ``y`` only, the forward's own output: the training op saves n
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.lowering.launch import define_plain_op, load_source_kernels
+from autokernel.lowering.launch import cached_choice, define_plain_op, load_source_kernels, run_with_fallback
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.softmax.kernels import (
     SoftmaxConfig,
@@ -30,8 +28,6 @@ from autokernel.lowering.softmax.kernels import (
     softmax_bwd,
     softmax_fwd,
 )
-
-logger = logging.getLogger("autokernel")
 
 PATTERN = "softmax"
 OPS = ("softmax", "log_softmax")  # the values of the variant flag ``op``
@@ -64,8 +60,9 @@ def select_config(t: torch.Tensor, log: bool, x_dtype: torch.dtype, out_dtype: t
     chosen = runtime.memo.get(memo_key)
     if chosen is None:
         hidden, rows = _shape(t)
-        chosen = runtime.memo[memo_key] = _resolve(pattern_key(log, x_dtype, out_dtype), t.device, hidden, rows,
-                                                   x_dtype, cache_dir)
+        chosen = runtime.memo[memo_key] = cached_choice(cache_dir, t.device, pattern_key(log, x_dtype, out_dtype),
+                                                        hidden, rows, SoftmaxConfig, source_kernels,
+                                                        _default(t, x_dtype))
     return chosen
 
 
@@ -74,37 +71,14 @@ def _memo_key(t: torch.Tensor, log: bool, x_dtype: torch.dtype, out_dtype: torch
     return (PATTERN, cache_dir, t.device, bool(log), x_dtype, out_dtype, hidden, row_bucket(rows))
 
 
-def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
-             cache_dir: str) -> tuple[SoftmaxConfig, SourceKernels | None]:
-    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
-    if entry is not None:
-        kernel = entry["kernel"]
-        try:
-            config = SoftmaxConfig.from_dict(kernel.get("config") or {})
-            if kernel["kind"] == "family":
-                return config, None
-            return config, source_kernels(cache_dir, kernel["source"])
-        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
-            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
-                           key, hidden, exc)
-    return default_config(hidden, row_bucket(rows), dtype), None
+def _default(t: torch.Tensor, x_dtype: torch.dtype) -> SoftmaxConfig:
+    hidden, rows = _shape(t)
+    return default_config(hidden, row_bucket(rows), x_dtype)
 
 
 def _launch(t: torch.Tensor, log: bool, x_dtype: torch.dtype, out_dtype: torch.dtype, cache_dir: str, run):
-    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
-    compile on this GPU, say), log it and serve this shape with the built-in default from now on."""
-    config, kernels = select_config(t, log, x_dtype, out_dtype, cache_dir)
-    try:
-        return run(config, kernels)
-    except Exception as exc:
-        hidden, rows = _shape(t)
-        default = default_config(hidden, row_bucket(rows), x_dtype)
-        if kernels is None and config == default:
-            raise
-        logger.warning("autokernel: the cached softmax kernel for %s failed (%s: %s); using the built-in default",
-                       tuple(t.shape), type(exc).__name__, exc)
-        runtime.memo[_memo_key(t, log, x_dtype, out_dtype, cache_dir)] = (default, None)
-        return run(default, None)
+    return run_with_fallback(select_config(t, log, x_dtype, out_dtype, cache_dir), run, PATTERN, t,
+                             lambda: (_memo_key(t, log, x_dtype, out_dtype, cache_dir), _default(t, x_dtype)))
 
 
 def _define_ops(suffix: str, inline: bool) -> None:

@@ -11,12 +11,10 @@ training op saves only its inputs: the backward recomputes the activation.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.lowering.launch import define_plain_op, load_source_kernels
+from autokernel.lowering.launch import cached_choice, define_plain_op, load_source_kernels, run_with_fallback
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.swiglu.kernels import (
     SourceKernels,
@@ -25,8 +23,6 @@ from autokernel.lowering.swiglu.kernels import (
     swiglu_bwd,
     swiglu_fwd,
 )
-
-logger = logging.getLogger("autokernel")
 
 PATTERN = "swiglu"
 FWD_KERNEL, BWD_KERNEL = "swiglu_fwd_kernel", "swiglu_bwd_kernel"  # names a source entry defines
@@ -65,42 +61,20 @@ def select_config(x: torch.Tensor, act: str, layout: str,
     chosen = runtime.memo.get(memo_key)
     if chosen is None:
         hidden, rows = _shape_of(x, layout)
-        chosen = runtime.memo[memo_key] = _resolve(pattern_key(act, layout, x.dtype), x.device, hidden, rows,
-                                                   x.dtype, cache_dir)
+        chosen = runtime.memo[memo_key] = cached_choice(cache_dir, x.device, pattern_key(act, layout, x.dtype),
+                                                        hidden, rows, SwigluConfig, source_kernels,
+                                                        _default(x, layout))
     return chosen
 
 
-def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
-             cache_dir: str) -> tuple[SwigluConfig, SourceKernels | None]:
-    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
-    if entry is not None:
-        kernel = entry["kernel"]
-        try:
-            config = SwigluConfig.from_dict(kernel.get("config") or {})
-            if kernel["kind"] == "family":
-                return config, None
-            return config, source_kernels(cache_dir, kernel["source"])
-        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
-            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
-                           key, hidden, exc)
-    return default_config(hidden, row_bucket(rows), dtype), None
+def _default(x: torch.Tensor, layout: str) -> SwigluConfig:
+    hidden, rows = _shape_of(x, layout)
+    return default_config(hidden, row_bucket(rows), x.dtype)
 
 
 def _launch(x: torch.Tensor, act: str, layout: str, cache_dir: str, run):
-    """``run(config, kernels)`` with the cache's choice; if that raises (a source kernel that does not
-    compile on this GPU, say), log it once and serve this shape with the built-in default from now on."""
-    config, kernels = select_config(x, act, layout, cache_dir)
-    try:
-        return run(config, kernels)
-    except Exception as exc:
-        hidden, rows = _shape_of(x, layout)
-        default = default_config(hidden, row_bucket(rows), x.dtype)
-        if kernels is None and config == default:
-            raise
-        logger.warning("autokernel: the cached swiglu kernel for %s failed (%s: %s); using the built-in default",
-                       tuple(x.shape), type(exc).__name__, exc)
-        runtime.memo[_memo_key(x, act, layout, cache_dir)] = (default, None)
-        return run(default, None)
+    return run_with_fallback(select_config(x, act, layout, cache_dir), run, PATTERN, x,
+                             lambda: (_memo_key(x, act, layout, cache_dir), _default(x, layout)))
 
 
 def _forward(x, up, act, layout, cache_dir, traceable: bool) -> torch.Tensor:
