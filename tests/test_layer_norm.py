@@ -535,3 +535,30 @@ def test_ak_tune_entry_hits(tmp_path, rewritten):
     assert [i.status for i in ln(explain(model, [x], cache_dir))] == ["hit"]
     check_against_reference(model, compile_aot_eager(model, cache_dir), [x], torch.bfloat16, "tuned")
     assert rewritten.counts == [1]
+
+
+def test_source_entry_is_unusable_and_the_default_runs(cache_dir, caplog):
+    """LayerNorm launches only its built-in kernels: a cache entry holding kernel source is logged as unusable and
+    the shape runs the default configuration, as does a family entry with a bad config."""
+    import logging
+
+    from autokernel.cache import runtime
+    from autokernel.lowering.layer_norm.ops import select_config
+
+    x = torch.randn(6, 40, dtype=torch.bfloat16)
+    w = torch.randn(40, dtype=torch.bfloat16)
+    key = pattern_key("fp32", x.dtype, w.dtype, None, x.dtype)
+    for kernel, reason in (({"kind": "source", "source": "x = 1", "config": {}}, "family configs only"),
+                           ({"kind": "family", "config": {"fwd_num_warps": 3}}, "fwd_num_warps")):
+        cache = KernelCache(cache_dir, device="cpu")
+        cache.put_entry({"version": 1, "pattern": "layer_norm", "pattern_key": key, "hidden": 40,
+                         "row_bucket": row_bucket(6), "kernel": kernel,
+                         "winner": {"fwd": "autokernel", "train": "autokernel"},
+                         "producer": {"strategy": "test"}, "checks": [], "created": time.time()})
+        cache.close()
+        runtime.invalidate()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="autokernel"):
+            config = select_config(x, w, None, 1, "fp32", x.dtype, cache_dir)
+        assert config == default_config(40, row_bucket(6), x.dtype)
+        assert "is unusable" in caplog.text and reason in caplog.text

@@ -10,13 +10,12 @@ backend never branches on symbolic sizes. Math (in float32, over the trailing ``
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from autokernel.cache import row_bucket, runtime
-from autokernel.lowering.launch import define_plain_op
+from autokernel.lowering.launch import cached_choice, define_plain_op
 from autokernel.lowering.layer_norm.kernels import (
     LayerNormConfig,
     default_config,
@@ -24,8 +23,6 @@ from autokernel.lowering.layer_norm.kernels import (
     layer_norm_fwd,
 )
 from autokernel.lowering.pattern import dtype_name
-
-logger = logging.getLogger("autokernel")
 
 PATTERN = "layer_norm"
 
@@ -59,22 +56,16 @@ def select_config(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
         rows, hidden = _rows_hidden(x, norm_ndim)
         key = pattern_key(mode, x.dtype, weight.dtype if weight is not None else None,
                           bias.dtype if bias is not None else None, out_dtype)
-        config = runtime.memo[memo_key] = _resolve(key, x.device, hidden, rows, x.dtype, cache_dir)
+        default = default_config(hidden, row_bucket(rows), x.dtype)
+        config = runtime.memo[memo_key] = cached_choice(cache_dir, x.device, key, hidden, rows, LayerNormConfig,
+                                                        _no_source_kernels, default)[0]
     return config
 
 
-def _resolve(key: str, device: torch.device, hidden: int, rows: int, dtype: torch.dtype,
-             cache_dir: str) -> LayerNormConfig:
-    entry = runtime.lookup(cache_dir, device, key, hidden, rows) if cache_dir else None
-    if entry is not None:
-        try:
-            if entry["kernel"]["kind"] != "family":
-                raise ValueError(f"kernel kind {entry['kernel']['kind']!r}: layer_norm serves family configs only")
-            return LayerNormConfig.from_dict(entry["kernel"].get("config") or {})
-        except Exception as exc:  # a bad entry costs the tuned kernel, never the model
-            logger.warning("autokernel: cache entry for %s H=%d is unusable (%s); using the default configuration",
-                           key, hidden, exc)
-    return default_config(hidden, row_bucket(rows), dtype)
+def _no_source_kernels(_root: str, _source: str) -> None:
+    """``cached_choice``'s loader for a source entry: LayerNorm's ops launch only the built-in kernels, so such an
+    entry is unusable (logged; the default configuration runs)."""
+    raise ValueError("a source entry: layer_norm serves family configs only")
 
 
 def _define_ops(suffix: str, inline: bool) -> None:

@@ -19,7 +19,6 @@ is computed with torch ops in the autograd formula, which then also saves q and 
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
@@ -35,8 +34,6 @@ from autokernel.lowering.rope.kernels import (
     rope_fwd,
     rotate,
 )
-
-logger = logging.getLogger("autokernel")
 
 PATTERN = "rope"
 KERNEL = "rope_kernel"  # the name a source entry defines
