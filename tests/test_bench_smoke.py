@@ -126,7 +126,7 @@ def test_bench_tuner_smoke(tmp_path: Path) -> None:
     """``bench_tuner.py --smoke``: one case tuned from an empty cache, its rates written in the results format."""
     out = tmp_path / "results"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_tuner.py"), "--smoke", "--cases", "rms_norm:4x16",
-           "--budget", "0.01", "--exhaust", "--out", str(out)]
+           "--budget", "0.01", "--exhaust", "--precompile", "0", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -134,7 +134,7 @@ def test_bench_tuner_smoke(tmp_path: Path) -> None:
     (row,) = data["rows"]
     assert data["early_stops"] is False
     assert "early stops (plateau, near the floor): off" in (out / "tuner.md").read_text()
-    assert (row["pattern"], row["case"], row["status"]) == ("rms_norm", "4x16", "written")
+    assert (row["pattern"], row["case"], row["status"], row["precompile"]) == ("rms_norm", "4x16", "written", 0)
     assert row["candidates"] >= 1 and row["candidates_per_min"] > 0 and row["loop_candidates_per_min"] > 0
     assert sum(row["by_status"].values()) == row["candidates"]
     split = row["loop_split_s"]  # the worker's own clock: inside the tuner's per-candidate seconds

@@ -75,6 +75,10 @@ def next_power_of_2(n: int) -> int:
 @functools.cache
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``: the size of a persistent grid."""
+    if device.type == "meta" and torch.cuda.is_available():
+        # ak-tune's precompiler runs candidates on meta tensors to compile them for the current GPU: their
+        # persistent grids (and so their kernels' integer arguments) must be that GPU's.
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     # CPU (the Triton interpreter): a small fixed count so the persistent loops are still exercised.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,6 +76,37 @@ def _run_all(problem: Any, config: dict[str, Any], cases: list[Any]) -> list[Any
     return runs
 
 
+@dataclass
+class CheckCases:
+    """Every input the checks run a candidate on: built in one place, so the precompiler
+    (:mod:`autokernel.playbook.precompile`) compiles for exactly the shapes and strides the checks launch."""
+
+    rows: int
+    hidden: int
+    target: Any
+    sweep: list[tuple[str, Any]]  # (label, case): 1 row, awkward row counts, a non-power-of-two width
+    stability: list[tuple[str, Any]]  # large and small magnitudes, a row of exact zeros
+    noncontiguous: Any
+    empty: Any  # a zero-size batch
+
+    def all(self) -> list[Any]:
+        return [self.target, *(c for _l, c in self.sweep), *(c for _l, c in self.stability), self.noncontiguous,
+                self.empty]
+
+
+def check_cases(problem: Any, max_rows: int | None = None) -> CheckCases:
+    """The cases :func:`run_checks` runs, for ``problem`` at its target shape (rows capped at ``max_rows``)."""
+    rows, hidden = problem.target_shape(max_rows)
+    small = min(rows, 257)
+    return CheckCases(
+        rows, hidden, problem.case(rows, hidden),
+        sweep=[(f"{r}x{h}", problem.case(r, h, seed=1)) for r, h in problem.sweep_shapes(max_rows)],
+        stability=[*((f"scale {scale:g}", problem.case(small, hidden, scale=scale, seed=2)) for scale in (1e4, 1e-3)),
+                   ("zero row", problem.case(small, hidden, zero_row=True, seed=3))],
+        noncontiguous=problem.case(min(rows, 64), hidden, noncontiguous=True, seed=4),
+        empty=problem.case(0, hidden, seed=5))
+
+
 def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None,
                seconds: dict[str, float] | None = None) -> list[str]:
     """Run the stages in order; raise :class:`CheckFailed` at the first failure, else return their names.
@@ -82,10 +114,9 @@ def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None
     runs, so its kernels' compiles, the sweep's included) and of the other stages together (``"checks"``):
     where a candidate's time goes, for the search's rate."""
     start = time.perf_counter()
-    rows, hidden = problem.target_shape(max_rows)
-    sweep = [(r, h, problem.case(r, h, seed=1)) for r, h in problem.sweep_shapes(max_rows)]
-    target = problem.case(rows, hidden)
-    runs = _run_all(problem, config, [target] + [case for _r, _h, case in sweep])
+    cases = check_cases(problem, max_rows)
+    rows, hidden, target = cases.rows, cases.hidden, cases.target
+    runs = _run_all(problem, config, [target] + [case for _label, case in cases.sweep])
     out = runs[0]
     if isinstance(out, Exception):
         raise CheckFailed("smoke", f"{type(out).__name__}: {out}") from None
@@ -94,17 +125,13 @@ def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None
             raise CheckFailed("smoke", f"{name} has non-finite values on {rows}x{hidden}")
     smoke_end = time.perf_counter()
 
-    for (r, h, case), got in zip(sweep, runs[1:], strict=True):
+    for (label, case), got in zip(cases.sweep, runs[1:], strict=True):
         if isinstance(got, Exception):
             raise got  # not a check failure: the worker reports it as an error, with its traceback
-        _compare(problem, got, problem.reference(case), "shape sweep", f"{r}x{h}")
+        _compare(problem, got, problem.reference(case), "shape sweep", label)
 
-    small = min(rows, 257)
-    for scale in (1e4, 1e-3):
-        case = problem.case(small, hidden, scale=scale, seed=2)
-        _compare(problem, problem.run(config, case), problem.reference(case), "stability", f"scale {scale:g}")
-    case = problem.case(small, hidden, zero_row=True, seed=3)
-    _compare(problem, problem.run(config, case), problem.reference(case), "stability", "zero row")
+    for label, case in cases.stability:
+        _compare(problem, problem.run(config, case), problem.reference(case), "stability", label)
 
     first = problem.run(config, target)
     again = problem.run(config, target)
@@ -112,11 +139,10 @@ def run_checks(problem: Any, config: dict[str, Any], max_rows: int | None = None
         if not torch.equal(first[name], again[name]):
             raise CheckFailed("determinism", f"{name} differs between two runs on {rows}x{hidden}")
 
-    case = problem.case(min(rows, 64), hidden, noncontiguous=True, seed=4)
+    case = cases.noncontiguous
     _compare(problem, problem.run(config, case), problem.reference(case), "edge cases", "non-contiguous")
-    empty = problem.case(0, hidden, seed=5)
     try:
-        out = problem.run(config, empty)
+        out = problem.run(config, cases.empty)
     except Exception as exc:
         raise CheckFailed("edge cases", f"zero-size batch: {type(exc).__name__}: {exc}") from None
     for name, t in out.items():

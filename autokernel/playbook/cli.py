@@ -69,6 +69,16 @@ def _price(text: str) -> tuple[float, float]:
     return rates
 
 
+def _compilers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more), got {text!r}")
+    return value
+
+
 def _shard(text: str) -> Shard:
     try:
         return Shard.parse(text)
@@ -111,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                         "the timing of the model after")
     p.add_argument("--timeout", type=positive(float, "seconds"), default=180.0,
                    help="seconds before a candidate counts as hung")
+    p.add_argument("--precompile", type=_compilers, metavar="N",
+                   help="compiler processes per GPU that build the next candidates' kernels while one is checked "
+                        "and timed (default: a quarter of the cores, at most 4; 0: none; CUDA only)")
     p.add_argument("--strategy", choices=STRATEGIES, default="search",
                    help="search: the playbook's kernel space; agent: an LLM writes kernels (ANTHROPIC_API_KEY, "
                         "pip install 'autokernel[agent]'); both: search for half the budget, then the agent tries "
@@ -278,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = KernelCache(args.cache_dir, device=device)
     progress = _Progress(args.quiet or len(devices) > 1)
     tune_kwargs = dict(progress=progress, strategy=args.strategy, agent_model=args.agent_model,
-                       max_turns=args.max_turns, agent_price=args.agent_price, retry_failed=args.retry_failed)
+                       max_turns=args.max_turns, agent_price=args.agent_price, retry_failed=args.retry_failed,
+                       precompile=args.precompile)
     if args.model or args.hf_config:
         from autokernel.playbook.model import ModelError, hf_factory, load_factory, tune_model
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from autokernel.cache import KernelCache
+from autokernel.playbook.precompile import compilers
 from autokernel.playbook.tuner import TuneRequest, TuneResult, Worker, tune
 
 logger = logging.getLogger("autokernel")
@@ -117,7 +118,7 @@ def tune_all(jobs: list[Job], cache: KernelCache, devices: list[torch.device], d
                     prefix += f" on {device}"
                 job.attempts += 1
                 if worker is None:
-                    worker = Worker(job.request, device, None, timeout_s)
+                    worker = Worker(job.request, device, None, timeout_s, compilers(tune_kwargs.get("precompile")))
                 result = _attempt(job, local, device, min(share, left), timeout_s,
                                   lambda msg, prefix=prefix: progress(prefix, msg), dict(tune_kwargs, worker=worker))
                 with lock:

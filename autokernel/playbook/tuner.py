@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from autokernel import __version__
 from autokernel.cache import KernelCache, row_bucket
 from autokernel.cache.fingerprint import interpreter_enabled
 from autokernel.cache.store import PASSES, WRITE_ERRORS, CacheWriteError, describe_write_error
+from autokernel.playbook.child import spawn
 from autokernel.playbook.notes import (
     NOTES_VERSION,
     REASON_CHARS,
@@ -51,6 +51,7 @@ from autokernel.playbook.notes import (
     shown_config,
 )
 from autokernel.playbook.notes import brief as notes_brief
+from autokernel.playbook.precompile import Precompiler, compilers
 
 logger = logging.getLogger("autokernel")
 
@@ -58,6 +59,7 @@ PLATEAU = 8  # candidates without a 1% gain before a phase ends
 NEAR_FLOOR = 1.03  # a phase ends once its best is within 3% of the floor
 INTERPRETER_ROWS = 64  # rows used under the interpreter, whatever the wanted shape
 INTERPRETER_CANDIDATES = 3
+LOOKAHEAD = 8  # configs offered to the precompiler at each step (it takes what its compilers have room for)
 # A training request's forward phase ends (once it has a passing candidate) after this share of the budget: the
 # backward phase decides the training entry, and a forward phase that ran to the end of the budget left the
 # Llama step's linear + cross-entropy with its default chunk for training (28.5 ms; 21.5 once tuned). The share is
@@ -134,7 +136,8 @@ class WorkerStartFailure(WorkerFailure):
 class Worker:
     """A child process holding one problem at a time; restarted after a crash or a hang."""
 
-    def __init__(self, request: TuneRequest, device: torch.device, max_rows: int | None, timeout_s: float):
+    def __init__(self, request: TuneRequest, device: torch.device, max_rows: int | None, timeout_s: float,
+                 precompile: int = 0):
         self.device = device
         self.args = self._args(request, max_rows)
         self.timeout_s = timeout_s
@@ -142,6 +145,8 @@ class Worker:
         self.to_child: Connection | None = None
         self.from_child: Connection | None = None
         self.stale = False  # the running child holds another problem than ``args``
+        # ``precompile`` compiler processes build the next candidates' kernels ahead of the loop (CUDA only).
+        self.precompiler = Precompiler(self.args, precompile) if precompile and device.type == "cuda" else None
 
     def _args(self, request: TuneRequest, max_rows: int | None) -> dict[str, Any]:
         return {"pattern": request.pattern, "flags": request.flags, "dtype": request.dtype,
@@ -155,18 +160,20 @@ class Worker:
         if args != self.args:
             self.args = args
             self.stale = self.proc is not None
+            if self.precompiler is not None:
+                self.precompiler.retarget(args)
+
+    def ahead(self, configs: list[dict[str, Any]]) -> None:
+        """The configs the loop runs next, for the precompiler (if any) to compile meanwhile."""
+        if self.precompiler is not None:
+            self.precompiler.ahead(configs)
+
+    def precompiled(self, config: dict[str, Any]) -> str:
+        """Whether the precompiler compiled ``config`` before it ran: done, failed, pending, or ''."""
+        return (self.precompiler.state(config) or "") if self.precompiler is not None else ""
 
     def start(self) -> None:
-        child_in, parent_out = os.pipe()
-        parent_in, child_out = os.pipe()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "autokernel.playbook.worker", str(child_in), str(child_out),
-             json.dumps(self.args)],
-            pass_fds=(child_in, child_out), stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        os.close(child_in)
-        os.close(child_out)
-        self.to_child = Connection(parent_out, readable=False)
-        self.from_child = Connection(parent_in, writable=False)
+        self.proc, self.to_child, self.from_child = spawn("autokernel.playbook.worker", self.args)
         try:
             reply = self._receive(max(self.timeout_s, 300.0))
         except WorkerFailure as exc:
@@ -220,6 +227,8 @@ class Worker:
         self.stale = False
 
     def stop(self) -> None:
+        if self.precompiler is not None:
+            self.precompiler.stop()
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.to_child.send(("stop",))
@@ -241,11 +250,13 @@ class _Log:
     stage, or crash, hang, error), ``ms`` (the phase's time: forward for ``fwd``, forward + backward
     otherwise) and ``notes`` (what the tuner made of it); then where a passing candidate's ``seconds`` went in
     the worker: ``smoke_s`` (its first run, which compiles its kernels), ``checks_s`` (the other check stages)
-    and ``timing_s``. Resume reads ``phase``, ``status``, ``config``, ``fwd_ms`` and ``train_ms``."""
+    and ``timing_s``; then ``precompiled``: whether the precompiler had compiled its kernels when it ran
+    (done, pending, failed; empty without one). Resume reads ``phase``, ``status``, ``config``, ``fwd_ms`` and
+    ``train_ms``."""
 
     FIELDS = ["n", "phase", "status", "fwd_ms", "train_ms", "speedup_vs_inductor", "pct_of_floor", "seconds",
               "config", "detail", "time", "shape", "strategy", "candidate", "check_failed", "ms", "notes",
-              "smoke_s", "checks_s", "timing_s"]
+              "smoke_s", "checks_s", "timing_s", "precompiled"]
 
     def __init__(self, path: Path, shape: str):
         self.path = path
@@ -302,7 +313,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
          agent_model: str | None = None, max_turns: int = 20, agent_price: tuple[float, float] | None = None,
          retry_failed: bool = False,
          baseline: tuple[dict[str, float | None], dict[str, float | None]] | None = None,
-         worker: Worker | None = None) -> TuneResult:
+         worker: Worker | None = None, precompile: int | None = None) -> TuneResult:
     """Tune one request; write its cache entry (or an "Inductor wins" entry); return what happened.
 
     ``strategy``: "search" (the playbook's kernel space), "agent" (an LLM writes kernels; needs
@@ -312,7 +323,8 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     the candidates that the notes say failed on this shape before, instead of skipping them. ``baseline``:
     the floor and Inductor's times already measured on this GPU for this request (``measure_baseline``),
     not measured again. ``worker``: a :class:`Worker` on ``device`` to reuse (it is retargeted to this
-    request and left running, for the caller to stop); without one, the run starts its own."""
+    request and left running, for the caller to stop); without one, the run starts its own, with ``precompile``
+    compiler processes (:mod:`autokernel.playbook.precompile`; None: :func:`compilers`' default)."""
     from autokernel.lowering import families
 
     t0 = time.time()
@@ -341,7 +353,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     result = TuneResult(request, "no correct candidate", run_dir=str(run_dir))
     own_worker = worker is None
     if worker is None:
-        worker = Worker(request, device, max_rows, timeout_s)
+        worker = Worker(request, device, max_rows, timeout_s, compilers(precompile))
     else:
         worker.retarget(request, max_rows)
     say = progress or (lambda _msg: None)
@@ -352,17 +364,6 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
     peer: dict[str, float | None] = {"fwd_ms": None, "train_ms": None}
     phases = ("fwd",) if request.forward_only else ("fwd", "bwd")
     try:
-        if baseline is not None and not interpret:
-            floor, peer = baseline
-            log.row(strategy="inductor", n=0, phase="peer", status="inductor ok (measured before this run)",
-                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail="")
-        elif not interpret:
-            say("racing Inductor")
-            split: dict[str, float] = {}
-            floor, peer, detail = measure_baseline(worker, problem, seconds=split)
-            log.row(strategy="inductor", n=0, phase="peer", status="inductor " + ("ok" if not detail else "error"),
-                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail=detail,
-                    **{f"{part}_s": f"{sec:.2f}" for part, sec in split.items()})
         records = notes.records()
         known_failed = {} if retry_failed else notes.failures(problem.key, problem.hidden, bucket, records)
         candidates: list[tuple[str, dict[str, Any], str]] = []  # (phase, config, where it came from)
@@ -403,6 +404,19 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             say(f"resuming {old_dir.name}")
             candidates = front + candidates
             front_count = len(front)
+        # The first candidates compile in the precompiler while the worker starts and Inductor's baseline runs.
+        worker.ahead([config for _phase, config, _origin in candidates[:LOOKAHEAD]])
+        if baseline is not None and not interpret:
+            floor, peer = baseline
+            log.row(strategy="inductor", n=0, phase="peer", status="inductor ok (measured before this run)",
+                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail="")
+        elif not interpret:
+            say("racing Inductor")
+            split: dict[str, float] = {}
+            floor, peer, detail = measure_baseline(worker, problem, seconds=split)
+            log.row(strategy="inductor", n=0, phase="peer", status="inductor " + ("ok" if not detail else "error"),
+                    fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail=detail,
+                    **{f"{part}_s": f"{sec:.2f}" for part, sec in split.items()})
         best: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
         stale = {"fwd": 0, "bwd": 0, "agent": 0}
         counter = {"n": 0}
@@ -427,6 +441,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             counter["n"] += 1
             tried.add((phase, cid))
             t1 = time.time()
+            precompiled = worker.precompiled(config)
             check = ""
             try:
                 reply = worker.call("candidate", config)
@@ -460,6 +475,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                     pct_of_floor=f"{100 * floor[passname] / ms:.1f}" if (floor[passname] and ms) else "",
                     seconds=f"{time.time() - t1:.1f}", config=shown, detail=detail[:500],
                     **{f"{part}_s": f"{sec:.2f}" for part, sec in reply.get("seconds", {}).items()},
+                    precompiled=precompiled,
                     notes="; ".join(filter(None, [warm_note if origin == "warm start" else "", host_clock])))
             best_ms = best.get(phase, (None,))[0]
             say(f"candidate {counter['n']} {phase} {reply['status']}"
@@ -498,6 +514,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                 continue  # e.g. the warm start's config is also in the search space
             if overtime:
                 late.add(phase)
+            worker.ahead(_upcoming(candidates[index + 1:], stale, fwd_winner or config))
             evaluate(phase, config, origin)
         if strategy in ("agent", "both") and request.forward_only:
             # The agent's task and its ranking are forward + backward; a forward-only request keeps the search's.
@@ -614,6 +631,23 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Call
             train_ms=_fmt(ctx.get("train_ms")),
             detail="; ".join(filter(None, [ctx.get("detail", ""), f"{ctx.get('clock')} clock" if inductor_text else "",
                                             inductor_text, changed]))[:500])
+
+
+def _upcoming(candidates: list[tuple[str, dict[str, Any], str]], stale: dict[str, int],
+              fwd_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configs the loop will likely run next (as far as known now; a wrong guess costs a compile on a spare
+    core): the next ``LOOKAHEAD`` of ``candidates`` in phases not yet ended on a plateau, a backward candidate
+    with ``fwd_config``'s forward knobs (the forward winner's, or the current candidate's)."""
+    out = []
+    for phase, config, _origin in candidates:
+        if len(out) == LOOKAHEAD:
+            break
+        if stale[phase] >= PLATEAU:
+            continue
+        if phase == "bwd":
+            config = {**config, **{k: v for k, v in fwd_config.items() if k.startswith("fwd_")}}
+        out.append(config)
+    return out
 
 
 def _default_first(candidates: list[tuple[str, dict[str, Any], str]],

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
 from autokernel.cache.store import PASSES
 from autokernel.playbook.checks import CheckFailed, run_checks
+from autokernel.playbook.child import child_side
 from autokernel.playbook.timing import copy_gbps, gpu_or_host_ms, graph_ms, matmul_tflops, median_ms
 
 L2_ROTATE_BYTES = 128 * 2**20  # rotate among input sets until their total passes this (H100 L2: 50 MB)
@@ -180,12 +179,9 @@ def serve(conn_in, conn_out, **args: Any) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m autokernel.playbook.worker FD_IN FD_OUT ARGS_JSON`` (started by the tuner, not by hand).
-
-    A fresh interpreter rather than multiprocessing's spawn: spawn re-imports the parent's ``__main__``,
-    which runs a user's unguarded script (one that calls the tuner at top level) a second time."""
-    fd_in, fd_out, args = int(argv[0]), int(argv[1]), json.loads(argv[2])
-    serve(Connection(fd_in, writable=False), Connection(fd_out, readable=False), **args)
+    """``python -m autokernel.playbook.worker FD_IN FD_OUT ARGS_JSON`` (started by the tuner, not by hand)."""
+    conn_in, conn_out, args = child_side(argv)
+    serve(conn_in, conn_out, **args)
 
 
 if __name__ == "__main__":
