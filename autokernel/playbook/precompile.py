@@ -185,7 +185,10 @@ def serve(conn_in: Connection, conn_out: Connection, **args: Any) -> None:
     _compile_without_launching()
     problem = cases = None
     while True:
-        request = conn_in.recv()
+        try:
+            request = conn_in.recv()
+        except EOFError:  # the tuner is gone (killed): nothing left to compile for
+            return
         kind = request[0]
         if kind == "stop":
             return
