@@ -178,7 +178,7 @@ def serve(conn_in: Connection, conn_out: Connection, **args: Any) -> None:
     import torch
 
     device = torch.device(args["device"])
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         # The kernels are compiled for the current device's architecture, and the meta device's persistent
         # grids are sized by its SM count (``launch.sm_count``).
         torch.cuda.set_device(device)
