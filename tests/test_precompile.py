@@ -102,3 +102,18 @@ def test_no_precompiler_off_cuda_and_the_default_count():
     assert worker.precompiler is None and worker.precompiled({"fwd_num_warps": 1}) == ""
     assert compilers(0) == 0 and compilers(3) == 3
     assert 1 <= compilers() <= 4
+
+
+def test_upcoming_follows_the_loop():
+    """What the tuner offers the precompiler: the next candidates of phases still running, each backward one with
+    the forward knobs it will run with, at most LOOKAHEAD of them."""
+    from autokernel.playbook.tuner import LOOKAHEAD, PLATEAU, _upcoming
+
+    fwd = [("fwd", {"fwd_num_warps": w}, "search") for w in (1, 2)]
+    bwd = [("bwd", {"fwd_num_warps": 0, "bwd_num_warps": w}, "search") for w in range(1, 2 * LOOKAHEAD)]
+    got = _upcoming(fwd + bwd, {"fwd": 0, "bwd": 0}, {"fwd_num_warps": 8, "bwd_num_warps": 99})
+    assert got[:2] == [{"fwd_num_warps": 1}, {"fwd_num_warps": 2}]
+    assert got[2] == {"fwd_num_warps": 8, "bwd_num_warps": 1}
+    assert len(got) == LOOKAHEAD
+    ended = _upcoming(fwd + bwd, {"fwd": PLATEAU, "bwd": 0}, {"fwd_num_warps": 8})
+    assert all("bwd_num_warps" in c for c in ended)
