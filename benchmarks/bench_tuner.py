@@ -96,7 +96,9 @@ def tune_case(pattern: str, shape: list[int], budget_min: float, device: Any, pr
     return {
         "pattern": pattern, "case": "x".join(map(str, shape)), "dtype": "bf16", "pass": "fwd+bwd",
         "impl": "autokernel", "precompile": precompile,
-        "precompiled": {s or "-": sum(r.get("precompiled", "") == s for r in rows)
+        # Candidates by whether their kernels were compiled ahead when the worker ran them (done, pending, failed;
+        # "no" without a precompiler).
+        "precompiled": {s or "no": sum(r.get("precompiled", "") == s for r in rows)
                         for s in sorted({r.get("precompiled", "") for r in rows})},
         "ms": result.times.get("train_ms"), "inductor_ms": result.times.get("inductor_train_ms"),
         "status": result.status, "candidates": result.candidates, "run_s": round(result.seconds, 1),
@@ -126,7 +128,8 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ms = f"{r['ms']:.4f}" if r["ms"] is not None else "—"
         ind = f"{r['inductor_ms']:.4f}" if r["inductor_ms"] is not None else "—"
-        lines.append(f"| {r['pattern']} {r['case']} | {r.get('precompile', '')} | {r.get('precompiled', '')} | "
+        precompiled = ", ".join(f"{state} {n}" for state, n in r.get("precompiled", {}).items())
+        lines.append(f"| {r['pattern']} {r['case']} | {r.get('precompile', '')} | {precompiled} | "
                      f"{r['status']} | {r['candidates']} | {r['run_s']} | "
                      f"{r['candidates_per_min']} | {r['loop_candidates_per_min']} | {ms} | {ind} | {r['by_status']} | "
                      + " / ".join(str(v) for v in r["loop_split_s"].values()) + " | "

@@ -140,7 +140,8 @@ def test_bench_tuner_smoke(tmp_path: Path) -> None:
     split = row["loop_split_s"]  # the worker's own clock: inside the tuner's per-candidate seconds
     assert set(split) == {"smoke", "checks", "timing"} and min(split.values()) > 0, split
     assert sum(split.values()) <= row["loop_s"] + 0.05 * row["candidates"] + 0.05, (split, row["loop_s"])  # rounding
-    assert "| rms_norm 4x16 | written |" in (out / "tuner.md").read_text()
+    assert row["precompiled"] == {"no": row["candidates"]}, row  # no compiler processes off CUDA
+    assert f"| rms_norm 4x16 | 0 | no {row['candidates']} | written |" in (out / "tuner.md").read_text()
     bad = subprocess.run([*cmd[:2], "--smoke", "--cases", "rms_norm:8192"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "pattern:ROWSxHIDDEN" in bad.stderr and "'rms_norm:8192'" in bad.stderr
 
