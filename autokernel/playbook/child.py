@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,7 +28,7 @@ def spawn(module: str, args: dict[str, Any]) -> tuple[subprocess.Popen, Connecti
     return proc, Connection(parent_out, readable=False), Connection(parent_in, writable=False)
 
 
-def child_side(argv: list[str]) -> tuple[Connection, Connection, dict[str, Any]]:
-    """In the child: the connections :func:`spawn` passed (requests in, answers out) and its arguments."""
-    fd_in, fd_out, args = int(argv[0]), int(argv[1]), json.loads(argv[2])
-    return Connection(fd_in, writable=False), Connection(fd_out, readable=False), args
+def run_child(serve: Callable[..., None]) -> None:
+    """In the child (its ``__main__``): ``serve(requests_in, answers_out, **args)`` on what :func:`spawn` passed."""
+    fd_in, fd_out, args = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+    serve(Connection(fd_in, writable=False), Connection(fd_out, readable=False), **args)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from autokernel.playbook.checks import check_cases
-from autokernel.playbook.child import child_side, spawn
+from autokernel.playbook.child import run_child, spawn
 from autokernel.playbook.notes import candidate_id
 
 logger = logging.getLogger("autokernel")
@@ -206,11 +205,5 @@ def serve(conn_in: Connection, conn_out: Connection, **args: Any) -> None:
         conn_out.send(reply)
 
 
-def main(argv: list[str]) -> None:
-    """``python -m autokernel.playbook.precompile FD_IN FD_OUT ARGS_JSON`` (started by :class:`Precompiler`)."""
-    conn_in, conn_out, args = child_side(argv)
-    serve(conn_in, conn_out, **args)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__":  # python -m ... FD_IN FD_OUT ARGS_JSON, started by the tuner (child.spawn)
+    run_child(serve)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import sys
 import tempfile
 import time
 import traceback
@@ -21,7 +20,7 @@ import torch
 
 from autokernel.cache.store import PASSES
 from autokernel.playbook.checks import CheckFailed, run_checks
-from autokernel.playbook.child import child_side
+from autokernel.playbook.child import run_child
 from autokernel.playbook.timing import copy_gbps, gpu_or_host_ms, graph_ms, matmul_tflops, median_ms
 
 L2_ROTATE_BYTES = 128 * 2**20  # rotate among input sets until their total passes this (H100 L2: 50 MB)
@@ -178,11 +177,5 @@ def serve(conn_in, conn_out, **args: Any) -> None:
         conn_out.send(reply)
 
 
-def main(argv: list[str]) -> None:
-    """``python -m autokernel.playbook.worker FD_IN FD_OUT ARGS_JSON`` (started by the tuner, not by hand)."""
-    conn_in, conn_out, args = child_side(argv)
-    serve(conn_in, conn_out, **args)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__":  # python -m ... FD_IN FD_OUT ARGS_JSON, started by the tuner (child.spawn)
+    run_child(serve)
