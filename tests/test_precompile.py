@@ -117,3 +117,39 @@ def test_upcoming_follows_the_loop():
     assert len(got) == LOOKAHEAD
     ended = _upcoming(fwd + bwd, {"fwd": PLATEAU, "bwd": 0}, {"fwd_num_warps": 8})
     assert all("bwd_num_warps" in c for c in ended)
+
+
+FAMILY_CASES = [
+    ("rms_norm", {"mode": "gemma", "offset": 1.0}, [300, 40]),
+    ("rms_norm", {"residual": True}, [300, 40]),
+    ("layer_norm", {}, [300, 40]),
+    ("softmax", {"op": "log_softmax"}, [300, 40]),
+    ("swiglu", {"act": "gelu_tanh", "layout": "gate_up"}, [300, 48]),
+    ("cross_entropy", {"reduction": "none", "ignore_index": 3}, [300, 100]),
+    ("linear_cross_entropy", {"reduction": "sum"}, [300, 16, 40]),
+    ("rope", {"layout": "interleaved", "rotary_dim": 8, "kv_heads": 2}, [2, 4, 8, 16]),
+]
+
+
+def _layouts(value) -> list:
+    """(size, stride, dtype) of every tensor a case holds, in field order; other fields as they are."""
+    import dataclasses
+
+    fields = [getattr(value, f.name) for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [value]
+    return [(tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else v for v in fields]
+
+
+def test_meta_random_cases_have_the_exact_layouts(monkeypatch):
+    """The compilers draw their cases with ``meta_random`` (no data): every family's cases must come out with the
+    sizes, strides and dtypes of the cases drawn on the CPU, which is what Triton specializes on; and no family may
+    need the slow path (it would still be right, only late)."""
+    from autokernel.lowering import families
+    from autokernel.playbook.precompile import meta_random
+
+    for pattern, flags, shape in FAMILY_CASES:
+        exact = check_cases(families()[pattern].problem(flags, "bf16", shape, "meta"), 64)
+        with meta_random():
+            fast = check_cases(families()[pattern].problem(flags, "bf16", shape, "meta"), 64)
+        assert torch.randn(2).device.type == "cpu", "meta_random leaked out of its block"
+        for a, b in zip(exact.all(), fast.all(), strict=True):
+            assert _layouts(a) == _layouts(b), pattern

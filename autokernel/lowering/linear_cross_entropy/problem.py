@@ -179,7 +179,8 @@ class LinearCrossEntropyProblem(RowProblem):
     def _weight(self, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One lm_head per hidden size, shared by the cases: at 128256 x 4096 each costs a GiB."""
         if hidden not in self._weights:
-            g = torch.Generator(device=self.device).manual_seed(4000 + hidden)
+            # Drawn on the device (a GiB on the host is slow); meta (ak-tune's precompiler) has no generator.
+            g = torch.Generator(device=self.device).manual_seed(4000 + hidden) if self.device.type != "meta" else None
             # Logits of standard deviation ~2 for unit hidden states, as a trained head gives.
             w = (torch.randn(self.vocab, hidden, generator=g, device=self.device) * (2.0 / hidden ** 0.5))
             b = (0.5 * torch.randn(self.vocab, generator=g, device=self.device)).to(self.dtype) if self.bias else None
