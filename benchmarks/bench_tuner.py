@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 # bench_e2e beside this file, and this checkout's autokernel
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
@@ -76,18 +77,12 @@ def tune_case(pattern: str, shape: list[int], budget_min: float, device: Any, pr
         # Cold compiles in every run: Triton's and Inductor's on-disk caches of their own (the worker and the
         # compilers inherit them), so a case run again, with or without compiling ahead, finds nothing compiled.
         compile_caches = {"TRITON_CACHE_DIR": f"{root}/triton", "TORCHINDUCTOR_CACHE_DIR": f"{root}/inductor"}
-        saved = {k: os.environ.get(k) for k in compile_caches}
-        os.environ.update(compile_caches)
         try:
-            result = tune(TuneRequest(pattern, {}, "bf16", shape), cache, device, budget_s=budget_min * 60,
-                          precompile=precompile)
+            with mock.patch.dict(os.environ, compile_caches):
+                result = tune(TuneRequest(pattern, {}, "bf16", shape), cache, device, budget_s=budget_min * 60,
+                              precompile=precompile)
         finally:
             cache.close()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         with open(Path(result.run_dir) / "results.tsv", newline="") as f:
             logged = list(csv.DictReader(f, delimiter="\t"))
     rows = candidate_rows(logged)

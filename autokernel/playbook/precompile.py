@@ -72,6 +72,9 @@ class Precompiler:
             return
         self.args = args
         self.states.clear()
+        # The old problem's queued compiles are still answered, first: their answers must not mark a config of
+        # the same id queued for the new problem.
+        self.in_flight = [[""] * len(queued) for queued in self.in_flight]
         for i in range(len(self.children)):
             self._send(i, ("problem", args))
 
@@ -123,8 +126,9 @@ class Precompiler:
         return self.states.get(candidate_id(config))
 
     def stop(self) -> None:
-        for i, (proc, to_child, from_child) in enumerate(self.children):
+        for i in range(len(self.children)):  # all told first: a busy one's wait does not delay the others' exit
             self._send(i, ("stop",))
+        for proc, to_child, from_child in self.children:
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:  # mid-compile: its work is no longer wanted

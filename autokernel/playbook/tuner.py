@@ -507,7 +507,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             if phase == "bwd":
                 if fwd_winner is None:
                     fwd_winner = best["fwd"][1] if "fwd" in best else problem.default_candidate()
-                config = {**config, **{k: v for k, v in fwd_winner.items() if k.startswith("fwd_")}}
+                config = _with_forward_knobs(config, fwd_winner)
             if index >= front_count and json.dumps(config, sort_keys=True) in skip:
                 continue
             if (phase, candidate_id(config)) in tried:
@@ -633,6 +633,11 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Call
                                             inductor_text, changed]))[:500])
 
 
+def _with_forward_knobs(config: dict[str, Any], fwd_config: dict[str, Any]) -> dict[str, Any]:
+    """A backward candidate run with ``fwd_config``'s forward knobs (the ``fwd_`` keys)."""
+    return {**config, **{k: v for k, v in fwd_config.items() if k.startswith("fwd_")}}
+
+
 def _upcoming(candidates: list[tuple[str, dict[str, Any], str]], stale: dict[str, int],
               fwd_config: dict[str, Any]) -> list[dict[str, Any]]:
     """The configs the loop will likely run next (as far as known now; a wrong guess costs a compile on a spare
@@ -645,7 +650,7 @@ def _upcoming(candidates: list[tuple[str, dict[str, Any], str]], stale: dict[str
         if stale[phase] >= PLATEAU:
             continue
         if phase == "bwd":
-            config = {**config, **{k: v for k, v in fwd_config.items() if k.startswith("fwd_")}}
+            config = _with_forward_knobs(config, fwd_config)
         out.append(config)
     return out
 
