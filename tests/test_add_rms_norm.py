@@ -99,13 +99,14 @@ def test_compiled_block_matches_float64_forward_and_backward(dtype, tmp_path):
     assert any("autokernel.add_rms_norm.default" in gr for gr in graphs[1:])
 
 
-@pytest.mark.parametrize("rows,hidden,block_n", [(1, 40, 0), (7, 33, 0), (5, 300, 64), (130, 512, 0)])
+@pytest.mark.parametrize("rows,hidden,chunks", [(1, 40, {}), (7, 33, {}), (5, 300, {"block_n": 64, "fwd_block_n": 64}),
+                                               (130, 512, {}), (9, 300, {"bwd_split_n": 128})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_match_float64(rows, hidden, block_n, dtype):
+def test_kernels_match_float64(rows, hidden, chunks, dtype):
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     problem = RmsNormProblem({"mode": "llama", "residual": True}, name, [rows, hidden], "cpu")
     case = problem.case(rows, hidden, scale=1.0, seed=rows)
-    config = {**problem.default_candidate(), "block_n": block_n}
+    config = {**problem.default_candidate(), **chunks}
     out = problem.run(config, case)
     ref = problem.reference(case)
     assert set(out) == set(ref) == {"y", "h", "dx", "dresidual", "dw"}

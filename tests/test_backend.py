@@ -152,10 +152,14 @@ def test_ak_tune_fills_the_cache_from_the_wanted_table(tmp_path):
     assert [i.status for i in report.instances] == ["hit"]
 
 
-def test_hit_rewrites_and_matches_eager_with_inductor(tmp_path, spy):
+@pytest.mark.parametrize("config", [{}, {"fwd_block_n": 16, "bwd_split_n": 16, "bwd_programs_per_sm": 2}],
+                         ids=["default", "chunked-forward-split-backward"])
+def test_hit_rewrites_and_matches_eager_with_inductor(tmp_path, spy, config):
+    # The second config launches the chunked forward and the split backward's two kernels (6 rows: 3 column
+    # blocks x 2 row groups) from Inductor's code.
     model = _model()
     x = torch.randn(6, H, dtype=torch.bfloat16)
-    KernelCache(tmp_path, device="cpu").put_entry(_entry(6))
+    KernelCache(tmp_path, device="cpu").put_entry(_entry(6, kernel={"kind": "family", "config": config}))
     compiled = torch.compile(model, backend=spy.backend, options=_opts(tmp_path, compiler="inductor"))
     _grads_match(model, compiled, x)
     assert "autokernel.rms_norm_train" in spy.graphs[0]

@@ -60,6 +60,9 @@ def test_kernels_real_sizes(rows, hidden, dtype, mode, offset):
     RmsNormConfig(fwd_num_warps=4, fwd_rows_per_program=4, bwd_num_warps=4, bwd_programs_per_sm=8),
     RmsNormConfig(fwd_num_warps=16, bwd_num_warps=16, bwd_programs_per_sm=1),
     RmsNormConfig(block_n=1024, fwd_rows_per_program=2),
+    RmsNormConfig(block_n=1024, fwd_block_n=2048),
+    RmsNormConfig(bwd_split_n=1024, bwd_num_warps=4),
+    RmsNormConfig(bwd_split_n=512, bwd_num_warps=4, bwd_programs_per_sm=1),
 ])
 def test_kernel_configs(config):
     _check(1000, 3000, torch.bfloat16, "llama", 0.0, config)
@@ -67,6 +70,8 @@ def test_kernel_configs(config):
 
 def test_huge_rows_chunked_and_extremes():
     _check(16, 100_000, torch.bfloat16, "llama", 0.0)
+    _check(333, 32768, torch.bfloat16, "llama", 0.0, RmsNormConfig(bwd_split_n=1024, bwd_num_warps=4))
+    _check(16, 100_000, torch.bfloat16, "gemma", 1.0, RmsNormConfig(bwd_split_n=2048, bwd_num_warps=8))
     _check(512, 4096, torch.bfloat16, "llama", 0.0, scale=1e4)
     _check(512, 4096, torch.float16, "gemma", 0.0, scale=1e-3, weight=False)
 
@@ -236,7 +241,8 @@ def test_add_rms_norm_kernels_real_sizes(rows, hidden, dtype):
     problem = RmsNormProblem({"mode": "llama", "residual": True}, name, [rows, hidden], "cuda")
     case = problem.case(rows, hidden, seed=rows)
     candidates = [c for _, c in problem.candidates()]
-    for candidate in candidates[:1] + [c for c in candidates if c.get("block_n")][:1]:
+    wide = [c for c in candidates if c.get("block_n")][:1] + [c for c in candidates if c.get("bwd_split_n")][:1]
+    for candidate in candidates[:1] + wide:
         out = problem.run(candidate, case)
         ref = problem.reference(case)
         for k in out:

@@ -25,8 +25,11 @@ SINGLE = RmsNormConfig(fwd_num_warps=1, bwd_num_warps=1)
 # One program per "SM" (4 on CPU), so the persistent backward loops over several rows per program.
 PERSISTENT = RmsNormConfig(fwd_num_warps=1, bwd_num_warps=1, bwd_programs_per_sm=1, fwd_rows_per_program=3)
 CHUNKED = RmsNormConfig(
-    fwd_num_warps=1, bwd_num_warps=1, bwd_programs_per_sm=1, fwd_rows_per_program=2, block_n=64
+    fwd_num_warps=1, bwd_num_warps=1, bwd_programs_per_sm=1, fwd_rows_per_program=2, block_n=64, fwd_block_n=64
 )
+# The split backward: column blocks x row groups (300 columns: blocks of 128, 128 and 44; 7 rows: 8 programs
+# on 4 "SMs" make 2 row groups, of 4 rows and 3).
+SPLIT = RmsNormConfig(fwd_num_warps=1, bwd_num_warps=1, bwd_programs_per_sm=2, bwd_split_n=128)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -83,7 +86,7 @@ def test_dtypes_modes_offsets(dtype: torch.dtype, mode: str, offset: float) -> N
 
 
 @pytest.mark.parametrize("mode", ["llama", "gemma"])
-@pytest.mark.parametrize("config", [SINGLE, CHUNKED], ids=["single", "chunked"])
+@pytest.mark.parametrize("config", [SINGLE, CHUNKED, SPLIT], ids=["single", "chunked", "split"])
 def test_no_weight(mode: str, config: RmsNormConfig) -> None:
     # offset is ignored without a weight
     _check(_randn(6, 100, dtype=torch.bfloat16, seed=2), None, mode, config, offset=1.0)
@@ -107,15 +110,17 @@ def test_ranks(shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("mode", ["llama", "gemma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_chunked_non_multiple(mode: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("config", [CHUNKED, SPLIT], ids=["chunked", "split"])
+def test_chunked_non_multiple(mode: str, dtype: torch.dtype, config: RmsNormConfig) -> None:
     # H = 300 with 64-wide chunks: four full chunks and a ragged one; 7 rows over 2-row forward programs
-    # and 4 persistent backward programs.
+    # and 4 persistent backward programs. Split: see SPLIT.
     x = _randn(7, 300, dtype=dtype, seed=7)
     w = _randn(300, dtype=dtype, seed=8)
-    _check(x, w, mode, CHUNKED, offset=1.0)
+    _check(x, w, mode, config, offset=1.0)
 
 
-@pytest.mark.parametrize("config", [SINGLE, PERSISTENT, CHUNKED], ids=["single", "persistent", "chunked"])
+@pytest.mark.parametrize("config", [SINGLE, PERSISTENT, CHUNKED, SPLIT],
+                         ids=["single", "persistent", "chunked", "split"])
 def test_non_contiguous_rows(config: RmsNormConfig) -> None:
     big = _randn(9, 160, dtype=torch.bfloat16, seed=9)
     x = big[:, :100]
@@ -140,7 +145,7 @@ def test_magnitudes(scale: float, dtype: torch.dtype) -> None:
     _check(x, w, "gemma", CHUNKED, offset=1.0)
 
 
-@pytest.mark.parametrize("config", [SINGLE, CHUNKED], ids=["single", "chunked"])
+@pytest.mark.parametrize("config", [SINGLE, CHUNKED, SPLIT], ids=["single", "chunked", "split"])
 def test_zero_row(config: RmsNormConfig) -> None:
     x = _randn(5, 100, dtype=torch.float32, seed=16)
     x[2] = 0.0
@@ -148,7 +153,7 @@ def test_zero_row(config: RmsNormConfig) -> None:
     _check(x, w, "gemma", config, offset=1.0)
 
 
-@pytest.mark.parametrize("config", [PERSISTENT, CHUNKED], ids=["single", "chunked"])
+@pytest.mark.parametrize("config", [PERSISTENT, CHUNKED, SPLIT], ids=["single", "chunked", "split"])
 def test_deterministic(config: RmsNormConfig) -> None:
     x = _randn(11, 300, dtype=torch.bfloat16, seed=18)
     w = _randn(300, dtype=torch.bfloat16, seed=19)
@@ -202,6 +207,8 @@ def test_config_round_trip() -> None:
         bwd_programs_per_sm=2,
         block_n=1024,
         num_stages=2,
+        fwd_block_n=2048,
+        bwd_split_n=512,
     )
     assert RmsNormConfig.from_dict(cfg.to_dict()) == cfg
     assert RmsNormConfig.from_dict({}) == RmsNormConfig()
@@ -218,6 +225,8 @@ def test_config_round_trip() -> None:
         ({"bwd_num_warps": 64}, "bwd_num_warps"),
         ({"block_n": 48}, "block_n"),
         ({"block_n": -64}, "block_n"),
+        ({"fwd_block_n": 96}, "fwd_block_n"),
+        ({"bwd_split_n": 65536}, "bwd_split_n"),
         ({"fwd_rows_per_program": 0}, "fwd_rows_per_program"),
         ({"bwd_programs_per_sm": -1}, "bwd_programs_per_sm"),
         ({"num_stages": 0}, "num_stages"),
@@ -233,11 +242,16 @@ def test_effective_config() -> None:
     assert effective_config(single, 4096) == single
     wide = effective_config(single, 100_000)
     assert wide.block_n > 0 and wide.fwd_num_warps == single.fwd_num_warps
-    chunked = RmsNormConfig(block_n=64)
+    assert wide.fwd_block_n > 0
+    chunked = RmsNormConfig(block_n=64, fwd_block_n=128)
     assert effective_config(chunked, 300) == chunked
     # one chunk covers the row: the single-pass kernel does the same work with one read
     assert effective_config(chunked, 37).block_n == 0
     assert effective_config(chunked, 64).block_n == 0
+    assert effective_config(chunked, 128) == RmsNormConfig(block_n=64)
+    # each pass chunks on its own: a chunked backward leaves the forward whole
+    backward_only = effective_config(RmsNormConfig(block_n=64), 300)
+    assert backward_only.chunked and not backward_only.fwd_chunked
 
 
 @pytest.mark.parametrize("hidden", [1, 37, 4096, 8192, 32768, 100_000, 262_144])
@@ -245,4 +259,4 @@ def test_default_config(hidden: int) -> None:
     cfg = default_config(hidden, 8192, torch.bfloat16)
     assert RmsNormConfig.from_dict(cfg.to_dict()) == cfg
     assert effective_config(cfg, hidden) == cfg
-    assert (cfg.block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK)
+    assert (cfg.block_n > 0) == (cfg.fwd_block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK)

@@ -30,7 +30,7 @@ def test_retarget_swaps_the_problem_in_the_same_child():
         reply = worker.call("candidate", config)
         assert reply["status"] == "ok" and worker.proc.pid == pid
         # The child holds the problem it was last given: a softmax knob passes there and fails for RMSNorm.
-        softmax_only = {"fwd_block_n": 0}
+        softmax_only = {"bwd_rows_per_program": 1}
         worker.retarget(TuneRequest("softmax", {"op": "softmax", "out": "fp32"}, "fp32", [4, 24]), 8)
         assert worker.call("candidate", softmax_only)["status"] == "ok"
         worker.retarget(_request(24), 8)

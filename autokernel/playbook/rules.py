@@ -83,10 +83,16 @@ RULES: dict[str, Rule] = {rule.key: rule for rule in (
          "Rows of 16K elements and wider spill registers when a program holds the whole row (and dy, and the "
          "weight, and a partial dW in the backward): stream the row in chunks (a second read) or split its "
          "reduction over several programs.",
-         knobs=("block_n", "bwd_num_warps"),
+         knobs=("block_n", "fwd_block_n", "bwd_split_n", "bwd_num_warps"),
          observed=(Observation("single-pass rms_norm fwd+bwd 2048x16384: 1.17 ms vs Inductor 0.30; 2048x32768: "
                                "2.67 ms vs 0.80 (Inductor wins): the backward spills; chunked candidates were "
-                               "added for rows >= 16384", H100, TUNE_H100),)),
+                               "added for rows >= 16384", H100, TUNE_H100),
+                   Observation("rms_norm 2048x32768 after 1.5 minutes of ak-tune: best chunked backward "
+                               "(block_n 8192, 16 warps x 1 program per SM) 0.50 ms fwd+bwd vs Inductor 0.35; its "
+                               "forward chunked too (0.134 ms; whole row 0.098): the forward now chunks on its "
+                               "own (fwd_block_n), and the split backward (bwd_split_n: row dot products, then "
+                               "column blocks x row groups) was added, not yet measured on a GPU", H100,
+                               "benchmarks/results/rms_norm_tune_2048x32768_h100.tsv"))),
     Rule("persistent-grid", "Persistent grid for the backward",
          "Launch programs_per_sm x SMs programs that loop over rows: more programs hide latency, fewer shrink "
          "the per-program partial buffers and their final reduction. Prefetching the next row hides load "

@@ -25,6 +25,13 @@ Two kernel shapes: *single pass* holds the whole row in registers (``BLOCK_N = n
 *chunked* walks the row in chunks of ``block_n`` columns, reading it twice from memory (once for the
 reduction, once for the output). The chunked backward keeps its partial ``dw`` in the ``[P, H]`` buffer
 itself, read-modify-written chunk by chunk by the one program that owns that buffer row.
+
+The *split* backward (``bwd_split_n``) is for rows too wide for a row's ``dw`` share to stay in registers:
+one kernel computes each row's ``c = mean(g * n)`` (reading ``x`` and ``dy``), a second runs on a grid of
+(column blocks of ``bwd_split_n``) x (row groups): program ``(j, k)`` takes rows ``k, k + K, ...`` of
+column block ``j``, writes their ``dx`` and keeps its block's share of ``dw`` in registers, stored to row
+``k`` of a ``[K, H]`` buffer summed as above. It reads ``x`` and ``dy`` twice from memory, but nothing
+else: no ``[P, H]`` read-modify-write per row.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ _DEFAULT_CHUNK = 4096
 # prefetch cut 8192x8192 fwd+bwd from 0.212 to 0.194 ms; on an H100, 2048x16384 fwd+bwd with the
 # prefetch took 1.17 ms (0.19 ms without it on the H200): the doubled row spills registers.
 _PREFETCH_MAX_BLOCK = 8192
+# The split backward's row-dot kernel reads a row in chunks this wide (8 warps: 16 elements a thread).
+_ROW_DOT_BLOCK = 4096
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -345,6 +354,93 @@ def _rms_norm_bwd_chunked_kernel(
                 tl.store(dw_row + cols, part + dy * n, mask=mask)
 
 
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
+def _rms_norm_bwd_row_dot_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    C,
+    stride_dy,
+    stride_x,
+    n_cols,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The split backward's first kernel: ``C[row] = mean(g * n) = r * sum(dy * w_eff * x) / H``, one
+    program per row, the row read in ``BLOCK_N``-wide chunks."""
+    row = tl.program_id(0)
+    row64 = tl.cast(row, tl.int64)
+    cols0 = tl.arange(0, BLOCK_N)
+    offset = tl.cast(offset, tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + cols0
+        mask = cols < n_cols
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            g = g * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset)
+        acc += g * x
+    tl.store(C + row, tl.sum(acc, axis=0) * tl.load(RSTD + row) / n_cols)
+
+
+@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
+def _rms_norm_bwd_split_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    n_rows,
+    n_cols,
+    offset,
+    HAS_WEIGHT: tl.constexpr,
+    LLAMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    C,
+    DH=None,
+    stride_dh=0,
+    HAS_DH: tl.constexpr = False,
+):
+    """The split backward's second kernel: program ``(j, k)`` takes column block ``j`` of rows ``k, k + K,
+    ...`` (``K`` row groups), with each row's ``c`` from ``C``; writes one partial dW row per group. The
+    parameters are the other backward kernels' (one launch call serves all three), plus ``C``."""
+    block = tl.program_id(0)
+    group = tl.program_id(1)
+    groups = tl.num_programs(1)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + tl.cast(offset, tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(group, n_rows, groups):
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(RSTD + row)
+        n = x * r
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
+        dx = r * (g - n * tl.load(C + row))
+        if HAS_DH:
+            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            if LLAMA:
+                n = n.to(X.dtype.element_ty).to(tl.float32)
+            dw_acc += dy * n
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + tl.cast(group, tl.int64) * n_cols + cols, dw_acc, mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------
@@ -358,7 +454,8 @@ class SourceKernels(NamedTuple):
     SAVE_RSTD, ROWS_PER_PROGRAM, BLOCK_N)`` on a grid of ``cdiv(rows, ROWS_PER_PROGRAM)`` and ``bwd(DY, X,
     W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset, HAS_WEIGHT, LLAMA,
     BLOCK_N)`` on the persistent grid, writing one float32 partial dW row per program. Rows wider than
-    one block still go to the built-in chunked kernels. For add + RMSNorm (a ``residual`` flag in the
+    one block, and a config's chunked or split passes (``fwd_block_n``, ``block_n``, ``bwd_split_n``), still
+    go to the built-in kernels. For add + RMSNorm (a ``residual`` flag in the
     pattern key) both also take the built-in kernels' trailing residual parameters (``R, H, stride_r,
     stride_h, HAS_RESIDUAL`` and ``DH, stride_dh, HAS_DH``)."""
 
@@ -370,9 +467,12 @@ class SourceKernels(NamedTuple):
 class RmsNormConfig(KernelConfig):
     """Launch parameters of the forward and backward kernels.
 
-    ``block_n == 0`` selects the single-pass kernels (the whole row in one block); a power of two selects
-    the chunked kernels with that chunk width. ``num_stages`` is the software-pipelining depth handed to
-    the compiler (it only matters for the chunked kernels' loops).
+    ``block_n == 0`` selects the single-pass backward (the whole row in one block); a power of two selects
+    the chunked backward with that chunk width. ``fwd_block_n`` does the same for the forward, on its own:
+    a backward that streams a wide row in chunks does not force the forward to (at 2048x32768 on an H100 the
+    whole-row forward took 0.098 ms, the chunked one 0.134). ``bwd_split_n > 0`` selects the split backward
+    (column blocks of that width; ``block_n`` then unused). ``num_stages`` is the software-pipelining depth
+    handed to the compiler (it only matters for the chunked kernels' loops).
     """
 
     fwd_num_warps: int = 8
@@ -381,19 +481,27 @@ class RmsNormConfig(KernelConfig):
     bwd_programs_per_sm: int = 4
     block_n: int = 0
     num_stages: int = 1
+    fwd_block_n: int = 0
+    bwd_split_n: int = 0
 
     def __post_init__(self) -> None:
         self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
                            positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"))
-        if self.block_n != 0 and not is_power_of_two(self.block_n):
-            raise ValueError(f"RmsNormConfig.block_n must be 0 or a power of two, got {self.block_n}")
-        if self.block_n > MAX_SINGLE_PASS_BLOCK:
-            raise ValueError(f"RmsNormConfig.block_n must be <= {MAX_SINGLE_PASS_BLOCK}, got {self.block_n}")
+        for name in ("block_n", "fwd_block_n", "bwd_split_n"):
+            value = getattr(self, name)
+            if value != 0 and not is_power_of_two(value):
+                raise ValueError(f"RmsNormConfig.{name} must be 0 or a power of two, got {value}")
+            if value > MAX_SINGLE_PASS_BLOCK:
+                raise ValueError(f"RmsNormConfig.{name} must be <= {MAX_SINGLE_PASS_BLOCK}, got {value}")
 
     @property
     def chunked(self) -> bool:
+        """The backward walks each row in chunks."""
         return self.block_n != 0
 
+    @property
+    def fwd_chunked(self) -> bool:
+        return self.fwd_block_n != 0
 
 
 def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
@@ -411,6 +519,7 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
             bwd_num_warps=8,
             bwd_programs_per_sm=2,
             block_n=_DEFAULT_CHUNK,
+            fwd_block_n=_DEFAULT_CHUNK,
         )
     warps = min(16, max(1, block // 512))
     # Measured on an H200 (backward alone, bf16): 8192x2048 was fastest at 4 warps x 4 programs per SM,
@@ -434,19 +543,21 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
 @functools.lru_cache(maxsize=256)  # configs are frozen dataclasses; this runs on every launch
 def effective_config(config: RmsNormConfig, hidden: int) -> RmsNormConfig:
     """Return a config that is valid for rows of width ``hidden``, so a cached config runs on any shape.
+    For each pass's chunk width (``fwd_block_n``, ``block_n``):
 
     * single pass on a row wider than ``MAX_SINGLE_PASS_BLOCK`` -> chunked with a default chunk width;
     * chunked with one chunk covering the whole row -> single pass (same block, one read instead of two).
     """
     block = next_power_of_2(hidden)
-    if not config.chunked and block > MAX_SINGLE_PASS_BLOCK:
-        logger.debug(
-            "rms_norm: hidden %d too wide for a single pass; using chunks of %d", hidden, _DEFAULT_CHUNK
-        )
-        return RmsNormConfig(**{**config.to_dict(), "block_n": _DEFAULT_CHUNK})
-    if config.chunked and config.block_n >= block:
-        return RmsNormConfig(**{**config.to_dict(), "block_n": 0})
-    return config
+    changes = {}
+    for name in ("fwd_block_n", "block_n"):
+        chunk = getattr(config, name)
+        if chunk == 0 and block > MAX_SINGLE_PASS_BLOCK:
+            logger.debug("rms_norm: hidden %d too wide for a single pass; %s = %d", hidden, name, _DEFAULT_CHUNK)
+            changes[name] = _DEFAULT_CHUNK
+        elif chunk >= block:
+            changes[name] = 0
+    return RmsNormConfig(**{**config.to_dict(), **changes}) if changes else config
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -525,13 +636,13 @@ def _fwd(x, residual, weight, eps, offset, mode, out_dtype, config, save_rstd, k
     cfg = effective_config(config, hidden)
     w = weight.contiguous() if weight is not None else None
     rpp = cfg.fwd_rows_per_program
-    if cfg.chunked:
-        kernel, block = _rms_norm_fwd_chunked_kernel, cfg.block_n
+    if cfg.fwd_chunked:
+        kernel, block = _rms_norm_fwd_chunked_kernel, cfg.fwd_block_n
     else:
         kernel = kernels.fwd if kernels is not None else _rms_norm_fwd_single_kernel
         block = next_power_of_2(hidden)
     extra = {}
-    if kernels is None or cfg.chunked or residual is not None:
+    if kernels is None or cfg.fwd_chunked or residual is not None:
         # The residual parameters, always passed to the built-in kernels (Inductor's launcher for an
         # inline op wants every argument spelled out); a source kernel gets them for add + RMSNorm only.
         r2 = as_rows(residual, hidden) if residual is not None else x2
@@ -597,17 +708,17 @@ def rms_norm_bwd(
     cfg = effective_config(config, hidden)
     w = weight.contiguous() if weight is not None else None
     programs = min(rows, sm_count(x.device) * cfg.bwd_programs_per_sm)
-    if w is not None:
-        # The chunked kernel accumulates into the buffer, so it starts from zero; the single-pass kernel
-        # overwrites its row whole.
-        alloc = torch.zeros if cfg.chunked else torch.empty
-        partial = alloc((programs, hidden), dtype=torch.float32, device=x.device)
-    else:
-        partial = dx  # dummy pointer, never touched when HAS_WEIGHT is false
+    grid = (programs,)
     # The dh parameters: always for the built-in kernels, for a source kernel only with add + RMSNorm.
     residual_args = {"DH": dh2 if dh2 is not None else dx, "stride_dh": dh2.stride(0) if dh2 is not None else 0,
                      "HAS_DH": dh2 is not None}
-    if cfg.chunked:
+    if cfg.bwd_split_n:
+        # About as many programs as the persistent grid: column blocks x row groups.
+        blocks = triton.cdiv(hidden, cfg.bwd_split_n)
+        grid = (blocks, max(1, min(rows, programs // blocks)))
+        c = _row_dots(dy2, x2, w, rstd1, offset, traceable)
+        kernel, block, extra = _rms_norm_bwd_split_kernel, cfg.bwd_split_n, {"C": c, **residual_args}
+    elif cfg.chunked:
         kernel, block, extra = _rms_norm_bwd_chunked_kernel, cfg.block_n, residual_args
     elif kernels is not None:
         kernel, block, extra = kernels.bwd, next_power_of_2(hidden), residual_args if dh is not None else {}
@@ -615,9 +726,16 @@ def rms_norm_bwd(
         block = next_power_of_2(hidden)
         kernel = _rms_norm_bwd_single_kernel
         extra = {"PREFETCH": block <= _PREFETCH_MAX_BLOCK, **residual_args}
+    if w is not None:
+        # One partial dW row per program (per row group when split). The chunked kernel accumulates into
+        # the buffer, so it starts from zero; the others overwrite their row whole.
+        alloc = torch.zeros if kernel is _rms_norm_bwd_chunked_kernel else torch.empty
+        partial = alloc((grid[-1], hidden), dtype=torch.float32, device=x.device)
+    else:
+        partial = dx  # dummy pointer, never touched when HAS_WEIGHT is false
     if traceable:
         kernel = wrap_triton(kernel)
-    kernel[(programs,)](
+    kernel[grid](
         dy2,
         x2,
         w if w is not None else x2,
@@ -639,6 +757,18 @@ def rms_norm_bwd(
     )
     dw = partial.sum(0).to(weight.dtype) if weight is not None else None
     return dx.view(x.shape), dw
+
+
+def _row_dots(dy2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor | None, rstd: torch.Tensor, offset: float,
+              traceable: bool) -> torch.Tensor:
+    """The split backward's ``c`` of every row (float32), from its first kernel."""
+    rows, hidden = x2.shape
+    c = torch.empty((rows,), dtype=torch.float32, device=x2.device)
+    block = min(next_power_of_2(hidden), _ROW_DOT_BLOCK)
+    kernel = wrap_triton(_rms_norm_bwd_row_dot_kernel) if traceable else _rms_norm_bwd_row_dot_kernel
+    kernel[(rows,)](dy2, x2, w if w is not None else x2, rstd, c, dy2.stride(0), x2.stride(0), hidden,
+                    float(offset), HAS_WEIGHT=w is not None, BLOCK_N=block, num_warps=min(8, max(1, block // 512)))
+    return c
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ The kernel space (the playbook's RMSNorm chapter): the forward is one read of ``
 of ``y``; what moves its time is warps per row (enough loads in flight per SM) and rows per program
 (amortizing the weight load and launch overhead on narrow rows). The backward reads ``x`` and ``dy``
 and writes ``dx``; its knobs are warps per row and programs per SM of the persistent grid (more
-programs hide latency; fewer shrink the ``[P, H]`` partial-dW buffer and its final reduction).
+programs hide latency; fewer shrink the ``[P, H]`` partial-dW buffer and its final reduction). Rows of
+16K elements and wider add each pass's chunk width (``fwd_block_n``, ``block_n``) and the split backward
+(``bwd_split_n``), whose partial dW stays in registers.
 """
 
 from __future__ import annotations
