@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The device calls that refresh the measurements (each fits a 10-minute call; run them back to back so
 # the next finds the machine warm). Run from the repo root on the device machine, with .whl carried.
-#   bash benchmarks/device_session.sh tests      every GPU test (pytest -m gpu, 2 xdist workers on one GPU)
+#   bash benchmarks/device_session.sh tests      every GPU test (pytest -m gpu, 2 xdist workers on one GPU); on a
+#                                                GPU other than an H100, also the portability run below
+#   bash benchmarks/device_session.sh portability [BUNDLE]   serve a bundle tuned elsewhere (default
+#                                                .akc-carry/h100.akc; carry .akc-carry) on this GPU, explain's verdict
 #   bash benchmarks/device_session.sh patterns P1,P2   pattern benchmarks (headline shape, ak-tune first; SHAPES=a,b
 #                                                other shapes, IMPLS= other impls, BENCH_TIMEOUT= seconds a pattern)
 #   bash benchmarks/device_session.sh e2e-tune MIN   ak-tune --model on the Llama step (a ~3-minute ranking, then
@@ -62,8 +65,15 @@ declare -A SHAPE=([rms_norm]=8192x8192 [add_rms_norm]=8192x4096 [softmax]=8192x8
                   [linear_cross_entropy]=8192x4096-\>128256)
 case "${1:-}" in
 tests)
-  timeout 560 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tee "$log" | tail -40 > "$out/gpu_tests.log"
+  timeout 500 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tee "$log" | tail -40 > "$out/gpu_tests.log"
   grep -E "passed|failed|FAILED|ERROR" "$out/gpu_tests.log" | head -30
+  # Machines of another GPU model come rarely (none can be asked for to this end): serve the H100 bundle there.
+  if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 && [ -e .akc-carry/h100.akc ]; then
+    timeout 60 python3 benchmarks/bundle_portability.py .akc-carry/h100.akc --out "$out" 2>&1 | tail -8
+  fi
+  ;;
+portability)
+  timeout 120 python3 benchmarks/bundle_portability.py "${2:-.akc-carry/h100.akc}" --out "$out" 2>&1 | tee -a "$log" | tail -12
   ;;
 patterns)
   for p in ${2//,/ }; do
@@ -109,7 +119,7 @@ agent)
   ;;
 *)
   echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e-tune MIN | e2e | inference-tune MIN |" \
-       "inference decode,prefill | tuner MIN | decode-kernels MIN | agent MIN" >&2
+       "inference decode,prefill | tuner MIN | decode-kernels MIN | agent MIN | portability [BUNDLE]" >&2
   exit 2
   ;;
 esac

@@ -259,4 +259,29 @@ def test_default_config(hidden: int) -> None:
     cfg = default_config(hidden, 8192, torch.bfloat16)
     assert RmsNormConfig.from_dict(cfg.to_dict()) == cfg
     assert effective_config(cfg, hidden) == cfg
-    assert (cfg.block_n > 0) == (cfg.fwd_block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK)
+    assert (cfg.fwd_block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK)
+    # The backward chunks from half that width on (a whole row of 16K+ spills in its backward).
+    assert (cfg.block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK // 2)
+
+
+def test_wide_rows_candidates() -> None:
+    """Rows of 16K and wider: the forward's chunk widths are candidates, and the backward tries the split
+    kernels first, then the chunked ones, and the single-pass ones (which spill there) last."""
+    from autokernel.lowering.rms_norm.problem import RmsNormProblem
+
+    def kinds(hidden: int) -> tuple[list[str], list[str]]:
+        candidates = RmsNormProblem({"mode": "llama"}, "bf16", [2048, hidden], "cpu").candidates()
+        fwd = ["chunked" if c["fwd_block_n"] else "whole" for phase, c in candidates if phase == "fwd"]
+        bwd = ["split" if c["bwd_split_n"] else "chunked" if c["block_n"] else "single"
+               for phase, c in candidates if phase == "bwd"]
+        return fwd, bwd
+
+    order = ["split", "chunked", "single"]
+    fwd, bwd = kinds(16384)
+    assert "chunked" in fwd and fwd[0] == "whole"
+    assert bwd == sorted(bwd, key=order.index) and set(bwd) == set(order)
+    # From 32768 on the default backward is chunked, and so is every candidate that keeps its block_n.
+    fwd, bwd = kinds(32768)
+    assert bwd == sorted(bwd, key=order.index) and set(bwd) == {"split", "chunked"}
+    fwd, bwd = kinds(4096)
+    assert set(fwd) == {"whole"} and set(bwd) == {"single"}

@@ -91,7 +91,8 @@ RULES: dict[str, Rule] = {rule.key: rule for rule in (
                                "(block_n 8192, 16 warps x 1 program per SM) 0.50 ms fwd+bwd vs Inductor 0.35; its "
                                "forward chunked too (0.134 ms; whole row 0.098): the forward now chunks on its "
                                "own (fwd_block_n), and the split backward (bwd_split_n: row dot products, then "
-                               "column blocks x row groups) was added, not yet measured on a GPU", H100,
+                               "column blocks x row groups) was added, not yet measured on a GPU; the default "
+                               "backward at that width is now that chunked one", H100,
                                "benchmarks/results/rms_norm_tune_2048x32768_h100.tsv"))),
     Rule("persistent-grid", "Persistent grid for the backward",
          "Launch programs_per_sm x SMs programs that loop over rows: more programs hide latency, fewer shrink "

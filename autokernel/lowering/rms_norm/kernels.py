@@ -521,6 +521,11 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
             block_n=_DEFAULT_CHUNK,
             fwd_block_n=_DEFAULT_CHUNK,
         )
+    if block == MAX_SINGLE_PASS_BLOCK:
+        # Measured on an H100 at 2048x32768 (bf16): the single-pass backward spills registers (2.2-2.7 ms
+        # fwd+bwd); the best chunked one, chunks of 8192 at 16 warps x 1 program per SM, took ~0.37 ms. The
+        # forward still holds the whole row (0.098 ms; chunked 0.118-0.134).
+        return RmsNormConfig(fwd_num_warps=16, bwd_num_warps=16, bwd_programs_per_sm=1, block_n=8192)
     warps = min(16, max(1, block // 512))
     # Measured on an H200 (backward alone, bf16): 8192x2048 was fastest at 4 warps x 4 programs per SM,
     # 8192x4096 at 8 x 2; twice the warps cost 19% and 22%. So ~8 elements per thread, ~16 warps per SM.
