@@ -2,12 +2,15 @@
 
 python benchmarks/sweep_norm.py [--pattern rms_norm|layer_norm] [--shape 8192x4096] [--pass bwd|fwd|both]
 Times each kernel alone on the GPU clock (CUDA-graph replay, L2 flushed between replays) for a grid of launch
-configs: the backward over warps x programs per SM (its partial-gradient sum included), the forward over
-warps x rows per program. Inductor's compiled pass is timed beside them, and every row shows its GB/s over
-the bytes that must move, so the default's place in the grid (marked ``*``) says whether the heuristic or
-the kernel is at fault; the default backward's time is also split among its kernels (the profiler). Off
-CUDA (``--device cpu`` under TRITON_INTERPRET=1, a small shape) it only checks that every config runs.
-``--json F`` writes the rows.
+configs: the backward over warps x programs per SM (its partial-gradient sum included) for each backward
+kernel (``--bwd-kernels``: ``single`` holds the row whole, ``chunk:N`` reads it in chunks of N, ``split:N`` is
+RMSNorm's split backward with column blocks of N; by default ``single`` below 16K columns, the chunked and
+split ones from there), the forward over warps x rows per program (and RMSNorm's forward chunks from 16K
+columns). Inductor's compiled pass is timed beside them, and every row shows its GB/s over the bytes that must
+move, so the default's place in the grid (marked ``*``) says whether the heuristic or the kernel is at fault;
+the default backward's time is also split among its kernels (the profiler). Off CUDA (``--device cpu`` under
+TRITON_INTERPRET=1, a small shape) it only checks that every config runs. ``--json F`` writes the rows;
+``--no-inductor`` skips Inductor's rows (no compile).
 """
 
 from __future__ import annotations
@@ -95,9 +98,30 @@ def kernel_split(fn: Callable[[], object], dev: torch.device, iters: int = 20) -
     return {e.key: e.device_time_total / 1e3 / iters for e in prof.key_averages() if e.device_time_total > 0}
 
 
+def default_bwd_kernels(pattern: str, hidden: int) -> list[str]:
+    """The backward kernels worth sweeping at this width (see the module's docstring)."""
+    if hidden < 16384:
+        return ["single"]
+    return ([f"split:{n}" for n in (512, 1024, 2048)] if pattern == "rms_norm" else []) + \
+        [f"chunk:{n}" for n in (2048, 4096, 8192)]
+
+
+def _bwd_kernel_knobs(pattern: str, spec: str) -> dict[str, int]:
+    """``single``, ``chunk:N`` or ``split:N`` as config fields."""
+    kind, _, width = spec.partition(":")
+    if kind == "single" and not width:
+        return {"block_n": 0}
+    if kind == "chunk" and width.isdigit():
+        return {"block_n": int(width)}
+    if kind == "split" and width.isdigit() and pattern == "rms_norm":
+        return {"bwd_split_n": int(width)}
+    raise ValueError(f"--bwd-kernels: {spec!r} is not single, chunk:N or (rms_norm) split:N")
+
+
 def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: torch.device,
           warps: tuple[int, ...] = WARPS, per_sm_grid: tuple[int, ...] = PROGRAMS_PER_SM,
-          rpp_grid: tuple[int, ...] = ROWS_PER_PROGRAM) -> list[dict]:
+          rpp_grid: tuple[int, ...] = ROWS_PER_PROGRAM, bwd_kernels: list[str] | None = None,
+          with_inductor: bool = True) -> list[dict]:
     x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = (1 + 0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
     b = (0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
@@ -111,33 +135,45 @@ def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: to
         rows_out.append({"pass": pass_name, "config": name, "ms": ms, "clock": clock, "default": is_default,
                          "gbps": bytes_moved / (ms * 1e-3) / 1e9 if ms == ms else float("nan")})
 
+    def is_default(cfg, keys: tuple[str, ...]) -> bool:
+        return all(getattr(cfg, k) == getattr(default, k) for k in keys if hasattr(default, k))
+
     if "bwd" in passes:
-        for w_ in warps:
-            for per_sm in per_sm_grid:
-                if w_ * per_sm > 64:
-                    continue
-                cfg = config_cls(bwd_num_warps=w_, bwd_programs_per_sm=per_sm)
-                ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
-                mine = (w_, per_sm) == (default.bwd_num_warps, default.bwd_programs_per_sm)
-                add("bwd", f"warps {w_:2d} x {per_sm:2d}/SM", ms, clock, 3 * size, mine)
+        for spec in bwd_kernels or default_bwd_kernels(pattern, hidden):
+            knobs = _bwd_kernel_knobs(pattern, spec)
+            for w_ in warps:
+                for per_sm in per_sm_grid:
+                    if w_ * per_sm > 64:
+                        continue
+                    cfg = config_cls(bwd_num_warps=w_, bwd_programs_per_sm=per_sm, **knobs)
+                    ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
+                    mine = is_default(cfg, ("bwd_num_warps", "bwd_programs_per_sm", "block_n", "bwd_split_n"))
+                    add("bwd", f"{spec} warps {w_:2d} x {per_sm:2d}/SM", ms, clock, 3 * size, mine)
         split = kernel_split(lambda: bwd(default, dy), dev)
         rows_out += [{"pass": "bwd kernels", "config": name, "ms": ms, "clock": "gpu", "default": True,
                       "gbps": float("nan")} for name, ms in sorted(split.items(), key=lambda kv: -kv[1])]
-        compiled = torch.compile(eager)
-        y = compiled(x, *params)
-        ms, clock = _time(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), dev)
-        add("bwd", "inductor compiled backward", ms, clock, 3 * size)
+        if with_inductor:
+            compiled = torch.compile(eager)
+            y = compiled(x, *params)
+            ms, clock = _time(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), dev)
+            add("bwd", "inductor compiled backward", ms, clock, 3 * size)
     if "fwd" in passes:
-        for w_ in warps:
-            for rpp in rpp_grid:
-                cfg = config_cls(fwd_num_warps=w_, fwd_rows_per_program=rpp)
-                ms, clock = _time(lambda cfg=cfg: fwd(cfg), dev)
-                mine = (w_, rpp) == (default.fwd_num_warps, default.fwd_rows_per_program)
-                add("fwd", f"warps {w_:2d} x {rpp} rows", ms, clock, 2 * size, mine)
-        compiled = torch.compile(eager)
-        with torch.no_grad():
-            ms, clock = _time(lambda: compiled(x, *params), dev)
-        add("fwd", "inductor compiled forward", ms, clock, 2 * size)
+        # RMSNorm's forward chunks on its own (fwd_block_n); from 16K columns its chunk widths are swept too.
+        chunks = (0, 4096, 8192) if pattern == "rms_norm" and hidden >= 16384 else (0,)
+        for chunk in chunks:
+            for w_ in warps:
+                for rpp in rpp_grid:
+                    knobs = {"fwd_block_n": chunk} if chunk else {}
+                    cfg = config_cls(fwd_num_warps=w_, fwd_rows_per_program=rpp, **knobs)
+                    ms, clock = _time(lambda cfg=cfg: fwd(cfg), dev)
+                    mine = is_default(cfg, ("fwd_num_warps", "fwd_rows_per_program", "fwd_block_n"))
+                    name = (f"chunk:{chunk} " if chunk else "") + f"warps {w_:2d} x {rpp} rows"
+                    add("fwd", name, ms, clock, 2 * size, mine)
+        if with_inductor:
+            compiled = torch.compile(eager)
+            with torch.no_grad():
+                ms, clock = _time(lambda: compiled(x, *params), dev)
+            add("fwd", "inductor compiled forward", ms, clock, 2 * size)
     return rows_out
 
 
@@ -151,20 +187,25 @@ def main() -> None:
     p.add_argument("--warps", default=",".join(map(str, WARPS)), help="comma list (both passes)")
     p.add_argument("--per-sm", default=",".join(map(str, PROGRAMS_PER_SM)), help="backward programs per SM")
     p.add_argument("--rows-per-program", default=",".join(map(str, ROWS_PER_PROGRAM)), help="forward")
+    p.add_argument("--bwd-kernels", help="comma list of single, chunk:N, split:N (default: by the width)")
+    p.add_argument("--no-inductor", action="store_true", help="skip Inductor's rows (no compile)")
     a = p.parse_args()
     rows, hidden = map(int, a.shape.split("x"))
     passes = ("fwd", "bwd") if a.passes == "both" else (a.passes,)
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
 
+    bwd_kernels = a.bwd_kernels.split(",") if a.bwd_kernels else None
+    for spec in bwd_kernels or []:
+        _bwd_kernel_knobs(a.pattern, spec)  # a bad spec fails here, before any timing
     results = sweep(a.pattern, rows, hidden, passes, torch.device(a.device), ints(a.warps), ints(a.per_sm),
-                    ints(a.rows_per_program))
+                    ints(a.rows_per_program), bwd_kernels, not a.no_inductor)
     print(f"{a.pattern} {rows}x{hidden} bf16; GB/s over the bytes that must move (fwd: x read, y written; "
           "bwd: x, dy read, dx written); * = the default config")
     for pass_name in (*passes, "bwd kernels"):
         for r in sorted((r for r in results if r["pass"] == pass_name), key=lambda r: r["ms"]):
             mark = "*" if r["default"] else " "
-            print(f"{pass_name} {mark} {r['config']:28s} {r['ms']:.4f} ms ({r['clock']})  {r['gbps']:6.0f} GB/s")
+            print(f"{pass_name} {mark} {r['config']:40s} {r['ms']:.4f} ms ({r['clock']})  {r['gbps']:6.0f} GB/s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"pattern": a.pattern, "shape": a.shape, "rows": results}, f, indent=1)

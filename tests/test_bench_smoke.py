@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_patterns.py"
@@ -214,3 +215,21 @@ def test_op_host_cost_runs(tmp_path: Path) -> None:
     rows = dict(line.strip("|").split("|")[:2] for line in proc.stdout.splitlines()[3:])
     assert {k.strip() for k in rows} == {"op", "ours", "custom_op no-op", "Library no-op", "empty_like"}, proc.stdout
     assert all(float(v) > 0 for v in rows.values()), proc.stdout
+
+
+def test_sweep_norm_runs_every_backward_kernel() -> None:
+    """``sweep_norm.py`` off CUDA: every backward kernel named (single, chunked, RMSNorm's split) and every forward
+    chunk width runs; a kernel the family does not have is refused by name."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sweep_norm
+
+    rows = sweep_norm.sweep("rms_norm", 5, 300, ("fwd", "bwd"), torch.device("cpu"), warps=(1,), per_sm_grid=(2,),
+                            rpp_grid=(1,), bwd_kernels=["single", "chunk:64", "split:128"], with_inductor=False)
+    assert [r["config"] for r in rows if r["pass"] == "bwd"] == [
+        "single warps  1 x  2/SM", "chunk:64 warps  1 x  2/SM", "split:128 warps  1 x  2/SM"]
+    assert all(r["clock"] == "ran" for r in rows)
+    assert sweep_norm.default_bwd_kernels("rms_norm", 32768)[0] == "split:512"
+    assert sweep_norm.default_bwd_kernels("layer_norm", 32768) == ["chunk:2048", "chunk:4096", "chunk:8192"]
+    with pytest.raises(ValueError, match="split:64"):
+        sweep_norm.sweep("layer_norm", 5, 300, ("bwd",), torch.device("cpu"), warps=(1,), per_sm_grid=(1,),
+                         bwd_kernels=["split:64"], with_inductor=False)
