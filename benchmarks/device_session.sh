@@ -31,8 +31,9 @@
 # autokernel, with GPU time (CUDA-graph replay) beside the host-inclusive time. Results land in $OUT
 # (copy the .json/.md into benchmarks/results/).
 # PATCHES="benchmarks/experiments/x.patch ..." applies those first (any mode), for a change not yet on main.
+# FRESH=1 empties the cache directory first (a warm machine keeps the previous call's /tmp).
 # A tuned cache outlives its machine: every mode ends with the cache exported to $OUT/cache.akc (and each tuning
-# run's results.tsv copied to $OUT/runs/), and a call that
+# run's results.tsv in $OUT/runs.tgz), and a call that
 # carries .akc-carry/ (git-excluded: `echo /.akc-carry/ >> .git/info/exclude`; copy the last call's cache.akc
 # there, carry [".whl", ".akc-carry"]) imports it first, so one call can tune and the next measure.
 set -u
@@ -46,15 +47,26 @@ done
 out=${OUT:-/tmp/ak-out}
 mkdir -p "$out"
 export AUTOKERNEL_CACHE_DIR=/tmp/akc
+# A warm machine keeps /tmp, so an earlier call's cache is still here: FRESH=1 starts from an empty one (carried
+# bundles still imported), e.g. for an e2e-tune meant to fill it from nothing; the count below says what is there.
+[ "${FRESH:-0}" = 1 ] && rm -rf "$AUTOKERNEL_CACHE_DIR"
 for bundle in .akc-carry/*.akc; do
   [ -e "$bundle" ] && ak-cache import "$bundle"
 done
+echo "cache $AUTOKERNEL_CACHE_DIR: $(ak-cache list --json 2>/dev/null | wc -l) entries for this GPU before this call"
 # Each tuning run's results.tsv comes back too (why a candidate failed its checks lives only there).
+# One archive, not a file per run: a call brings back only so many files, and a warm machine's cache holds the
+# runs of every earlier call (`tar xzf runs.tgz` gives runs/<run>.tsv).
 save_runs() {
   ak-cache export -o "$out/cache.akc" >/dev/null
+  local staged
+  staged=$(mktemp -d)
+  mkdir -p "$staged/runs"
   for tsv in "$AUTOKERNEL_CACHE_DIR"/*/runs/*/results.tsv; do
-    [ -e "$tsv" ] && mkdir -p "$out/runs" && cp "$tsv" "$out/runs/$(basename "$(dirname "$tsv")").tsv"
+    [ -e "$tsv" ] && cp "$tsv" "$staged/runs/$(basename "$(dirname "$tsv")").tsv"
   done
+  [ -n "$(ls "$staged/runs")" ] && tar czf "$out/runs.tgz" -C "$staged" runs
+  rm -rf "$staged"
 }
 trap save_runs EXIT
 # Every mode's whole output, as it is printed: a call killed at its limit still brings back what ran (the
