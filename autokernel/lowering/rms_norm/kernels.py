@@ -354,7 +354,7 @@ def _rms_norm_bwd_chunked_kernel(
                 tl.store(dw_row + cols, part + dy * n, mask=mask)
 
 
-@triton.jit(do_not_specialize=ROW_COUNT_UNSPECIALIZED)
+@triton.jit  # no row count among its parameters: the grid has one program a row
 def _rms_norm_bwd_row_dot_kernel(
     DY,
     X,
