@@ -423,7 +423,7 @@ def _check_kernels(shape, norm_ndim, dtype, mode="fp32", weight=True, bias=True,
 
 
 SINGLE = LayerNormConfig(fwd_num_warps=2, fwd_rows_per_program=3, bwd_num_warps=2, bwd_programs_per_sm=2)
-CHUNKED = LayerNormConfig(block_n=32, fwd_rows_per_program=2, bwd_programs_per_sm=1)
+CHUNKED = LayerNormConfig(block_n=32, fwd_block_n=32, fwd_rows_per_program=2, bwd_programs_per_sm=1)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()))
@@ -473,8 +473,13 @@ def test_zero_rows_and_forward_only():
 
 def test_wide_single_pass_config_goes_chunked():
     cfg = effective_config(LayerNormConfig(), 40000)
-    assert cfg.chunked and default_config(40000, 8, torch.bfloat16).chunked
-    assert effective_config(LayerNormConfig(block_n=64), 60) == LayerNormConfig()
+    assert cfg.chunked and cfg.fwd_chunked
+    default = default_config(40000, 8, torch.bfloat16)
+    assert default.chunked and default.fwd_chunked
+    assert effective_config(LayerNormConfig(block_n=64, fwd_block_n=64), 60) == LayerNormConfig()
+    # each pass chunks on its own: a chunked backward leaves the forward whole
+    backward_only = effective_config(LayerNormConfig(block_n=32), 300)
+    assert backward_only.chunked and not backward_only.fwd_chunked
 
 
 def test_bad_arguments():
@@ -489,6 +494,8 @@ def test_bad_arguments():
         layer_norm_bwd(x, x, None, None, torch.zeros(3), torch.zeros(4), 1, "fp32", SINGLE)
     with pytest.raises(ValueError, match="block_n must be 0 or a power of two"):
         LayerNormConfig(block_n=48)
+    with pytest.raises(ValueError, match="fwd_block_n must be 0 or a power of two"):
+        LayerNormConfig(fwd_block_n=96)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['warps'\]"):
         LayerNormConfig.from_dict({"warps": 4})
     assert LayerNormConfig.from_dict(CHUNKED.to_dict()) == CHUNKED

@@ -48,6 +48,24 @@ class KernelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def fit_chunks(self: _Config, hidden: int, names: tuple[str, ...], default_chunk: int,
+                   max_block: int) -> _Config:
+        """This config with each chunk-width field in ``names`` (0: the whole row in one block, a power of two:
+        chunks that wide) valid for rows of ``hidden``: the whole row of a row wider than ``max_block`` ->
+        chunks of ``default_chunk``; one chunk covering the row -> the whole row (one read instead of two).
+        So a cached config runs on any width."""
+        block = next_power_of_2(hidden)
+        changes = {}
+        for name in names:
+            chunk = getattr(self, name)
+            if chunk == 0 and block > max_block:
+                logger.debug("%s: rows of %d too wide for one block; %s = %d", type(self).__name__, hidden, name,
+                             default_chunk)
+                changes[name] = default_chunk
+            elif chunk >= block:
+                changes[name] = 0
+        return type(self)(**{**self.to_dict(), **changes}) if changes else self
+
     @classmethod
     def from_dict(cls: type[_Config], d: dict) -> _Config:
         """Build a config from :meth:`to_dict`'s output; missing keys take their defaults.

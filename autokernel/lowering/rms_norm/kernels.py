@@ -37,7 +37,6 @@ else: no ``[P, H]`` read-modify-write per row.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,8 +53,6 @@ from autokernel.lowering.launch import (
     next_power_of_2,
     sm_count,
 )
-
-logger = logging.getLogger("autokernel")
 
 MODES = ("llama", "gemma")
 MAX_SINGLE_PASS_BLOCK = 32768
@@ -547,22 +544,8 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
 
 @functools.lru_cache(maxsize=256)  # configs are frozen dataclasses; this runs on every launch
 def effective_config(config: RmsNormConfig, hidden: int) -> RmsNormConfig:
-    """Return a config that is valid for rows of width ``hidden``, so a cached config runs on any shape.
-    For each pass's chunk width (``fwd_block_n``, ``block_n``):
-
-    * single pass on a row wider than ``MAX_SINGLE_PASS_BLOCK`` -> chunked with a default chunk width;
-    * chunked with one chunk covering the whole row -> single pass (same block, one read instead of two).
-    """
-    block = next_power_of_2(hidden)
-    changes = {}
-    for name in ("fwd_block_n", "block_n"):
-        chunk = getattr(config, name)
-        if chunk == 0 and block > MAX_SINGLE_PASS_BLOCK:
-            logger.debug("rms_norm: hidden %d too wide for a single pass; %s = %d", hidden, name, _DEFAULT_CHUNK)
-            changes[name] = _DEFAULT_CHUNK
-        elif chunk >= block:
-            changes[name] = 0
-    return RmsNormConfig(**{**config.to_dict(), **changes}) if changes else config
+    """A config valid for rows of width ``hidden`` (:meth:`KernelConfig.fit_chunks`, each pass's chunk width)."""
+    return config.fit_chunks(hidden, ("fwd_block_n", "block_n"), _DEFAULT_CHUNK, MAX_SINGLE_PASS_BLOCK)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ A row whose entries are all ``-inf`` (a fully masked attention row) gives NaN, a
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,8 +36,6 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from autokernel.lowering.launch import ROW_COUNT_UNSPECIALIZED, KernelConfig, as_rows, next_power_of_2
-
-logger = logging.getLogger("autokernel")
 
 # Widest row a single-pass program holds in registers: 32768 float32 lanes over 32 warps are 32 per thread
 # (64 for the backward's y and dy).
@@ -281,21 +278,8 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> SoftmaxConfig:
 
 @functools.lru_cache(maxsize=256)  # configs are frozen dataclasses; this runs on every launch
 def effective_config(config: SoftmaxConfig, hidden: int) -> SoftmaxConfig:
-    """Return a config that is valid for rows of width ``hidden``, so a cached config runs on any shape.
-
-    Per pass: single pass on a row wider than ``MAX_SINGLE_PASS_BLOCK`` -> chunks of a default width;
-    chunks that cover the whole row in one -> single pass (same block, one read instead of two).
-    """
-    block = next_power_of_2(hidden)
-    changes = {}
-    for name in ("fwd_block_n", "bwd_block_n"):
-        v = getattr(config, name)
-        if v == 0 and block > MAX_SINGLE_PASS_BLOCK:
-            logger.debug("softmax: hidden %d too wide for a single pass; using chunks of %d", hidden, _DEFAULT_CHUNK)
-            changes[name] = _DEFAULT_CHUNK
-        elif v >= block:
-            changes[name] = 0
-    return SoftmaxConfig(**{**config.to_dict(), **changes}) if changes else config
+    """A config valid for rows of width ``hidden`` (:meth:`KernelConfig.fit_chunks`, each pass's chunk width)."""
+    return config.fit_chunks(hidden, ("fwd_block_n", "bwd_block_n"), _DEFAULT_CHUNK, MAX_SINGLE_PASS_BLOCK)
 
 
 # --------------------------------------------------------------------------------------------------------
