@@ -5,7 +5,7 @@ Times each kernel alone on the GPU clock (CUDA-graph replay, L2 flushed between 
 configs: the backward over warps x programs per SM (its partial-gradient sum included) for each backward
 kernel (``--bwd-kernels``: ``single`` holds the row whole, ``chunk:N`` reads it in chunks of N, ``split:N`` is
 RMSNorm's split backward with column blocks of N; by default ``single`` below 16K columns, the chunked and
-split ones from there), the forward over warps x rows per program (and RMSNorm's forward chunks from 16K
+split ones from there), the forward over warps x rows per program (and the forward's chunks from 16K
 columns). Inductor's compiled pass is timed beside them, and every row shows its GB/s over the bytes that must
 move, so the default's place in the grid (marked ``*``) says whether the heuristic or the kernel is at fault;
 the default backward's time is also split among its kernels (the profiler). Off CUDA (``--device cpu`` under
@@ -158,8 +158,8 @@ def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: to
             ms, clock = _time(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), dev)
             add("bwd", "inductor compiled backward", ms, clock, 3 * size)
     if "fwd" in passes:
-        # RMSNorm's forward chunks on its own (fwd_block_n); from 16K columns its chunk widths are swept too.
-        chunks = (0, 4096, 8192) if pattern == "rms_norm" and hidden >= 16384 else (0,)
+        # The forward chunks on its own (fwd_block_n); from 16K columns its chunk widths are swept too.
+        chunks = (0, 4096, 8192) if hidden >= 16384 else (0,)
         for chunk in chunks:
             for w_ in warps:
                 for rpp in rpp_grid:

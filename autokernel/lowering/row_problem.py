@@ -72,8 +72,8 @@ def norm_candidates(base: dict[str, Any], hidden: int) -> list[tuple[str, dict[s
             cand = {**base, "fwd_num_warps": warps, "fwd_rows_per_program": rpp}
             if cand != base and plausible_warps(block, warps):
                 out.append(("fwd", cand))
-    if hidden >= 16384 and "fwd_block_n" in base:
-        # A family whose forward chunks on its own (RMSNorm): the forward read in chunks, twice.
+    if hidden >= 16384:
+        # The forward read in chunks, twice (each pass has its own chunk width).
         for block_n in (4096, 8192):
             for warps in (8, 16):
                 out.append(("fwd", {**base, "fwd_block_n": block_n, "fwd_num_warps": warps}))
