@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import time
 
@@ -52,6 +53,29 @@ def test_round_trip_serves_hits(tmp_path, source_cache):
     assert [i.status for i in rep.instances] == ["hit"]
     # Another GPU's entries came along under their own fingerprint: they can only hit on that GPU.
     assert (tmp_path / "deployed" / "NVIDIA_H100_80GB_HBM3-sm132-cc90-torch2.11.0-triton3.6.0" / "db").is_dir()
+
+
+def test_a_bundle_from_another_gpu_model_or_triton_misses_cleanly(tmp_path, caplog):
+    """Portability's other half: entries tuned for exactly this instance on another GPU model, and under another
+    triton on this one, travel in a bundle and import, and the instance is a plain miss served by Inductor:
+    the right answer and no warning, not an error."""
+    here = KernelCache(tmp_path / "probe", device="cpu").fingerprint
+    other_triton = here.rsplit("-triton", 1)[0] + "-triton0.0.1"
+    for fingerprint in ("NVIDIA_H200-sm132-cc90-torch2.11.0-triton3.6.0", other_triton):
+        KernelCache(tmp_path / "tuned", fingerprint_=fingerprint).put_entry(_entry(7, 1.0))
+    bundle = tmp_path / "b.akc"
+    export_bundle(tmp_path / "tuned", bundle)
+    assert len(import_bundle(bundle, tmp_path / "deployed").added) == 2
+    model, x = HFLlama(H).to(torch.bfloat16), torch.randn(7, H, dtype=torch.bfloat16)
+    options = {"autokernel.cache_dir": str(tmp_path / "deployed")}
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="autokernel"):
+        rep = autokernel.explain(model, x, options=options)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="autokernel", options=options)(x)
+    assert [i.status for i in rep.instances] == ["miss"] and not rep.errors
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    torch.testing.assert_close(out, model(x))
 
 
 def test_merge_keeps_the_faster_entry(tmp_path, source_cache):

@@ -260,13 +260,16 @@ def test_default_config(hidden: int) -> None:
     assert RmsNormConfig.from_dict(cfg.to_dict()) == cfg
     assert effective_config(cfg, hidden) == cfg
     assert (cfg.fwd_block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK)
-    # The backward chunks from half that width on (a whole row of 16K+ spills in its backward).
-    assert (cfg.block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK // 2)
+    # The backward holds the row whole up to 16K columns, splits it at 32K (the whole row spills there) and
+    # chunks it beyond.
+    assert (cfg.bwd_split_n > 0) == (16384 < hidden <= MAX_SINGLE_PASS_BLOCK)
+    assert (cfg.block_n > 0) == (hidden > MAX_SINGLE_PASS_BLOCK)
 
 
 def test_wide_rows_candidates() -> None:
-    """Rows of 16K and wider: the forward's chunk widths are candidates, and the backward tries the split
-    kernels first, then the chunked ones, and the single-pass ones (which spill there) last."""
+    """Rows of 16K and wider: the forward's chunk widths are candidates; at 16K the backward tries the
+    single-pass kernels first, then the split and the chunked ones; from 32K (where a whole row spills) the
+    split, the chunked, and the single-pass ones last."""
     from autokernel.lowering.rms_norm.problem import RmsNormProblem
 
     def kinds(hidden: int) -> tuple[list[str], list[str]]:
@@ -276,12 +279,15 @@ def test_wide_rows_candidates() -> None:
                for phase, c in candidates if phase == "bwd"]
         return fwd, bwd
 
-    order = ["split", "chunked", "single"]
     fwd, bwd = kinds(16384)
     assert "chunked" in fwd and fwd[0] == "whole"
+    order = ["single", "split", "chunked"]
     assert bwd == sorted(bwd, key=order.index) and set(bwd) == set(order)
-    # From 32768 on the default backward is chunked, and so is every candidate that keeps its block_n.
     fwd, bwd = kinds(32768)
-    assert bwd == sorted(bwd, key=order.index) and set(bwd) == {"split", "chunked"}
+    order = ["split", "chunked", "single"]
+    assert bwd == sorted(bwd, key=order.index) and set(bwd) == set(order)
+    # Beyond 32K a whole row cannot be one block: the "single" candidates run chunked (fit_chunks).
+    fwd, bwd = kinds(40000)
+    assert set(bwd) == {"split", "chunked", "single"} and bwd[-1] == "single"
     fwd, bwd = kinds(4096)
     assert set(fwd) == {"whole"} and set(bwd) == {"single"}

@@ -77,7 +77,10 @@ def norm_candidates(base: dict[str, Any], hidden: int) -> list[tuple[str, dict[s
         for block_n in (4096, 8192):
             for warps in (8, 16):
                 out.append(("fwd", {**base, "fwd_block_n": block_n, "fwd_num_warps": warps}))
-    single = [("bwd", {**base, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
+    # The single-pass backward holds x, dy, w and the partial sums of a whole row in registers (the chunked
+    # and split knobs cleared: a wide base may set them).
+    whole_row = {"block_n": 0, **({"bwd_split_n": 0} if "bwd_split_n" in base else {})}
+    single = [("bwd", {**base, **whole_row, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
               for warps in (1, 2, 4, 8, 16, 32) for pps in (1, 2, 4, 8, 16)
               if plausible_warps(block, warps) and warps * pps <= 64]
     if hidden < 16384:
@@ -85,13 +88,18 @@ def norm_candidates(base: dict[str, Any], hidden: int) -> list[tuple[str, dict[s
     wide = []
     if "bwd_split_n" in base:
         # The split backward (RMSNorm): each row's dot product first, then column blocks x row groups, the
-        # weight gradient's share in registers. On an H100 at 2048x32768 the chunked backward took ~0.37 ms,
-        # its read-modify-written partial rows a large part of it.
+        # weight gradient's share in registers. On an H100 (session 14's sweep, backward alone) its best at
+        # 2048x32768 was column blocks of 2048 at 4 warps x 4 programs per SM (0.241 ms; 4096: 0.242; 1024:
+        # 0.256; 512: 0.294); the chunked backward's best took 0.363.
         wide += [("bwd", {**base, "bwd_split_n": split_n, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
-                 for split_n in (1024, 512, 2048) for warps in (4, 8) for pps in (4, 2)]
+                 for split_n in (2048, 4096, 1024) for warps in (4, 8) for pps in (4, 2)]
     # The chunked kernels read the row twice but keep each chunk in registers.
-    wide += [("bwd", {**base, "block_n": block_n, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
+    no_split = {"bwd_split_n": 0} if "bwd_split_n" in base else {}
+    wide += [("bwd", {**base, **no_split, "block_n": block_n, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
              for block_n in (2048, 4096, 8192) for warps in (4, 8, 16) for pps in (1, 2, 4)]
-    # Last: the single-pass backward holds x, dy, w and the partial sums of a whole row in registers; rows
-    # this wide spill (on an H100 at 2048x32768: 2.2-2.7 ms fwd+bwd against Inductor's 0.35).
+    if block < 32768:
+        # At 2048x16384 the whole row still fits: 16 warps x 1 program per SM took 0.101 ms, the best split
+        # 0.130, the best chunked 0.138 (same sweep).
+        return out + single + wide
+    # From 32768 columns the single-pass backward spills (2048x32768: 2.1-3.0 ms against the split's 0.241): last.
     return out + wide + single

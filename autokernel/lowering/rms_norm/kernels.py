@@ -519,10 +519,11 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
             fwd_block_n=_DEFAULT_CHUNK,
         )
     if block == MAX_SINGLE_PASS_BLOCK:
-        # Measured on an H100 at 2048x32768 (bf16): the single-pass backward spills registers (2.2-2.7 ms
-        # fwd+bwd); the best chunked one, chunks of 8192 at 16 warps x 1 program per SM, took ~0.37 ms. The
-        # forward still holds the whole row (0.098 ms; chunked 0.118-0.134).
-        return RmsNormConfig(fwd_num_warps=16, bwd_num_warps=16, bwd_programs_per_sm=1, block_n=8192)
+        # Measured on an H100 at 2048x32768 (bf16, session 14's sweep, each pass alone): the single-pass backward
+        # spills registers (2.1-3.0 ms); the split one with column blocks of 2048 at 4 warps x 4 programs per SM
+        # took 0.241 ms (Inductor's backward 0.247, the best chunked one 0.363). The forward holds the whole
+        # row (0.098 ms at 16 warps; chunked 0.116-0.147).
+        return RmsNormConfig(fwd_num_warps=16, bwd_num_warps=4, bwd_programs_per_sm=4, bwd_split_n=2048)
     warps = min(16, max(1, block // 512))
     # Measured on an H200 (backward alone, bf16): 8192x2048 was fastest at 4 warps x 4 programs per SM,
     # 8192x4096 at 8 x 2; twice the warps cost 19% and 22%. So ~8 elements per thread, ~16 warps per SM.
@@ -533,6 +534,9 @@ def default_config(hidden: int, rows: int, dtype: torch.dtype) -> RmsNormConfig:
     # Persistent backward: enough programs per SM to hide latency; more also means more partial dW rows
     # to sum afterwards.
     programs_per_sm = max(2, min(16, 16 // bwd_warps))
+    if block == MAX_SINGLE_PASS_BLOCK // 2:
+        # At 2048x16384 on an H100 (same sweep): 16 warps x 1 program per SM 0.101 ms, x 2 0.114.
+        programs_per_sm = 1
     return RmsNormConfig(
         fwd_num_warps=warps,
         fwd_rows_per_program=rows_per_program,
