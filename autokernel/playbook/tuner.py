@@ -404,8 +404,10 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
             say(f"resuming {old_dir.name}")
             candidates = front + candidates
             front_count = len(front)
-        # The first candidates compile in the precompiler while the worker starts and Inductor's baseline runs.
-        worker.ahead([config for _phase, config, _origin in candidates[:LOOKAHEAD]])
+        stale = {"fwd": 0, "bwd": 0, "agent": 0}
+        # The first candidates compile in the precompiler while the worker starts and Inductor's baseline runs
+        # (a backward with the default's forward knobs, as the loop runs it while no forward has passed).
+        worker.ahead(_upcoming(candidates, stale, problem.default_candidate()))
         if baseline is not None and not interpret:
             floor, peer = baseline
             log.row(strategy="inductor", n=0, phase="peer", status="inductor ok (measured before this run)",
@@ -418,7 +420,6 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                     fwd_ms=_fmt(peer["fwd_ms"]), train_ms=_fmt(peer["train_ms"]), detail=detail,
                     **{f"{part}_s": f"{sec:.2f}" for part, sec in split.items()})
         best: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
-        stale = {"fwd": 0, "bwd": 0, "agent": 0}
         counter = {"n": 0}
         tried: set[tuple[str, str]] = set()  # (phase, candidate id) run in this run
 
