@@ -31,7 +31,10 @@ class KernelConfig:
     """Base of the families' frozen config dataclasses: the dict round trip the cache stores, and the
     checks every family's ``__post_init__`` makes. Errors name the class and the field."""
 
-    def _check_common(self, warps: tuple[str, ...], positive: tuple[str, ...] = ()) -> None:
+    def _check_common(self, warps: tuple[str, ...], positive: tuple[str, ...] = (), chunks: tuple[str, ...] = (),
+                      max_chunk: int = 0) -> None:
+        """Every field an int; ``warps`` fields valid warp counts, ``positive`` ones > 0, ``chunks`` ones (chunk
+        widths) 0 or a power of two up to ``max_chunk``."""
         name = type(self).__name__
         for f in fields(self):
             v = getattr(self, f.name)
@@ -44,6 +47,10 @@ class KernelConfig:
         for field in positive:
             if getattr(self, field) <= 0:
                 raise ValueError(f"{name}.{field} must be > 0, got {getattr(self, field)}")
+        for field in chunks:
+            v = getattr(self, field)
+            if v < 0 or v & (v - 1) or v > max_chunk:
+                raise ValueError(f"{name}.{field} must be 0 or a power of two <= {max_chunk}, got {v}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

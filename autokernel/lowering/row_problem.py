@@ -79,8 +79,8 @@ def norm_candidates(base: dict[str, Any], hidden: int) -> list[tuple[str, dict[s
                 out.append(("fwd", {**base, "fwd_block_n": block_n, "fwd_num_warps": warps}))
     # The single-pass backward holds x, dy, w and the partial sums of a whole row in registers (the chunked
     # and split knobs cleared: a wide base may set them).
-    whole_row = {"block_n": 0, **({"bwd_split_n": 0} if "bwd_split_n" in base else {})}
-    single = [("bwd", {**base, **whole_row, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
+    no_split = {"bwd_split_n": 0} if "bwd_split_n" in base else {}
+    single = [("bwd", {**base, **no_split, "block_n": 0, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
               for warps in (1, 2, 4, 8, 16, 32) for pps in (1, 2, 4, 8, 16)
               if plausible_warps(block, warps) and warps * pps <= 64]
     if hidden < 16384:
@@ -94,7 +94,6 @@ def norm_candidates(base: dict[str, Any], hidden: int) -> list[tuple[str, dict[s
         wide += [("bwd", {**base, "bwd_split_n": split_n, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
                  for split_n in (2048, 4096, 1024) for warps in (4, 8) for pps in (4, 2)]
     # The chunked kernels read the row twice but keep each chunk in registers.
-    no_split = {"bwd_split_n": 0} if "bwd_split_n" in base else {}
     wide += [("bwd", {**base, **no_split, "block_n": block_n, "bwd_num_warps": warps, "bwd_programs_per_sm": pps})
              for block_n in (2048, 4096, 8192) for warps in (4, 8, 16) for pps in (1, 2, 4)]
     if block < 32768:

@@ -91,9 +91,14 @@ RULES: dict[str, Rule] = {rule.key: rule for rule in (
                                "(block_n 8192, 16 warps x 1 program per SM) 0.50 ms fwd+bwd vs Inductor 0.35; its "
                                "forward chunked too (0.134 ms; whole row 0.098): the forward now chunks on its "
                                "own (fwd_block_n), and the split backward (bwd_split_n: row dot products, then "
-                               "column blocks x row groups) was added, not yet measured on a GPU; the default "
-                               "backward at that width is now that chunked one", H100,
-                               "benchmarks/results/rms_norm_tune_2048x32768_h100.tsv"))),
+                               "column blocks x row groups) was added", H100,
+                               "benchmarks/results/rms_norm_tune_2048x32768_h100.tsv"),
+                   Observation("rms_norm backward alone, 2048x32768: split (bwd_split_n 2048, 4 warps x 4 programs "
+                               "per SM) 0.241 ms, best chunked 0.363, single pass 2.1 (spills), Inductor 0.247; "
+                               "2048x16384: single pass 16 warps x 1 program per SM 0.101, best split 0.130; the "
+                               "defaults at those widths are these, and fwd+bwd ties Inductor at 32768 (0.333 "
+                               "vs 0.332) and beats it at 16384 (0.148 vs 0.177)", H100,
+                               "benchmarks/results/rms_norm_sweep_wide_h100_s14.txt"))),
     Rule("persistent-grid", "Persistent grid for the backward",
          "Launch programs_per_sm x SMs programs that loop over rows: more programs hide latency, fewer shrink "
          "the per-program partial buffers and their final reduction. Prefetching the next row hides load "

@@ -385,12 +385,8 @@ class LayerNormConfig(KernelConfig):
 
     def __post_init__(self) -> None:
         self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
-                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"))
-        for name in ("block_n", "fwd_block_n"):
-            value = getattr(self, name)
-            if value < 0 or value & (value - 1) or value > MAX_SINGLE_PASS_BLOCK:
-                raise ValueError(f"LayerNormConfig.{name} must be 0 or a power of two <= {MAX_SINGLE_PASS_BLOCK}, "
-                                 f"got {value}")
+                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"),
+                           chunks=("block_n", "fwd_block_n"), max_chunk=MAX_SINGLE_PASS_BLOCK)
 
     @property
     def chunked(self) -> bool:

@@ -49,7 +49,6 @@ from autokernel.lowering.launch import (
     ROW_COUNT_UNSPECIALIZED,
     KernelConfig,
     as_rows,
-    is_power_of_two,
     next_power_of_2,
     sm_count,
 )
@@ -483,13 +482,8 @@ class RmsNormConfig(KernelConfig):
 
     def __post_init__(self) -> None:
         self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
-                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"))
-        for name in ("block_n", "fwd_block_n", "bwd_split_n"):
-            value = getattr(self, name)
-            if value != 0 and not is_power_of_two(value):
-                raise ValueError(f"RmsNormConfig.{name} must be 0 or a power of two, got {value}")
-            if value > MAX_SINGLE_PASS_BLOCK:
-                raise ValueError(f"RmsNormConfig.{name} must be <= {MAX_SINGLE_PASS_BLOCK}, got {value}")
+                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"),
+                           chunks=("block_n", "fwd_block_n", "bwd_split_n"), max_chunk=MAX_SINGLE_PASS_BLOCK)
 
     @property
     def chunked(self) -> bool:

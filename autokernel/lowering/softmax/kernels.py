@@ -248,13 +248,8 @@ class SoftmaxConfig(KernelConfig):
 
     def __post_init__(self) -> None:
         self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
-                           positive=("fwd_rows_per_program", "bwd_rows_per_program", "num_stages"))
-        for name in ("fwd_block_n", "bwd_block_n"):
-            v = getattr(self, name)
-            if v != 0 and (v < 0 or v & (v - 1)):
-                raise ValueError(f"SoftmaxConfig.{name} must be 0 or a power of two, got {v}")
-            if v > MAX_SINGLE_PASS_BLOCK:
-                raise ValueError(f"SoftmaxConfig.{name} must be <= {MAX_SINGLE_PASS_BLOCK}, got {v}")
+                           positive=("fwd_rows_per_program", "bwd_rows_per_program", "num_stages"),
+                           chunks=("fwd_block_n", "bwd_block_n"), max_chunk=MAX_SINGLE_PASS_BLOCK)
 
 
 
