@@ -30,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -50,6 +51,15 @@ DEFAULT_IMPLS = "eager,inductor,liger,autokernel"
 FULL = dict(hidden=2048, layers=4, heads=16, kv_heads=8, intermediate=8192, vocab=128256, batch=2, seq=4096)
 SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=16)
 MEMORY_ROWS = 15  # --memory: the block sizes reported per impl
+PROFILE_TOP = 12  # --profile: the longest kernels reported per impl
+# --profile: a kernel's category by its name, first match wins (cuBLAS/CUTLASS matmuls, flash/efficient
+# attention, autokernel's Triton kernels, Inductor's generated ones; the rest is ATen's own kernels).
+KERNEL_CATEGORIES = (
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention", re.I)),
+    ("autokernel", re.compile(r"^_(rms_norm|layer_norm|softmax|rope|swiglu|cross_entropy|linear_cross_entropy)")),
+    ("inductor", re.compile(r"^triton_")),
+)
 CONFIG_ENV = "AK_BENCH_E2E_CONFIG"  # how the model's dimensions reach factory() in ak-tune's process
 
 
@@ -95,11 +105,12 @@ def compiled(impl: str, model: torch.nn.Module, cache_dir: str | None) -> Any:
 
 
 def measure_step(fwd: Any, model: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
-                 device: torch.device, memory: bool = False) -> dict[str, Any]:
+                 device: torch.device, memory: bool = False, profile: bool = False) -> dict[str, Any]:
     """One training step (forward with labels, backward, gradients dropped) of ``fwd``, which runs ``model``:
     the first step's seconds (compile included), then two warm-up steps and the median ms of ``iters`` steps
     (CUDA events; wall clock on the CPU), the peak memory above what the warm model holds, and the loss.
-    ``memory`` (CUDA): also what is alive at the step's peak (:func:`live_at_peak`), from one more step."""
+    ``memory`` (CUDA): also what is alive at the step's peak (:func:`live_at_peak`), from one more step;
+    ``profile`` (CUDA): also where one more step's GPU time goes (:func:`kernel_profile`)."""
     def step() -> torch.Tensor:
         loss = fwd(**inputs).loss
         loss.backward()
@@ -145,7 +156,37 @@ def measure_step(fwd: Any, model: torch.nn.Module, inputs: dict[str, torch.Tenso
         traced_peak, blocks = live_at_peak(snapshot["device_traces"][device.index or 0])
         row["peak_blocks"] = {"traced_peak_mib": round(traced_peak / 2**20, 1),
                               "by_size": [[round(size / 2**20, 2), count] for size, count in blocks[:MEMORY_ROWS]]}
+    if profile and device.type == "cuda":
+        row["kernels"] = kernel_profile(step, device)
     return row
+
+
+def kernel_category(name: str) -> str:
+    return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
+
+
+def kernel_profile(step: Any, device: torch.device) -> dict[str, Any]:
+    """The GPU time of one ``step`` under ``torch.profiler``, by kernel category (:data:`KERNEL_CATEGORIES`) and
+    the :data:`PROFILE_TOP` longest kernels by name, in ms. The sum is kernel time only: gaps between kernels
+    (host-bound stretches) are the step's time less this sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    by_name: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[event.name] += event.device_time_total / 1e3
+            calls[event.name] += 1
+    by_category: Counter[str] = Counter()
+    for name, ms in by_name.items():
+        by_category[kernel_category(name)] += ms
+    return {"total_ms": round(sum(by_name.values()), 3),
+            "by_category": {k: round(v, 3) for k, v in by_category.most_common()},
+            "top": [[name[:90], kernel_category(name), calls[name], round(ms, 3)]
+                    for name, ms in by_name.most_common(PROFILE_TOP)]}
 
 
 def live_at_peak(events: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int, int]]]:
@@ -174,7 +215,8 @@ def live_at_peak(events: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int,
 
 
 def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor], iters: int,
-              device: torch.device, cache_dir: str | None, memory: bool = False) -> dict[str, Any]:
+              device: torch.device, cache_dir: str | None, memory: bool = False,
+              profile: bool = False) -> dict[str, Any]:
     torch._dynamo.reset()
     model = copy.deepcopy(base)
     if impl == "liger":
@@ -183,7 +225,7 @@ def time_impl(impl: str, base: torch.nn.Module, inputs: dict[str, torch.Tensor],
         apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
     row: dict[str, Any] = {"impl": impl, **measure_step(compiled(impl, model, cache_dir), model, inputs, iters, device,
-                                                        memory)}
+                                                        memory, profile)}
     row["loss"] = round(row["loss"], 5)
     if impl == "autokernel":
         import autokernel
@@ -238,6 +280,17 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         for r in traced:
             blocks = ", ".join(f"{mib:g} x {count}" for mib, count in r["peak_blocks"]["by_size"])
             lines.append(f"- {r['impl']}: {r['peak_blocks']['traced_peak_mib']} MiB at the peak: {blocks}")
+    profiled = [r for r in rows if r.get("kernels")]
+    if profiled:
+        lines += ["", "GPU time of one profiled step (`--profile`), ms by kernel category; the step's time less the "
+                  "kernels' sum is time the GPU waited.", ""]
+        for r in profiled:
+            cats = ", ".join(f"{k} {v:.2f}" for k, v in r["kernels"]["by_category"].items())
+            lines.append(f"- {r['impl']}: kernels {r['kernels']['total_ms']:.2f} of {r['ms']:.2f}: {cats}")
+        for r in profiled:
+            lines += ["", f"{r['impl']}, longest kernels:", "", "| kernel | category | calls | ms |",
+                      "|---|---|---|---|"]
+            lines += [f"| `{name}` | {cat} | {n} | {ms:.3f} |" for name, cat, n, ms in r["kernels"]["top"]]
     return "\n".join(lines) + "\n"
 
 
@@ -290,6 +343,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = step_parser(__doc__.splitlines()[0], IMPLS, DEFAULT_IMPLS, "tiny config on the CPU: tests the plumbing only")
     p.add_argument("--tune", type=float, default=None, metavar="MIN",
                    help="run ak-tune --model first: its ranking, then MIN minutes of tuning")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: one more step per impl under torch.profiler; its GPU time by kernel category")
     p.add_argument("--memory", action="store_true",
                    help="CUDA: one more step per impl, its allocations traced; the blocks alive at its peak, by size")
     return parse_step_args(p, argv, IMPLS)
@@ -333,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # not only the model it is given: every impl built after it in this process would run Liger's code.
     for impl in sorted(args.impl_list, key=lambda name: name == "liger"):
         try:
-            row = time_impl(impl, base, inputs, args.iters, device, cache_dir, args.memory)
+            row = time_impl(impl, base, inputs, args.iters, device, cache_dir, args.memory, args.profile)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the impl's copy of the model is gone: its memory goes back
             row["tokens_per_s"] = round(tokens / row["ms"] * 1e3)

@@ -11,7 +11,8 @@
 #                                                MIN minutes of tuning), then the step under autokernel alone
 #   bash benchmarks/device_session.sh e2e        the Llama step for every impl with the cache as it is (carry
 #                                                e2e-tune's cache.akc), then the cache exported, imported into a
-#                                                fresh directory and served from there (portability)
+#                                                fresh directory and served from there (portability); each
+#                                                impl's GPU time by kernel category (bench_e2e --profile)
 #   bash benchmarks/device_session.sh inference-tune MIN   ak-tune --model --inference (MIN minutes of tuning
 #                                                after a ~4-minute ranking) of bench_inference's model, alone
 #   bash benchmarks/device_session.sh inference PARTS   bench_inference's PARTS (decode and/or prefill, comma
@@ -99,7 +100,7 @@ e2e-tune)
   timeout 560 python3 benchmarks/bench_e2e.py --impls autokernel --tune "${2:-3}" --out "$out" 2>&1 | tee -a "$log" | tail -22
   ;;
 e2e)
-  timeout 440 python3 benchmarks/bench_e2e.py --memory --out "$out" 2>&1 | tee -a "$log" | tail -20
+  timeout 440 python3 benchmarks/bench_e2e.py --memory --profile --out "$out" 2>&1 | tee -a "$log" | tail -90
   ak-cache export -o "$out/llama-step.akc" && AUTOKERNEL_CACHE_DIR=/tmp/akc-imported ak-cache import "$out/llama-step.akc"
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \
     --out "$out/imported" 2>&1 | grep -E "^\| autokernel"

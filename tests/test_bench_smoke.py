@@ -206,6 +206,29 @@ def test_bench_e2e_memory_blocks_alive_at_the_peak() -> None:
     assert "- autokernel: 597.0 MiB at the peak: 501 x 1, 32 x 3" in md
 
 
+def test_bench_e2e_profile_sorts_kernels_by_name() -> None:
+    """``bench_e2e --profile``: cuBLAS, flash-attention, autokernel's and Inductor's kernels are told apart by name
+    (first match wins: an Inductor kernel that names a pattern is still Inductor's), and the table shows them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_e2e
+
+    expected = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
+                "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "matmul",
+                "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
+                "_rms_norm_bwd_single_kernel_0": "autokernel", "_linear_cross_entropy_chunk": "autokernel",
+                "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "inductor",
+                "triton_per_fused_rms_norm_1": "inductor",
+                "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other"}
+    assert {name: bench_e2e.kernel_category(name) for name in expected} == expected
+    row = {"impl": "inductor", "ms": 2.0, "tokens_per_s": 1, "peak_mib": 1.0, "first_step_s": 1.0, "loss": 1.0,
+           "kernels": {"total_ms": 1.5, "by_category": {"matmul": 1.0, "inductor": 0.5},
+                       "top": [["sm90_xmma_gemm", "matmul", 3, 1.0]]}}
+    md = bench_e2e.render_md({"case": "c", "device": "d", "torch": "t", "triton": "t", "date": "d", "command": "c"},
+                             [row])
+    assert "- inductor: kernels 1.50 of 2.00: matmul 1.00, inductor 0.50" in md
+    assert "| `sm90_xmma_gemm` | matmul | 3 | 1.000 |" in md
+
+
 def test_op_host_cost_runs(tmp_path: Path) -> None:
     """``op_host_cost.py``: every row timed (a positive number), the stubbed wrapper never launching a kernel."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "op_host_cost.py"), "--calls", "50"]
