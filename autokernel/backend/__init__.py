@@ -1,10 +1,12 @@
 """The ``autokernel`` torch.compile backend.
 
-For each Dynamo graph: build the aten analysis view, let every pattern family find its instances,
-look each one up in the per-GPU cache, rewrite the hits into ``torch.ops.autokernel`` calls, record
-the misses in the wanted table, and hand the graph to Inductor's ``compile_fx`` (which runs
-AOTAutograd itself; wrapping it again would trace twice). Anything that goes wrong in our part is
-logged and the untouched graph goes to Inductor: a model never fails because of autokernel.
+For each Dynamo graph: hand SDPA the attention masks that are constants as what they are
+(``attention_mask.py``: a causal mask becomes ``is_causal=True``), build the aten analysis view, let
+every pattern family find its instances, look each one up in the per-GPU cache, rewrite the hits into
+``torch.ops.autokernel`` calls, record the misses in the wanted table, and hand the graph to Inductor's
+``compile_fx`` (which runs AOTAutograd itself; wrapping it again would trace twice). Anything that goes
+wrong in our part is logged and the untouched graph goes to Inductor: a model never fails because of
+autokernel.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from autokernel.backend.analysis import source_line
+from autokernel.backend.attention_mask import apply_mask_rewrites, find_mask_rewrites, report_rows
 from autokernel.backend.options import Options, parse_options
 from autokernel.backend.plan import apply_plan, plan_graph
 from autokernel.backend.report import InstanceReport, Report
@@ -54,6 +58,9 @@ def backend(gm: GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callab
     if report is not None:
         report.graphs += 1
         try:
+            if opts.attention_masks:
+                report.instances.extend(InstanceReport(report.graphs, **row)
+                                        for row in report_rows(find_mask_rewrites(gm)))
             plan = plan_graph(gm, opts, record=False)
             report.instances.extend(InstanceReport.of(report.graphs, i) for i in plan.instances)
         except Exception as exc:
@@ -63,14 +70,20 @@ def backend(gm: GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callab
     original = None
     if opts.enabled:
         try:
+            masks = [m for m in find_mask_rewrites(gm) if m.status == "rewritten"] if opts.attention_masks else []
+            for m in masks:
+                logger.info("autokernel: %s at %s: %s", m.sdpa.name, source_line(m.sdpa) or "?", m.reason)
             plan = plan_graph(gm, opts, record=opts.record_misses)
             _log_plan(plan.instances, 0)
-            if plan.rewrites:
+            if plan.rewrites or masks:
                 original = _snapshot(gm)
+                apply_mask_rewrites(gm, masks)
                 apply_plan(gm, plan, opts)
                 gm.recompile()
         except Exception:
             logger.warning("autokernel: analysis or rewrite failed, graph left to Inductor as is", exc_info=True)
+            if original is not None:  # the mask rewrites were applied: compile the graph as Dynamo made it
+                gm = original
             original = None
     try:
         return _compile(gm, example_inputs, opts)

@@ -23,10 +23,14 @@ class Options:
     # tells our kernels' problems from Inductor's (and keeps the CPU tests fast).
     compiler: str = "inductor"
     record_misses: bool = True
+    # SDPA calls whose attn_mask is a compile-time constant equal to the causal mask (or to no mask) get
+    # is_causal=True (or no mask) instead: see backend/attention_mask.py.
+    attention_masks: bool = True
     inductor: dict[str, Any] = field(default_factory=dict)
 
 
-_OURS: dict[str, type] = {"enabled": bool, "cache_dir": str, "compiler": str, "record_misses": bool}
+_OURS: dict[str, type] = {"enabled": bool, "cache_dir": str, "compiler": str, "record_misses": bool,
+                          "attention_masks": bool}
 
 
 def parse_options(mode: str | None = None, options: dict[str, Any] | None = None,

@@ -1,0 +1,209 @@
+"""Attention masks that are constants of the graph, handed to SDPA as what they are.
+
+transformers builds the causal mask itself and passes it to ``scaled_dot_product_attention`` as ``attn_mask``
+whenever it cannot prove the mask redundant. Under ``torch.compile`` with torch < 2.14 it never skips it (its
+``_ignore_causal_mask_sdpa`` sees Dynamo's constant ``is_exporting() == True``), so a compiled model runs SDPA
+with an explicit ``[B, 1, L, S]`` mask: no causal block skipping (twice the attention FLOPs), the mask read by
+every call, and with GQA the key/value heads repeated first. Eager transformers passes ``is_causal=True``.
+
+When the mask is computed inside the graph from constants only (aranges, comparisons, shapes: nothing read
+from a graph input), its value is known at compile time. It is computed once here, exactly as the graph would,
+and compared with SDPA's own definitions: equal to ``ones(L, S).tril()`` (``is_causal=True``) or everywhere
+allowed (no mask). Only then is the call rewritten; anything else (a padding mask read from an input, a
+sliding window, a bottom-right aligned decode mask, biases) is declined with the reason. No kernel of ours is
+involved, so nothing here is cached or tuned: the check is exact, and it runs on every compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from autokernel.backend.analysis import source_line
+
+logger = logging.getLogger("autokernel")
+
+PATTERN = "attention_mask"
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+# torch._C._nn.scaled_dot_product_attention's parameters after (query, key, value).
+SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# The largest tensor (elements) the check computes: a [1, 1, 32768, 32768] mask is 1 GiB of booleans.
+MAX_CHECKED_NUMEL = 2**30
+_INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.iand, operator.ior, operator.ixor)
+
+
+@dataclass
+class MaskRewrite:
+    """One SDPA call with an ``attn_mask``: what its mask is, and the call's new keyword arguments."""
+
+    sdpa: Node
+    status: str  # "rewritten" or "declined"
+    reason: str
+    kind: str = ""  # "causal" or "none" (everywhere allowed) when rewritten
+    dtype: str = ""
+    shape: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def find_mask_rewrites(gm: GraphModule) -> list[MaskRewrite]:
+    """Every SDPA call of ``gm`` that has an ``attn_mask``, with the verdict on its mask. Reads the graph and
+    computes the constant masks; changes nothing."""
+    found = []
+    masks: dict[Node, tuple[str, str] | str] = {}  # one evaluation per mask node (shared by every layer)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+            continue
+        kwargs = _sdpa_kwargs(node)
+        mask = kwargs.get("attn_mask")
+        if mask is None:
+            continue
+        rewrite = MaskRewrite(node, "declined", "")
+        value = mask.meta.get("example_value") if isinstance(mask, Node) else None
+        if isinstance(value, torch.Tensor):
+            rewrite.dtype = str(value.dtype).removeprefix("torch.")
+            rewrite.shape = tuple(s if isinstance(s, int) else str(s) for s in value.shape)
+        try:
+            verdict = masks.get(mask) if isinstance(mask, Node) else None
+            if verdict is None:
+                verdict = _classify(gm, node, mask)
+                if isinstance(mask, Node):
+                    masks[mask] = verdict
+        except Exception as exc:  # an op the check cannot run: the call keeps its mask
+            logger.debug("autokernel: attention mask check failed", exc_info=True)
+            verdict = f"the mask could not be computed at compile time ({type(exc).__name__}: {exc})"[:300]
+        if isinstance(verdict, str):
+            rewrite.reason = verdict
+        elif kwargs.get("is_causal"):
+            rewrite.reason = "the call passes both attn_mask and is_causal=True"
+        else:
+            rewrite.kind, rewrite.reason = verdict
+            rewrite.status = "rewritten"
+            rewrite.kwargs = {**kwargs, "attn_mask": None, "is_causal": rewrite.kind == "causal"}
+        found.append(rewrite)
+    return found
+
+
+def apply_mask_rewrites(gm: GraphModule, rewrites: list[MaskRewrite]) -> None:
+    """Give each rewritten SDPA call its new arguments, then drop the mask's nodes nothing reads any more."""
+    dropped: set[Node] = set()
+    for rewrite in rewrites:
+        if rewrite.status != "rewritten":
+            continue
+        old = _sdpa_kwargs(rewrite.sdpa).get("attn_mask")
+        rewrite.sdpa.args = rewrite.sdpa.args[:3]
+        rewrite.sdpa.kwargs = rewrite.kwargs
+        if isinstance(old, Node):
+            dropped.add(old)
+    graph = gm.graph
+    for node in reversed(list(graph.nodes)):
+        if node in dropped and not node.users:
+            dropped.update(a for a in node.all_input_nodes if a.op != "placeholder")
+            graph.erase_node(node)
+    graph.lint()
+
+
+def report_rows(rewrites: list[MaskRewrite]) -> list[dict[str, Any]]:
+    """``autokernel.explain``'s fields for each verdict (see ``backend.report.InstanceReport``)."""
+    return [{"pattern": PATTERN, "status": r.status, "reason": r.reason,
+             "flags": {"mask": r.kind} if r.kind else {}, "dtype": r.dtype, "shape": r.shape,
+             "source": source_line(r.sdpa), "requires_grad": False} for r in rewrites]
+
+
+def _sdpa_kwargs(node: Node) -> dict[str, Any]:
+    """The call's arguments after (query, key, value), by name, positional ones included."""
+    kwargs = dict(zip(SDPA_PARAMS, node.args[3:], strict=False))
+    kwargs.update(node.kwargs)
+    return kwargs
+
+
+def _classify(gm: GraphModule, sdpa: Node, mask: Any) -> tuple[str, str] | str:
+    """``(kind, reason)`` when the mask is a constant equal to SDPA's causal mask or to no mask, else why not."""
+    if not isinstance(mask, Node):
+        return f"the mask is not a tensor of the graph ({type(mask).__name__})"
+    ancestors = _ancestors(mask)
+    inputs = sorted(n.name for n in ancestors if n.op == "placeholder")
+    if inputs:
+        return f"the mask is computed from graph input(s) {', '.join(inputs[:3])}: not a constant"
+    for node in ancestors:
+        if node.op not in ("call_function", "call_method", "get_attr"):
+            return f"the mask is computed by {node.op} {node.target}: not checked"
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            if not all(isinstance(s, int) for s in value.shape):
+                return "the mask has symbolic sizes: its value is not known at compile time"
+            if value.numel() > MAX_CHECKED_NUMEL:
+                return f"{node.name} has {value.numel()} elements: too large to check at compile time"
+        mutators = [u for u in node.users if u not in ancestors and _mutates(u)]
+        if mutators:
+            return f"{mutators[0].name} changes {node.name} in place"
+        if "rand" in str(node.target) or "bernoulli" in str(node.target):
+            return f"{node.name} is random"
+    q, k = (a.meta.get("example_value") for a in sdpa.args[:2])
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
+        return "the query and key have no example values"
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if not (isinstance(q_len, int) and isinstance(kv_len, int)):
+        return "the sequence lengths are symbolic"
+    value = _evaluate(gm, ancestors, mask)
+    if value.dim() < 2 or value.shape[-2] not in (1, q_len) or value.shape[-1] not in (1, kv_len):
+        return f"the mask's shape {tuple(value.shape)} does not end in ({q_len}, {kv_len})"
+    if value.dtype == torch.bool:
+        allowed = value
+    elif value.is_floating_point():
+        allowed = value == 0
+        blocked = value[~allowed]
+        if not bool(((blocked == float("-inf")) | (blocked <= torch.finfo(value.dtype).min)).all()):
+            return "the float mask holds values other than 0 and -inf (a bias): not a mask of allowed positions"
+    else:
+        return f"the mask's dtype is {value.dtype}"
+    allowed = allowed.expand(*value.shape[:-2], q_len, kv_len)
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=value.device).tril()
+    if torch.equal(allowed, causal.expand_as(allowed)):
+        return "causal", "the mask is the causal one: SDPA's is_causal=True (causal block skipping, no mask read)"
+    if bool(allowed.all()):
+        return "none", "the mask allows every position: SDPA without a mask"
+    return ("the mask is a constant, but neither SDPA's causal mask (top-left aligned) nor all-allowed "
+            "(a window, a bottom-right aligned or a block mask)")
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _mutates(node: Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        return node.target in _INPLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_")
+    return False
+
+
+def _evaluate(gm: GraphModule, ancestors: set[Node], mask: Node) -> torch.Tensor:
+    """The mask's value: its nodes copied, in graph order, into a module of their own, and run for real (outside
+    any fake mode the compile has active)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    for node in gm.graph.nodes:
+        if node in ancestors:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[mask])
+    with unset_fake_temporarily(), torch.no_grad():
+        value = GraphModule(gm, graph)()
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"the mask evaluated to a {type(value).__name__}")
+    return value
