@@ -52,11 +52,12 @@ FULL = dict(hidden=2048, layers=4, heads=16, kv_heads=8, intermediate=8192, voca
 SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=16)
 MEMORY_ROWS = 15  # --memory: the block sizes reported per impl
 PROFILE_TOP = 12  # --profile: the longest kernels reported per impl
-# --profile: a kernel's category by its name, first match wins (cuBLAS/CUTLASS matmuls, flash/efficient
-# attention, autokernel's Triton kernels, Inductor's generated ones; the rest is ATen's own kernels).
+# --profile: a kernel's category by its name, first match wins (flash/efficient/cuDNN attention, cuBLAS/CUTLASS
+# matmuls, autokernel's Triton kernels, Inductor's generated ones; the rest is ATen's own kernels).
+# Attention first: cuDNN's SDPA kernels carry matmul-like names (cudnn_generated_fort_native_sdpa_sm90_flash_...).
 KERNEL_CATEGORIES = (
+    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention", re.I)),
     ("autokernel", re.compile(r"^_(rms_norm|layer_norm|softmax|rope|swiglu|cross_entropy|linear_cross_entropy)")),
     ("inductor", re.compile(r"^triton_")),
 )

@@ -28,21 +28,21 @@ def _qkv(q_len: int = L, kv_len: int = S, heads: int = 2) -> tuple[torch.Tensor,
 
 def causal_hf(q, k, v):
     """transformers' spelling: kv index <= q index from two aranges, expanded over the batch."""
-    q_idx = torch.arange(q.shape[-2])[None, None, :, None]
-    kv_idx = torch.arange(k.shape[-2])[None, None, None, :]
+    q_idx = torch.arange(q.shape[-2], device=q.device)[None, None, :, None]
+    kv_idx = torch.arange(k.shape[-2], device=q.device)[None, None, None, :]
     mask = (kv_idx <= q_idx).expand(q.shape[0], -1, -1, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def causal_float_inf(q, k, v):
-    mask = torch.full((q.shape[-2], k.shape[-2]), float("-inf")).triu(1)
+    mask = torch.full((q.shape[-2], k.shape[-2]), float("-inf"), device=q.device).triu(1)
     return F.scaled_dot_product_attention(q, k, v, mask)
 
 
 def causal_float_min(q, k, v):
     """Older transformers: an additive mask of 0 and the dtype's minimum."""
     lo = torch.finfo(q.dtype).min
-    mask = torch.full((q.shape[-2], k.shape[-2]), lo).triu(1)[None, None]
+    mask = torch.full((q.shape[-2], k.shape[-2]), lo, device=q.device, dtype=q.dtype).triu(1)[None, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=0.3)
 
 

@@ -215,6 +215,7 @@ def test_bench_e2e_profile_sorts_kernels_by_name() -> None:
     expected = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
                 "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "matmul",
                 "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
+                "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128": "attention",
                 "_rms_norm_bwd_single_kernel_0": "autokernel", "_linear_cross_entropy_chunk": "autokernel",
                 "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "inductor",
                 "triton_per_fused_rms_norm_1": "inductor",
