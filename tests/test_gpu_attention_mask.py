@@ -19,8 +19,10 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("fn", [causal_hf, causal_float_min])
-@pytest.mark.parametrize("seq", [1, 333, 2048])
+@pytest.mark.parametrize("seq", [2, 333, 2048])
 def test_rewritten_causal_sdpa_against_float64(tmp_path, fn, dtype, seq) -> None:
+    """(At one key dq is exactly zero in float64 and ~1e-6 from the GPU kernels: no relative bound holds against a
+    zero reference, so the shortest case is two keys.)"""
     g = torch.Generator(device="cuda").manual_seed(seq)
     q, k, v = (torch.randn(2, 8, seq, 128, device="cuda", generator=g, dtype=dtype) for _ in range(3))
     options = {"autokernel.cache_dir": str(tmp_path)}
