@@ -79,3 +79,29 @@ def test_family_found_served_and_right(tmp_path, family):
     assert [i.status for i in report.instances] == ["hit"] * len(report.instances), str(report)
 
     check_causal_lm_step(model, ids, options)
+
+
+@pytest.mark.parametrize("family, window", [*((f, None) for f in FAMILIES), ("mistral", 8)])
+def test_family_with_sdpa_gets_is_causal(tmp_path, monkeypatch, family, window):
+    """The same models with SDPA attention, as transformers builds them under torch.compile before torch 2.14 (its
+    causal mask never skipped while Dynamo traces, so each layer's SDPA call gets it): both layers' masks are
+    rewritten to is_causal=True, and the step equals eager's. A Mistral whose sliding window (8) is shorter than the
+    sequence (16) has a mask that is not the causal one: declined, the step still eager's."""
+    import transformers.masking_utils as masking_utils
+
+    real = masking_utils._ignore_causal_mask_sdpa
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa",
+                        lambda *a, **k: False if torch.compiler.is_compiling() else real(*a, **k))
+    config_cls, model_cls, extra, _ = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(**COMMON, **{**extra, **({"sliding_window": window} if window else {})})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(cfg)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    options = {"autokernel.cache_dir": str(tmp_path), "autokernel.compiler": "aot_eager"}
+    report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
+    masks = [(i.status, i.flags.get("mask", "")) for i in report.instances if i.pattern == "attention_mask"]
+    assert masks == ([("declined", "")] if window else [("rewritten", "causal")]) * 2, str(report)
+    assert all(f"{family}.py" in i.source or "sdpa_attention.py" in i.source
+               for i in report.instances if i.pattern == "attention_mask"), str(report)
+    check_causal_lm_step(model, ids, options)
