@@ -16,7 +16,7 @@ def _shape_text(shape: tuple[Any, ...]) -> str:
 class InstanceReport:
     graph: int
     pattern: str
-    status: str  # "hit", "miss" or "declined"
+    status: str  # "hit", "miss" or "declined"; an attention mask: "rewritten" or "declined"
     reason: str
     flags: dict[str, Any]
     dtype: str
