@@ -139,7 +139,7 @@ def _classify(gm: GraphModule, sdpa: Node, mask: Any) -> tuple[str, str] | str:
                 return "the mask has symbolic sizes: its value is not known at compile time"
             if value.numel() > MAX_CHECKED_NUMEL:
                 return f"{node.name} has {value.numel()} elements: too large to check at compile time"
-        mutators = [u for u in node.users if u not in ancestors and _mutates(u)]
+        mutators = [u for u in node.users if _mutates(u)]
         if mutators:
             return f"{mutators[0].name} changes {node.name} in place"
         if "rand" in str(node.target) or "bernoulli" in str(node.target):
@@ -187,7 +187,11 @@ def _mutates(node: Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_")
     if node.op == "call_function":
-        return node.target in _INPLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_")
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        # operator.and_ / or_ / not_ end in "_" and make new tensors; torch's in-place functions (relu_) do not.
+        name = getattr(node.target, "__name__", "")
+        return getattr(node.target, "__module__", "") != "_operator" and name.endswith("_") and not name.endswith("__")
     return False
 
 
