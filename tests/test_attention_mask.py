@@ -195,3 +195,22 @@ def test_transformers_causal_mask_under_compile_becomes_is_causal(monkeypatch) -
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_symbolic_sizes_are_declined() -> None:
+    """With dynamic=True the mask's sizes are symbolic: its value is not known at compile time, the call keeps it,
+    and the result is eager's."""
+    graphs: list[GraphModule] = []
+
+    def capture(gm: GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(causal_hf, backend=capture, dynamic=True)(*_qkv())
+    rewrites = find_mask_rewrites(graphs[0])
+    assert [r.status for r in rewrites] == ["declined"] and "symbolic" in rewrites[0].reason, rewrites
+    torch._dynamo.reset()
+    q, k, v = _qkv(5, 5)
+    out = torch.compile(causal_hf, backend="autokernel", options=OPTIONS, dynamic=True)(q, k, v)
+    torch.testing.assert_close(out, causal_hf(q, k, v), rtol=1e-5, atol=1e-5)

@@ -127,9 +127,12 @@ def _classify(gm: GraphModule, sdpa: Node, mask: Any) -> tuple[str, str] | str:
     if not isinstance(mask, Node):
         return f"the mask is not a tensor of the graph ({type(mask).__name__})"
     ancestors = _ancestors(mask)
-    inputs = sorted(n.name for n in ancestors if n.op == "placeholder")
+    inputs = sorted((n for n in ancestors if n.op == "placeholder"), key=lambda n: n.name)
+    sizes = [n.name for n in inputs if isinstance(n.meta.get("example_value"), torch.SymInt)]
+    if sizes:
+        return f"the mask has symbolic sizes ({', '.join(sizes[:3])}): its value is not known at compile time"
     if inputs:
-        return f"the mask is computed from graph input(s) {', '.join(inputs[:3])}: not a constant"
+        return f"the mask is computed from graph input(s) {', '.join(n.name for n in inputs[:3])}: not a constant"
     for node in ancestors:
         if node.op not in ("call_function", "call_method", "get_attr"):
             return f"the mask is computed by {node.op} {node.target}: not checked"
