@@ -55,7 +55,8 @@ def find_mask_rewrites(gm: GraphModule) -> list[MaskRewrite]:
     """Every SDPA call of ``gm`` that has an ``attn_mask``, with the verdict on its mask. Reads the graph and
     computes the constant masks; changes nothing."""
     found = []
-    masks: dict[Node, tuple[str, str] | str] = {}  # one evaluation per mask node (shared by every layer)
+    # One evaluation per mask node (every layer shares it) and pair of lengths (the comparison's shape).
+    masks: dict[tuple[Node, Any, Any], tuple[str, str] | str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
@@ -68,12 +69,13 @@ def find_mask_rewrites(gm: GraphModule) -> list[MaskRewrite]:
         if isinstance(value, torch.Tensor):
             rewrite.dtype = str(value.dtype).removeprefix("torch.")
             rewrite.shape = tuple(s if isinstance(s, int) else str(s) for s in value.shape)
+        key = (mask, *(_seq_len(a) for a in node.args[:2])) if isinstance(mask, Node) else None
         try:
-            verdict = masks.get(mask) if isinstance(mask, Node) else None
+            verdict = masks.get(key) if key is not None else None
             if verdict is None:
                 verdict = _classify(gm, node, mask)
-                if isinstance(mask, Node):
-                    masks[mask] = verdict
+                if key is not None:
+                    masks[key] = verdict
         except Exception as exc:  # an op the check cannot run: the call keeps its mask
             logger.debug("autokernel: attention mask check failed", exc_info=True)
             verdict = f"the mask could not be computed at compile time ({type(exc).__name__}: {exc})"[:300]
@@ -113,6 +115,13 @@ def report_rows(rewrites: list[MaskRewrite]) -> list[dict[str, Any]]:
     return [{"pattern": PATTERN, "status": r.status, "reason": r.reason,
              "flags": {"mask": r.kind} if r.kind else {}, "dtype": r.dtype, "shape": r.shape,
              "source": source_line(r.sdpa), "requires_grad": False} for r in rewrites]
+
+
+def _seq_len(arg: Any) -> int | None:
+    """A query's or key's sequence length when static (a symbolic one declines the mask anyway)."""
+    value = arg.meta.get("example_value") if isinstance(arg, Node) else None
+    n = value.shape[-2] if isinstance(value, torch.Tensor) and value.dim() >= 2 else None
+    return n if isinstance(n, int) else None
 
 
 def _sdpa_kwargs(node: Node) -> dict[str, Any]:
