@@ -52,6 +52,7 @@ FULL = dict(hidden=2048, layers=4, heads=16, kv_heads=8, intermediate=8192, voca
 SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, batch=2, seq=16)
 MEMORY_ROWS = 15  # --memory: the block sizes reported per impl
 PROFILE_TOP = 12  # --profile: the longest kernels reported per impl
+PROFILE_GAPS = 8  # --profile: the longest stretches without GPU work between kernels, per impl
 # --profile: a kernel's category by its name, first match wins (flash/efficient/cuDNN attention, cuBLAS/CUTLASS
 # matmuls, autokernel's Triton kernels, Inductor's generated ones; the rest is ATen's own kernels).
 # Attention first: cuDNN's SDPA kernels carry matmul-like names (cudnn_generated_fort_native_sdpa_sm90_flash_...).
@@ -177,17 +178,39 @@ def kernel_profile(step: Any, device: torch.device) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     by_name: Counter[str] = Counter()
     calls: Counter[str] = Counter()
+    spans = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             by_name[event.name] += event.device_time_total / 1e3
             calls[event.name] += 1
+            spans.append((event.time_range.start / 1e3, event.time_range.end / 1e3, event.name))
     by_category: Counter[str] = Counter()
     for name, ms in by_name.items():
         by_category[kernel_category(name)] += ms
+    idle, gaps = idle_gaps(spans)
     return {"total_ms": round(sum(by_name.values()), 3),
             "by_category": {k: round(v, 3) for k, v in by_category.most_common()},
             "top": [[name[:90], kernel_category(name), calls[name], round(ms, 3)]
-                    for name, ms in by_name.most_common(PROFILE_TOP)]}
+                    for name, ms in by_name.most_common(PROFILE_TOP)],
+            "idle_between_kernels_ms": round(idle, 3),
+            "gaps": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps]}
+
+
+def idle_gaps(spans: Sequence[tuple[float, float, str]], top: int = PROFILE_GAPS,
+              least_ms: float = 0.02) -> tuple[float, list[tuple[float, str, str]]]:
+    """From GPU activity spans ``(start_ms, end_ms, name)``: the time between the first start and the last end when
+    nothing ran, and the ``top`` longest such gaps of at least ``least_ms`` as ``(ms, the kernel that ended, the one
+    that started)``: where the GPU waited on the host."""
+    idle, gaps = 0.0, []
+    busy_until, last = None, ""
+    for start, end, name in sorted(spans):
+        if busy_until is not None and start > busy_until:
+            idle += start - busy_until
+            if start - busy_until >= least_ms:
+                gaps.append((start - busy_until, last, name))
+        if busy_until is None or end >= busy_until:
+            busy_until, last = end, name
+    return idle, sorted(gaps, key=lambda g: -g[0])[:top]
 
 
 def live_at_peak(events: Sequence[dict[str, Any]]) -> tuple[int, list[tuple[int, int]]]:
@@ -287,7 +310,14 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                   "kernels' sum is time the GPU waited.", ""]
         for r in profiled:
             cats = ", ".join(f"{k} {v:.2f}" for k, v in r["kernels"]["by_category"].items())
-            lines.append(f"- {r['impl']}: kernels {r['kernels']['total_ms']:.2f} of {r['ms']:.2f}: {cats}")
+            idle = r["kernels"].get("idle_between_kernels_ms")
+            between = f"; idle between kernels {idle:.2f}" if idle is not None else ""
+            lines.append(f"- {r['impl']}: kernels {r['kernels']['total_ms']:.2f} of {r['ms']:.2f}: {cats}{between}")
+        for r in profiled:
+            if r["kernels"].get("gaps"):
+                lines += ["", f"{r['impl']}, longest waits between kernels:", "", "| ms | after | before |",
+                          "|---|---|---|"]
+                lines += [f"| {ms:.3f} | `{before}` | `{after}` |" for ms, before, after in r["kernels"]["gaps"]]
         for r in profiled:
             lines += ["", f"{r['impl']}, longest kernels:", "", "| kernel | category | calls | ms |",
                       "|---|---|---|---|"]

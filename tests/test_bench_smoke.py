@@ -230,6 +230,28 @@ def test_bench_e2e_profile_sorts_kernels_by_name() -> None:
     assert "| `sm90_xmma_gemm` | matmul | 3 | 1.000 |" in md
 
 
+def test_bench_e2e_profile_finds_where_the_gpu_waited() -> None:
+    """``bench_e2e --profile``: idle time is counted between kernels only (overlapping kernels, on two streams, leave
+    no gap), and the longest waits name the kernel before and after."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_e2e
+
+    spans = [(0.0, 1.0, "a"), (0.5, 2.0, "b"), (1.2, 1.5, "c"),  # b overlaps a and covers c: busy until 2.0
+             (2.5, 3.0, "d"),  # 0.5 idle after b
+             (3.01, 4.0, "e"),  # 0.01 idle: counted, but under the gap report's threshold
+             (5.0, 6.0, "f")]  # 1.0 idle after e
+    idle, gaps = bench_e2e.idle_gaps(spans)
+    assert abs(idle - 1.51) < 1e-9
+    assert gaps == [(1.0, "e", "f"), (0.5, "b", "d")]
+    row = {"impl": "autokernel", "ms": 7.0, "tokens_per_s": 1, "peak_mib": 1.0, "first_step_s": 1.0, "loss": 1.0,
+           "kernels": {"total_ms": 5.0, "by_category": {"matmul": 5.0}, "top": [], "idle_between_kernels_ms": 1.51,
+                       "gaps": [[1.0, "e", "f"]]}}
+    md = bench_e2e.render_md({"case": "c", "device": "d", "torch": "t", "triton": "t", "date": "d", "command": "c"},
+                             [row])
+    assert "- autokernel: kernels 5.00 of 7.00: matmul 5.00; idle between kernels 1.51" in md
+    assert "| 1.000 | `e` | `f` |" in md
+
+
 def test_op_host_cost_runs(tmp_path: Path) -> None:
     """``op_host_cost.py``: every row timed (a positive number), the stubbed wrapper never launching a kernel."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "op_host_cost.py"), "--calls", "50"]
