@@ -34,7 +34,7 @@ from models import HFLlama, check_hf_llama
 from autokernel.cache import runtime
 from autokernel.cache.store import default_cache_dir
 
-# What autokernel.backend._log_plan writes for each instance it planned, e.g.
+# What autokernel.backend._log writes for each instance it planned, e.g.
 # "autokernel: rms_norm miss bf16 4x32 at ...: no tuned kernel for ...".
 _PLANNED = re.compile(r"^autokernel: (\S+) (hit|miss|declined) (\S+) (\S+) at ")
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
-from autokernel.backend.analysis import source_line
 from autokernel.backend.attention_mask import apply_mask_rewrites, find_mask_rewrites, report_rows
 from autokernel.backend.options import Options, parse_options
 from autokernel.backend.plan import apply_plan, plan_graph
@@ -42,11 +41,12 @@ def _compile(gm: GraphModule, example_inputs: list[Any], opts: Options) -> Calla
     return compile_fx(gm, example_inputs, config_patches=dict(opts.inductor))
 
 
-def _log_plan(instances, graph_index: int) -> None:
+def _log(reports: Iterable[InstanceReport]) -> None:
+    """One line per instance (pattern, status, dtype, shape, source, reason); ``reports`` is only consumed (its
+    source lines parsed) when INFO is on."""
     if not logger.isEnabledFor(logging.INFO):
         return
-    for inst in instances:
-        r = InstanceReport.of(graph_index, inst)
+    for r in reports:
         logger.info("autokernel: %s %s %s %s at %s: %s", r.pattern, r.status, r.dtype,
                     "x".join(map(str, r.shape)), r.source or "?", r.reason)
 
@@ -71,10 +71,9 @@ def backend(gm: GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callab
     if opts.enabled:
         try:
             masks = [m for m in find_mask_rewrites(gm) if m.status == "rewritten"] if opts.attention_masks else []
-            for m in masks:
-                logger.info("autokernel: %s at %s: %s", m.sdpa.name, source_line(m.sdpa) or "?", m.reason)
+            _log(InstanceReport(0, **row) for row in report_rows(masks))
             plan = plan_graph(gm, opts, record=opts.record_misses)
-            _log_plan(plan.instances, 0)
+            _log(InstanceReport.of(0, i) for i in plan.instances)
             if plan.rewrites or masks:
                 original = _snapshot(gm)
                 apply_mask_rewrites(gm, masks)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,11 +111,13 @@ def apply_mask_rewrites(gm: GraphModule, rewrites: list[MaskRewrite]) -> None:
     graph.lint()
 
 
-def report_rows(rewrites: list[MaskRewrite]) -> list[dict[str, Any]]:
-    """``autokernel.explain``'s fields for each verdict (see ``backend.report.InstanceReport``)."""
-    return [{"pattern": PATTERN, "status": r.status, "reason": r.reason,
-             "flags": {"mask": r.kind} if r.kind else {}, "dtype": r.dtype, "shape": r.shape,
-             "source": source_line(r.sdpa), "requires_grad": False} for r in rewrites]
+def report_rows(rewrites: Iterable[MaskRewrite]) -> Iterator[dict[str, Any]]:
+    """``autokernel.explain``'s fields for each verdict (see ``backend.report.InstanceReport``), lazily: the
+    compile-time log asks for them only when it is on."""
+    for r in rewrites:
+        yield {"pattern": PATTERN, "status": r.status, "reason": r.reason,
+               "flags": {"mask": r.kind} if r.kind else {}, "dtype": r.dtype, "shape": r.shape,
+               "source": source_line(r.sdpa), "requires_grad": False}
 
 
 def _seq_len(arg: Any) -> int | None:
