@@ -115,7 +115,9 @@ def serve_every_miss(cache_dir, device) -> int:
     return len(wanted)
 
 
-def _lm_step(fn, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def lm_step(fn, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step of the causal LM ``model`` through ``fn`` (the model, or its compile): the loss and every
+    parameter's gradient."""
     model.zero_grad()
     loss = fn(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -129,13 +131,36 @@ def check_causal_lm_step(model: nn.Module, ids: torch.Tensor, options: dict, gra
     result (it allows two units)."""
     dtype = next(model.parameters()).dtype
     torch._dynamo.reset()
-    loss_c, grads_c = _lm_step(torch.compile(model, backend="autokernel", options=options), model, ids)
-    loss_e, grads_e = _lm_step(model, model, ids)
+    loss_c, grads_c = lm_step(torch.compile(model, backend="autokernel", options=options), model, ids)
+    loss_e, grads_e = lm_step(model, model, ids)
     assert_close(loss_c, loss_e.double(), dtype, "loss")
     if grads:
         assert grads_c.keys() == grads_e.keys()
         for name, g in grads_c.items():
             assert_close(g, grads_e[name].double(), dtype, f"grad {name}")
+
+
+def force_sdpa_causal_mask(monkeypatch) -> None:
+    """transformers as it runs under torch.compile before torch 2.14, whatever the installed torch: its causal mask
+    is never skipped while Dynamo traces (``_ignore_causal_mask_sdpa`` is False), so each SDPA call gets the mask
+    (and, with GQA, repeated key/value heads)."""
+    import transformers.masking_utils as masking_utils
+
+    real = masking_utils._ignore_causal_mask_sdpa
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa",
+                        lambda *a, **k: False if torch.compiler.is_compiling() else real(*a, **k))
+
+
+def sdpa_llama(hidden: int, vocab: int, max_positions: int) -> nn.Module:
+    """A 2-layer transformers Llama with SDPA attention (4 heads, 2 key/value heads), seeded weights."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                   max_position_embeddings=max_positions)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
 
 
 def compile_log_statuses(caplog) -> list[str]:

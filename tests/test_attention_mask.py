@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from models import force_sdpa_causal_mask, lm_step, sdpa_llama
 from torch.fx import GraphModule
 
 import autokernel
@@ -168,33 +169,20 @@ def test_transformers_causal_mask_under_compile_becomes_is_causal(monkeypatch) -
     """A 2-layer Llama with SDPA attention, as it compiles with torch < 2.14: transformers cannot skip its causal
     mask while Dynamo traces (``_ignore_causal_mask_sdpa`` is False), so each layer's SDPA gets the mask and
     repeated key/value heads. Both calls are rewritten, and the loss and every gradient match eager's."""
-    transformers = pytest.importorskip("transformers")
-    import transformers.masking_utils as masking_utils
-
-    real = masking_utils._ignore_causal_mask_sdpa
-    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa",
-                        lambda *a, **k: False if torch.compiler.is_compiling() else real(*a, **k))
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                   max_position_embeddings=64)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    pytest.importorskip("transformers")
+    force_sdpa_causal_mask(monkeypatch)
+    model = sdpa_llama(hidden=64, vocab=128, max_positions=64)
     ids = torch.randint(0, 128, (2, 24))
     torch._dynamo.reset()
     report = autokernel.explain(model, input_ids=ids, labels=ids, options=OPTIONS)
     masks = [(i.status, i.flags.get("mask")) for i in report.instances if i.pattern == "attention_mask"]
     assert masks == [("rewritten", "causal")] * 2, report
-    expected = model(input_ids=ids, labels=ids).loss
-    expected.backward()
-    ref = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    expected, ref = lm_step(model, model, ids)
     torch._dynamo.reset()
-    loss = torch.compile(model, backend="autokernel", options=OPTIONS)(input_ids=ids, labels=ids).loss
-    loss.backward()
+    loss, grads = lm_step(torch.compile(model, backend="autokernel", options=OPTIONS), model, ids)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_symbolic_sizes_are_declined() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import force_sdpa_causal_mask, lm_step, sdpa_llama
 from test_attention_mask import causal_float_min, causal_hf
 
 import autokernel
@@ -43,32 +44,19 @@ def test_rewritten_causal_sdpa_against_float64(tmp_path, fn, dtype, seq) -> None
 
 
 def test_llama_with_its_causal_mask_compiles_to_is_causal_on_cuda(monkeypatch, tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
-    import transformers.masking_utils as masking_utils
-
-    real = masking_utils._ignore_causal_mask_sdpa
-    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa",
-                        lambda *a, **k: False if torch.compiler.is_compiling() else real(*a, **k))
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                   max_position_embeddings=1024)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).cuda()
+    pytest.importorskip("transformers")
+    force_sdpa_causal_mask(monkeypatch)
+    model = sdpa_llama(hidden=256, vocab=512, max_positions=1024).cuda()
     ids = torch.randint(0, 512, (2, 333), device="cuda")
     options = {"autokernel.cache_dir": str(tmp_path)}
     torch._dynamo.reset()
     report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
     masks = [(i.status, i.flags.get("mask")) for i in report.instances if i.pattern == "attention_mask"]
     assert masks == [("rewritten", "causal")] * 2, report
-    expected = model(input_ids=ids, labels=ids).loss
-    expected.backward()
-    ref = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    expected, ref = lm_step(model, model, ids)
     torch._dynamo.reset()
-    loss = torch.compile(model, backend="autokernel", options=options)(input_ids=ids, labels=ids).loss
-    loss.backward()
+    loss, grads = lm_step(torch.compile(model, backend="autokernel", options=options), model, ids)
     # A whole model in float32, eager against Inductor's fusions: rounding order only, far under 1e-4.
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[name], rtol=1e-3, atol=1e-4 * float(ref[name].abs().max()), msg=name)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], rtol=1e-3, atol=1e-4 * float(ref[name].abs().max()), msg=name)

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from models import check_causal_lm_step, serve_every_miss
+from models import check_causal_lm_step, force_sdpa_causal_mask, serve_every_miss
 
 import autokernel
 
@@ -54,14 +54,20 @@ def _spelling(inst: autokernel.InstanceReport) -> tuple:
             "layer_norm": lambda: ()}[inst.pattern]()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_found_served_and_right(tmp_path, family):
-    config_cls, model_cls, extra, expected = FAMILIES[family]
-    cfg = getattr(transformers, config_cls)(**COMMON, **extra)
-    cfg._attn_implementation = "eager"
+def _family_model(family: str, attention: str, **overrides) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The family's 2-layer model (its config's extras, then ``overrides``) with ``attention``, and its batch."""
+    config_cls, model_cls, extra, _ = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(**COMMON, **{**extra, **overrides})
+    cfg._attn_implementation = attention
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(cfg)
-    ids = torch.randint(0, COMMON["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, torch.randint(0, COMMON["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_found_served_and_right(tmp_path, family):
+    expected = FAMILIES[family][3]
+    model, ids = _family_model(family, "eager")
     options = {"autokernel.cache_dir": str(tmp_path), "autokernel.compiler": "aot_eager"}
 
     report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
@@ -87,17 +93,8 @@ def test_family_with_sdpa_gets_is_causal(tmp_path, monkeypatch, family, window):
     causal mask never skipped while Dynamo traces, so each layer's SDPA call gets it): both layers' masks are
     rewritten to is_causal=True, and the step equals eager's. A Mistral whose sliding window (8) is shorter than the
     sequence (16) has a mask that is not the causal one: declined, the step still eager's."""
-    import transformers.masking_utils as masking_utils
-
-    real = masking_utils._ignore_causal_mask_sdpa
-    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa",
-                        lambda *a, **k: False if torch.compiler.is_compiling() else real(*a, **k))
-    config_cls, model_cls, extra, _ = FAMILIES[family]
-    cfg = getattr(transformers, config_cls)(**COMMON, **{**extra, **({"sliding_window": window} if window else {})})
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(cfg)
-    ids = torch.randint(0, COMMON["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    force_sdpa_causal_mask(monkeypatch)
+    model, ids = _family_model(family, "sdpa", **({"sliding_window": window} if window else {}))
     options = {"autokernel.cache_dir": str(tmp_path), "autokernel.compiler": "aot_eager"}
     report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
     masks = [(i.status, i.flags.get("mask", "")) for i in report.instances if i.pattern == "attention_mask"]
