@@ -171,19 +171,12 @@ def kernel_profile(step: Any, device: torch.device) -> dict[str, Any]:
     """The GPU time of one ``step`` under ``torch.profiler``, by kernel category (:data:`KERNEL_CATEGORIES`) and
     the :data:`PROFILE_TOP` longest kernels by name, in ms. The sum is kernel time only: gaps between kernels
     (host-bound stretches) are the step's time less this sum."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize(device)
+    spans = gpu_spans(step, device)
     by_name: Counter[str] = Counter()
     calls: Counter[str] = Counter()
-    spans = []
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            by_name[event.name] += event.device_time_total / 1e3
-            calls[event.name] += 1
-            spans.append((event.time_range.start / 1e3, event.time_range.end / 1e3, event.name))
+    for start, end, name in spans:
+        by_name[name] += end - start
+        calls[name] += 1
     by_category: Counter[str] = Counter()
     for name, ms in by_name.items():
         by_category[kernel_category(name)] += ms
@@ -194,6 +187,18 @@ def kernel_profile(step: Any, device: torch.device) -> dict[str, Any]:
                     for name, ms in by_name.most_common(PROFILE_TOP)],
             "idle_between_kernels_ms": round(idle, 3),
             "gaps": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps]}
+
+
+def gpu_spans(step: Any, device: torch.device) -> list[tuple[float, float, str]]:
+    """Every GPU activity (kernel, copy, set) of one ``step`` under ``torch.profiler``, as ``(start_ms, end_ms,
+    name)`` in the order the profiler lists them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    return [(e.time_range.start / 1e3, e.time_range.end / 1e3, e.name) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def idle_gaps(spans: Sequence[tuple[float, float, str]], top: int = PROFILE_GAPS,

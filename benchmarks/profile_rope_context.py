@@ -19,38 +19,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_e2e import gpu_spans  # noqa: E402
 from models import rope_entry  # noqa: E402
 
 import autokernel  # noqa: E402
 from autokernel.cache import KernelCache  # noqa: E402
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from autokernel.lowering.rope.kernels import rotate  # noqa: E402  (HF's rotate_half for layout "half")
 
 
 def step_fn(qb, kb, cos, sin):
     q, k = qb.transpose(1, 2), kb.transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return q * cos + rotate(q, "half") * sin, k * cos + rotate(k, "half") * sin
 
 
 def profile_step(fn, args, grads) -> list[tuple[str, float]]:
-    from torch.profiler import ProfilerActivity, profile
-
+    """Each GPU kernel of one fwd+bwd step of ``fn`` after three warm-up steps: (name, ms)."""
     def step():
         leaves = [a.detach().requires_grad_(True) if i < 2 else a for i, a in enumerate(args)]
         torch.autograd.backward(fn(*leaves), grads)
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return [(e.name, e.device_time_total / 1e3) for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [(name, end - start) for start, end, name in gpu_spans(step, torch.device("cuda"))]
 
 
 def main() -> int:
