@@ -70,11 +70,12 @@ def find_mask_rewrites(gm: GraphModule) -> list[MaskRewrite]:
         if isinstance(value, torch.Tensor):
             rewrite.dtype = str(value.dtype).removeprefix("torch.")
             rewrite.shape = tuple(s if isinstance(s, int) else str(s) for s in value.shape)
-        key = (mask, *(_seq_len(a) for a in node.args[:2])) if isinstance(mask, Node) else None
+        lengths = (_seq_len(node.args[0]), _seq_len(node.args[1]))
+        key = (mask, *lengths) if isinstance(mask, Node) else None
         try:
             verdict = masks.get(key) if key is not None else None
             if verdict is None:
-                verdict = _classify(gm, node, mask)
+                verdict = _classify(gm, mask, *lengths)
                 if key is not None:
                     masks[key] = verdict
         except Exception as exc:  # an op the check cannot run: the call keeps its mask
@@ -121,7 +122,7 @@ def report_rows(rewrites: Iterable[MaskRewrite]) -> Iterator[dict[str, Any]]:
 
 
 def _seq_len(arg: Any) -> int | None:
-    """A query's or key's sequence length when static (a symbolic one declines the mask anyway)."""
+    """A query's or key's sequence length when static, else None (the mask is then declined)."""
     value = arg.meta.get("example_value") if isinstance(arg, Node) else None
     n = value.shape[-2] if isinstance(value, torch.Tensor) and value.dim() >= 2 else None
     return n if isinstance(n, int) else None
@@ -134,8 +135,9 @@ def _sdpa_kwargs(node: Node) -> dict[str, Any]:
     return kwargs
 
 
-def _classify(gm: GraphModule, sdpa: Node, mask: Any) -> tuple[str, str] | str:
-    """``(kind, reason)`` when the mask is a constant equal to SDPA's causal mask or to no mask, else why not."""
+def _classify(gm: GraphModule, mask: Any, q_len: int | None, kv_len: int | None) -> tuple[str, str] | str:
+    """``(kind, reason)`` when the mask is a constant equal to SDPA's causal mask (for ``q_len`` queries and
+    ``kv_len`` keys) or to no mask, else why not."""
     if not isinstance(mask, Node):
         return f"the mask is not a tensor of the graph ({type(mask).__name__})"
     ancestors = _ancestors(mask)
@@ -159,12 +161,8 @@ def _classify(gm: GraphModule, sdpa: Node, mask: Any) -> tuple[str, str] | str:
             return f"{mutators[0].name} changes {node.name} in place"
         if "rand" in str(node.target) or "bernoulli" in str(node.target):
             return f"{node.name} is random"
-    q, k = (a.meta.get("example_value") for a in sdpa.args[:2])
-    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
-        return "the query and key have no example values"
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    if not (isinstance(q_len, int) and isinstance(kv_len, int)):
-        return "the sequence lengths are symbolic"
+    if q_len is None or kv_len is None:
+        return "the query's or key's sequence length is not a static size"
     value = _evaluate(gm, ancestors, mask)
     if value.dim() < 2 or value.shape[-2] not in (1, q_len) or value.shape[-1] not in (1, kv_len):
         return f"the mask's shape {tuple(value.shape)} does not end in ({q_len}, {kv_len})"
