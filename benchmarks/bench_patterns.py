@@ -38,12 +38,14 @@ import bench_e2e  # the results header: this script runs from benchmarks/, which
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_IMPLS = ("eager", "inductor", "inductor-max-autotune", "liger", "autokernel", "inductor-cudagraphs",
-             "autokernel-cudagraphs")
+ALL_IMPLS = ("eager", "inductor", "inductor-max-autotune", "liger", "cce", "cce-compile", "autokernel",
+             "inductor-cudagraphs", "autokernel-cudagraphs")
 # mode="reduce-overhead": replays CUDA graphs, so host-side launch cost drops out of the time for both.
 CUDAGRAPH_IMPLS = ("inductor-cudagraphs", "autokernel-cudagraphs")
-PEERS = ("eager", "inductor", "inductor-max-autotune", "liger")
-SMOKE_SKIP = ("liger", "inductor-max-autotune")
+PEERS = ("eager", "inductor", "inductor-max-autotune", "liger", "cce", "cce-compile")
+# Peers that exist for some patterns only (a spec's other_peers): the others get no row for them.
+OTHER_PEERS = ("cce", "cce-compile")
+SMOKE_SKIP = ("liger", "inductor-max-autotune", *OTHER_PEERS)
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # max |out - ref| / max |ref| an impl may show against eager, per dtype
@@ -329,6 +331,18 @@ def linear_cross_entropy_liger() -> Callable[..., Any]:
     return lambda h, w, labels: loss(w, h, labels)
 
 
+def linear_cross_entropy_cce(impl: str) -> Callable[[], Callable[..., Any]]:
+    """Cut Cross-Entropy (Apple's ``cut-cross-entropy``) with ``impl`` "cce" (its Triton kernels, with its
+    default gradient filter) or "torch_compile" (its torch.compile'd chunked loss)."""
+
+    def factory() -> Callable[..., Any]:
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, labels: linear_cross_entropy(h, w, labels, ignore_index=-100, impl=impl)
+
+    return factory
+
+
 @dataclass(frozen=True)
 class PatternSpec:
     eager: Callable[..., Any]
@@ -344,6 +358,8 @@ class PatternSpec:
     # ak-tune's --pattern/--flags for this spec when they are not just its name (add_rms_norm is a variant
     # of the rms_norm family)
     tune_args: tuple[str, ...] = ()
+    # more peers for this pattern alone (names from OTHER_PEERS): factories, imported lazily
+    other_peers: dict[str, Callable[[], Callable[..., Any]]] = field(default_factory=dict)
 
 
 PATTERNS: dict[str, PatternSpec] = {
@@ -462,7 +478,11 @@ PATTERNS: dict[str, PatternSpec] = {
         notes={
             "eager": "F.cross_entropy((h @ W.T).float(), labels), every 16th label -100; case tokens x hidden -> vocab",
             "liger": "LigerFusedLinearCrossEntropyLoss(ignore_index=-100)(W, h, labels)",
+            "cce": "cut_cross_entropy.linear_cross_entropy(h, W, labels, ignore_index=-100), impl cce "
+                   "(its default filter_eps: small gradient entries skipped)",
+            "cce-compile": "the same with impl torch_compile",
         },
+        other_peers={"cce": linear_cross_entropy_cce("cce"), "cce-compile": linear_cross_entropy_cce("torch_compile")},
     ),
 }
 
@@ -570,6 +590,8 @@ def build_impl(impl: str, spec: PatternSpec) -> Callable[..., Any]:
         if spec.liger is None:
             raise NotImplementedError("no liger callable for this pattern")
         return spec.liger()
+    if impl in spec.other_peers:
+        return spec.other_peers[impl]()
     if impl == "inductor-cudagraphs":
         return torch.compile(fn, mode="reduce-overhead")
     if impl in ("autokernel", "autokernel-cudagraphs"):
@@ -738,6 +760,7 @@ def bench_pattern(
     dtype = DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     cases = args.shapes.split(",") if args.shapes else list(spec.smoke_shapes if ctx.smoke else spec.shapes)
+    impls = [i for i in args.impl_list if i not in OTHER_PEERS or i in spec.other_peers]
     for case in cases:
         shape = parse_shape(case)
         tune_info: dict[str, Any] = {}
@@ -756,10 +779,10 @@ def bench_pattern(
                 checked = [t.detach().clone() for t in sets[0]]
             except Exception as e:  # report it and go on with the next case
                 print(f"[{name} {case} {pass_}] inputs/reference failed: {short_error(e)}", flush=True)
-                for impl in args.impl_list:
+                for impl in impls:
                     rows.append({**base, "impl": impl, "ms": None, "peak_mib": None, "error": short_error(e)})
                 continue
-            for impl in args.impl_list:
+            for impl in impls:
                 with torch.no_grad():
                     for t, c in zip(sets[0], checked, strict=True):
                         t.copy_(c)
@@ -819,6 +842,8 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         ("inductor", "inductor"),
         ("inductor-max-autotune", "inductor MA"),
         ("liger", "liger"),
+        ("cce", "cce"),
+        ("cce-compile", "cce compile"),
         ("autokernel", "autokernel"),
         ("inductor-cudagraphs", "inductor +graphs"),
         ("autokernel-cudagraphs", "autokernel +graphs"),
