@@ -752,6 +752,11 @@ def measure(
 
 
 # ------------------------------------------------------------------------------------------ driver
+def impls_for(spec: PatternSpec, impls: Sequence[str]) -> list[str]:
+    """``impls`` less the peers that ``spec`` has none of (Cut Cross-Entropy exists for linear + CE only)."""
+    return [i for i in impls if i not in OTHER_PEERS or i in spec.other_peers]
+
+
 def bench_pattern(
     name: str, spec: PatternSpec, args: argparse.Namespace, ctx: Ctx, gbps: float
 ) -> list[dict]:
@@ -760,7 +765,7 @@ def bench_pattern(
     dtype = DTYPES[dtype_name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     cases = args.shapes.split(",") if args.shapes else list(spec.smoke_shapes if ctx.smoke else spec.shapes)
-    impls = [i for i in args.impl_list if i not in OTHER_PEERS or i in spec.other_peers]
+    impls = impls_for(spec, args.impl_list)
     for case in cases:
         shape = parse_shape(case)
         tune_info: dict[str, Any] = {}

@@ -182,6 +182,23 @@ def test_bench_tuner_counts_only_candidates() -> None:
     assert [r["n"] for r in bench_tuner.candidate_rows(rows)] == ["1", "2"]
 
 
+def test_bench_patterns_cut_cross_entropy_only_for_linear_ce() -> None:
+    """Cut Cross-Entropy is a peer of linear + CE alone: other patterns get no row for it, and the table has
+    its columns."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_patterns
+
+    asked = ["eager", "inductor", "cce", "cce-compile", "autokernel"]
+    assert bench_patterns.impls_for(bench_patterns.PATTERNS["linear_cross_entropy"], asked) == asked
+    assert bench_patterns.impls_for(bench_patterns.PATTERNS["softmax"], asked) == ["eager", "inductor", "autokernel"]
+    assert bench_patterns.parse_args(["--patterns", "linear_cross_entropy", "--impls", "cce"]).impl_list == ["cce"]
+    row = {"pattern": "linear_cross_entropy", "case": "16x32->64", "pass": "fwd", "ms": 2.0, "ok": True}
+    ak = {**row, "impl": "autokernel", "ms": 1.0, "cache": "hit", "floor_pct": 50.0}
+    md = bench_patterns.render_md({"device": "d", "torch": "t", "triton": "tr", "date": "x", "command": "c",
+                                   "copy_gbps": 1.0}, [{**row, "impl": "cce"}, ak])
+    assert "| cce | cce compile |" in md and "2.00x (cce)" in md
+
+
 def test_bench_e2e_memory_blocks_alive_at_the_peak() -> None:
     """``bench_e2e --memory``: the allocator trace replayed to the moment the step held the most; blocks freed
     before it, or allocated after it, are not in the answer; an address reused counts once per life."""
