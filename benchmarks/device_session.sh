@@ -9,7 +9,10 @@
 #                                                other shapes, IMPLS= other impls, BENCH_TIMEOUT= seconds a pattern)
 #   bash benchmarks/device_session.sh e2e-tune MIN   ak-tune --model on the Llama step (a ~3-minute ranking, then
 #                                                MIN minutes of tuning), then the step under autokernel alone
-#   bash benchmarks/device_session.sh e2e        the Llama step for every impl with the cache as it is (carry
+#   bash benchmarks/device_session.sh sweeps P   issue 3's TritonBench-like sweeps of P (softmax, cross_entropy or
+#                                                rope): every size, tuned TUNE_MIN (0.2) minutes each first
+#   bash benchmarks/device_session.sh e2e        the Llama step for every impl (IMPLS= others, e.g. inductor-max-autotune)
+#                                                with the cache as it is (carry
 #                                                e2e-tune's cache.akc), then the cache exported, imported into a
 #                                                fresh directory and served from there (portability); each
 #                                                impl's GPU time by kernel category (bench_e2e --profile)
@@ -76,6 +79,16 @@ log="$out/${1:-session}.log"
 declare -A SHAPE=([rms_norm]=8192x8192 [add_rms_norm]=8192x4096 [softmax]=8192x8192 [layer_norm]=8192x4096
                   [swiglu]=8192x14336 [cross_entropy]=8192x128256 [rope]=4x32x4096x128
                   [linear_cross_entropy]=8192x4096-\>128256)
+# Issue 3's TritonBench-like sweeps: softmax M=4096 N=256..32768, cross-entropy BT=8192 V=32000..128256, RoPE head
+# dim 64/128/256. One pattern's sweep, each case tuned briefly first, fits a 10-minute call.
+declare -A SWEEP=([softmax]=4096x256,4096x1024,4096x4096,4096x8192,4096x16384,4096x32768
+                  [cross_entropy]=8192x32000,8192x50257,8192x128256 [rope]=4x32x4096x64,4x32x4096x128,4x32x4096x256)
+# bench_pattern P SHAPES TUNE_MIN TIMEOUT: P's cases (comma list), each tuned TUNE_MIN minutes first; the table's rows
+bench_pattern() {
+  timeout "$4" python3 benchmarks/bench_patterns.py --patterns "$1" --shapes "$2" \
+    --impls "${IMPLS:-eager,inductor,liger,autokernel}" --tune --tune-budget "$3" --out "$out" 2>&1 \
+    | tee -a "$log" | grep -E "^\| (${2//,/|}) |miss:|error|Error" | head -30
+}
 case "${1:-}" in
 tests)
   timeout 500 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tee "$log" | tail -40 > "$out/gpu_tests.log"
@@ -90,17 +103,21 @@ portability)
   ;;
 patterns)
   for p in ${2//,/ }; do
-    shapes=${SHAPES:-${SHAPE[$p]}}
-    timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_patterns.py --patterns "$p" --shapes "$shapes" \
-      --impls "${IMPLS:-eager,inductor,liger,autokernel}" --tune --tune-budget "${TUNE_MIN:-0.4}" --out "$out" 2>&1 \
-      | tee -a "$log" | grep -E "^\| (${shapes//,/|}) |miss:|error|Error" | head -30
+    bench_pattern "$p" "${SHAPES:-${SHAPE[$p]}}" "${TUNE_MIN:-0.4}" "${BENCH_TIMEOUT:-200}"
+  done
+  ;;
+sweeps)
+  for p in ${2//,/ }; do
+    [ -n "${SWEEP[$p]:-}" ] || { echo "no sweep for $p; known: ${!SWEEP[*]}" >&2; exit 2; }
+    bench_pattern "$p" "${SWEEP[$p]}" "${TUNE_MIN:-0.2}" "${BENCH_TIMEOUT:-540}"
   done
   ;;
 e2e-tune)
   timeout 560 python3 benchmarks/bench_e2e.py --impls autokernel --tune "${2:-3}" --out "$out" 2>&1 | tee -a "$log" | tail -22
   ;;
 e2e)
-  timeout 440 python3 benchmarks/bench_e2e.py --memory --profile --out "$out" 2>&1 | tee -a "$log" | tail -90
+  timeout 440 python3 benchmarks/bench_e2e.py ${IMPLS:+--impls "$IMPLS"} --memory --profile --out "$out" 2>&1 \
+    | tee -a "$log" | tail -90
   ak-cache export -o "$out/llama-step.akc" && AUTOKERNEL_CACHE_DIR=/tmp/akc-imported ak-cache import "$out/llama-step.akc"
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \
     --out "$out/imported" 2>&1 | grep -E "^\| autokernel"
@@ -131,7 +148,8 @@ agent)
     --out "$out" 2>&1 | tee -a "$log" | tail -16
   ;;
 *)
-  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | e2e-tune MIN | e2e | inference-tune MIN |" \
+  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | sweeps P | e2e-tune MIN | e2e |" \
+       "inference-tune MIN |" \
        "inference decode,prefill | tuner MIN | decode-kernels MIN | agent MIN | portability [BUNDLE]" >&2
   exit 2
   ;;
