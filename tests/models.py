@@ -140,6 +140,20 @@ def check_causal_lm_step(model: nn.Module, ids: torch.Tensor, options: dict, gra
             assert_close(g, grads_e[name].double(), dtype, f"grad {name}")
 
 
+def mask_rewrite_step(model: nn.Module, ids: torch.Tensor, options: dict) -> tuple[list, tuple, tuple]:
+    """The attention-mask instances ``autokernel.explain`` finds in a training step of the causal LM ``model``
+    (``labels=ids``), then that step compiled with the autokernel backend and in eager: ``(instances, (loss,
+    grads) compiled, (loss, grads) eager)``; each test holds them to its own bounds."""
+    import autokernel
+
+    torch._dynamo.reset()
+    report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
+    masks = [i for i in report.instances if i.pattern == "attention_mask"]
+    eager = lm_step(model, model, ids)
+    torch._dynamo.reset()
+    return masks, lm_step(torch.compile(model, backend="autokernel", options=options), model, ids), eager
+
+
 def force_sdpa_causal_mask(monkeypatch) -> None:
     """transformers as it runs under torch.compile before torch 2.14, whatever the installed torch: its causal mask
     is never skipped while Dynamo traces (``_ignore_causal_mask_sdpa`` is False), so each SDPA call gets the mask

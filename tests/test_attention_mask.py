@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import force_sdpa_causal_mask, lm_step, sdpa_llama
+from models import force_sdpa_causal_mask, mask_rewrite_step, sdpa_llama
 from torch.fx import GraphModule
 
 import autokernel
@@ -173,13 +173,8 @@ def test_transformers_causal_mask_under_compile_becomes_is_causal(monkeypatch) -
     force_sdpa_causal_mask(monkeypatch)
     model = sdpa_llama(hidden=64, vocab=128, max_positions=64)
     ids = torch.randint(0, 128, (2, 24))
-    torch._dynamo.reset()
-    report = autokernel.explain(model, input_ids=ids, labels=ids, options=OPTIONS)
-    masks = [(i.status, i.flags.get("mask")) for i in report.instances if i.pattern == "attention_mask"]
-    assert masks == [("rewritten", "causal")] * 2, report
-    expected, ref = lm_step(model, model, ids)
-    torch._dynamo.reset()
-    loss, grads = lm_step(torch.compile(model, backend="autokernel", options=OPTIONS), model, ids)
+    masks, (loss, grads), (expected, ref) = mask_rewrite_step(model, ids, OPTIONS)
+    assert [(i.status, i.flags.get("mask")) for i in masks] == [("rewritten", "causal")] * 2, masks
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-5, msg=name)

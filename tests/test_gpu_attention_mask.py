@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import force_sdpa_causal_mask, lm_step, sdpa_llama
+from models import force_sdpa_causal_mask, mask_rewrite_step, sdpa_llama
 from test_attention_mask import causal_float_min, causal_hf
 
 import autokernel
@@ -48,14 +48,8 @@ def test_llama_with_its_causal_mask_compiles_to_is_causal_on_cuda(monkeypatch, t
     force_sdpa_causal_mask(monkeypatch)
     model = sdpa_llama(hidden=256, vocab=512, max_positions=1024).cuda()
     ids = torch.randint(0, 512, (2, 333), device="cuda")
-    options = {"autokernel.cache_dir": str(tmp_path)}
-    torch._dynamo.reset()
-    report = autokernel.explain(model, input_ids=ids, labels=ids, options=options)
-    masks = [(i.status, i.flags.get("mask")) for i in report.instances if i.pattern == "attention_mask"]
-    assert masks == [("rewritten", "causal")] * 2, report
-    expected, ref = lm_step(model, model, ids)
-    torch._dynamo.reset()
-    loss, grads = lm_step(torch.compile(model, backend="autokernel", options=options), model, ids)
+    masks, (loss, grads), (expected, ref) = mask_rewrite_step(model, ids, {"autokernel.cache_dir": str(tmp_path)})
+    assert [(i.status, i.flags.get("mask")) for i in masks] == [("rewritten", "causal")] * 2, masks
     # A whole model in float32, eager against Inductor's fusions: rounding order only, far under 1e-4.
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
     for name, g in grads.items():
