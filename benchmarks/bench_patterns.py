@@ -42,9 +42,9 @@ ALL_IMPLS = ("eager", "inductor", "inductor-max-autotune", "liger", "cce", "cce-
              "inductor-cudagraphs", "autokernel-cudagraphs")
 # mode="reduce-overhead": replays CUDA graphs, so host-side launch cost drops out of the time for both.
 CUDAGRAPH_IMPLS = ("inductor-cudagraphs", "autokernel-cudagraphs")
-PEERS = ("eager", "inductor", "inductor-max-autotune", "liger", "cce", "cce-compile")
 # Peers that exist for some patterns only (a spec's other_peers): the others get no row for them.
 OTHER_PEERS = ("cce", "cce-compile")
+PEERS = ("eager", "inductor", "inductor-max-autotune", "liger", *OTHER_PEERS)
 SMOKE_SKIP = ("liger", "inductor-max-autotune", *OTHER_PEERS)
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
