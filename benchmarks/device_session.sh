@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device calls that refresh the measurements (each fits a 10-minute call; run them back to back so
 # the next finds the machine warm). Run from the repo root on the device machine, with .whl carried.
-#   bash benchmarks/device_session.sh tests      every GPU test (pytest -m gpu, 2 xdist workers on one GPU); on a
-#                                                GPU other than an H100, also the portability run below
+#   bash benchmarks/device_session.sh tests [FILES]   every GPU test (pytest -m gpu, 2 xdist workers on one GPU), or
+#                                                those of FILES; on a GPU other than an H100, also the portability
+#                                                run below
 #   bash benchmarks/device_session.sh portability [BUNDLE]   serve a bundle tuned elsewhere (default
 #                                                .akc-carry/h100.akc; carry .akc-carry) on this GPU, explain's verdict
 #   bash benchmarks/device_session.sh patterns P1,P2   pattern benchmarks (headline shape, ak-tune first; SHAPES=a,b
@@ -91,7 +92,11 @@ bench_pattern() {
 }
 case "${1:-}" in
 tests)
-  timeout 500 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tee "$log" | tail -40 > "$out/gpu_tests.log"
+  # The whole GPU suite, or the test files named after the mode (e.g. a patch's own tests, on a short budget).
+  targets=("${@:2}")
+  [ $# -ge 2 ] || targets=(tests)
+  timeout 500 python3 -m pytest "${targets[@]}" -m gpu -q -p no:cacheprovider -rf -n 2 2>&1 | tee "$log" \
+    | tail -40 > "$out/gpu_tests.log"
   grep -E "passed|failed|FAILED|ERROR" "$out/gpu_tests.log" | head -30
   # Machines of another GPU model come rarely (none can be asked for to this end): serve the H100 bundle there.
   if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 && [ -e .akc-carry/h100.akc ]; then
