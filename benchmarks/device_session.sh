@@ -153,7 +153,7 @@ agent)
     --out "$out" 2>&1 | tee -a "$log" | tail -16
   ;;
 *)
-  echo "usage: bash benchmarks/device_session.sh tests | patterns P1,P2 | sweeps P | e2e-tune MIN | e2e |" \
+  echo "usage: bash benchmarks/device_session.sh tests [FILES] | patterns P1,P2 | sweeps P | e2e-tune MIN | e2e |" \
        "inference-tune MIN |" \
        "inference decode,prefill | tuner MIN | decode-kernels MIN | agent MIN | portability [BUNDLE]" >&2
   exit 2
