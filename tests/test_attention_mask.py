@@ -82,6 +82,24 @@ def changed_in_place(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def repeat_kv(x, n):
+    """transformers' repeat_kv."""
+    b, kv, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv, n, s, d).reshape(b, kv * n, s, d)
+
+
+def causal_gqa(q, k, v):
+    """transformers' SDPA path with a mask: key and value heads repeated up to q's first."""
+    n = q.shape[1] // k.shape[1]
+    return causal_hf(q, repeat_kv(k, n), repeat_kv(v, n))
+
+
+def causal_gqa_other_order(q, k, v):
+    """Heads repeated as [kv0, kv1, kv0, kv1] (repeat, not repeat_interleave): not what enable_gqa means."""
+    n = q.shape[1] // k.shape[1]
+    return causal_hf(q, k.repeat(1, n, 1, 1), v.repeat(1, n, 1, 1))
+
+
 def _verdicts(fn, *args) -> list[tuple[str, str, str]]:
     torch._dynamo.reset()
     report = autokernel.explain(fn, *args, options=OPTIONS)
@@ -121,6 +139,18 @@ def test_other_constant_masks_are_declined(fn, q_len, kv_len, why) -> None:
     verdicts = _verdicts(fn, *_qkv(q_len, kv_len))
     assert len(verdicts) == 1 and verdicts[0][0] == "declined" and why in verdicts[0][2], verdicts
     _compiled_matches_eager(fn, *_qkv(q_len, kv_len))
+
+
+@pytest.mark.parametrize("fn, gqa", [(causal_gqa, 3), (causal_gqa_other_order, None)])
+def test_repeated_key_value_heads_go_back_to_enable_gqa(fn, gqa) -> None:
+    """Where the mask goes, transformers' repeat_kv of key and value goes too (SDPA's enable_gqa reads query head h
+    against key/value head h // n, which is what repeat_kv built); a repeat in another order stays."""
+    q, _, _ = _qkv(heads=6)
+    _, k, v = _qkv(heads=2)
+    torch._dynamo.reset()
+    report = autokernel.explain(fn, q, k, v, options=OPTIONS)
+    assert [(i.status, i.flags.get("gqa")) for i in report.instances] == [("rewritten", gqa)], report
+    _compiled_matches_eager(fn, q, k, v)
 
 
 def test_a_mask_read_from_an_input_is_declined() -> None:
@@ -174,7 +204,8 @@ def test_transformers_causal_mask_under_compile_becomes_is_causal(monkeypatch) -
     model = sdpa_llama(hidden=64, vocab=128, max_positions=64)
     ids = torch.randint(0, 128, (2, 24))
     masks, (loss, grads), (expected, ref) = mask_rewrite_step(model, ids, OPTIONS)
-    assert [(i.status, i.flags.get("mask")) for i in masks] == [("rewritten", "causal")] * 2, masks
+    verdicts = [(i.status, i.flags.get("mask"), i.flags.get("gqa")) for i in masks]
+    assert verdicts == [("rewritten", "causal", 2)] * 2, masks
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -10,8 +10,11 @@ When the mask is computed inside the graph from constants only (aranges, compari
 from a graph input), its value is known at compile time. It is computed once here, exactly as the graph would,
 and compared with SDPA's own definitions: equal to ``ones(L, S).tril()`` (``is_causal=True``) or everywhere
 allowed (no mask). Only then is the call rewritten; anything else (a padding mask read from an input, a
-sliding window, a bottom-right aligned decode mask, biases) is declined with the reason. No kernel of ours is
-involved, so nothing here is cached or tuned: the check is exact, and it runs on every compile.
+sliding window, a bottom-right aligned decode mask, biases) is declined with the reason. Where the mask goes and
+the key and value are transformers' ``repeat_kv`` of fewer heads (done only because a mask was passed), SDPA gets
+the heads unrepeated with ``enable_gqa=True``, as eager transformers calls it: no repeated copies, in the forward
+or saved for the backward. No kernel of ours is involved, so nothing here is cached or tuned: the check is exact,
+and it runs on every compile.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.s
 SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # The largest tensor (elements) the check computes: a [1, 1, 32768, 32768] mask is 1 GiB of booleans.
 MAX_CHECKED_NUMEL = 2**30
+# transformers' repeat_kv: x[:, :, None, :, :].expand(B, KV, n_rep, S, D).reshape(B, KV * n_rep, S, D)
+_REPEAT_INDEX = (slice(None), slice(None), None, slice(None), slice(None))
 _INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.iand, operator.ior, operator.ixor)
 
@@ -49,7 +54,10 @@ class MaskRewrite:
     kind: str = ""  # "causal" or "none" (everywhere allowed) when rewritten
     dtype: str = ""
     shape: tuple[Any, ...] = ()
+    args: tuple[Any, ...] = ()  # the call's new (query, key, value)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    dead: set[Node] = field(default_factory=set)  # the nodes the rewrite may leave unused (erased if they are)
+    gqa: int = 0  # key/value heads unrepeated: each served this many query heads
 
 
 def find_mask_rewrites(gm: GraphModule) -> list[MaskRewrite]:
@@ -88,26 +96,71 @@ def find_mask_rewrites(gm: GraphModule) -> list[MaskRewrite]:
         else:
             rewrite.kind, rewrite.reason = verdict
             rewrite.status = "rewritten"
+            rewrite.args = tuple(node.args[:3])
             rewrite.kwargs = {**kwargs, "attn_mask": None, "is_causal": rewrite.kind == "causal"}
+            rewrite.dead = _ancestors(mask)
+            _unrepeat_heads(rewrite)
         found.append(rewrite)
     return found
 
 
+def _unrepeat_heads(rewrite: MaskRewrite) -> None:
+    """Key and value both ``repeat_kv(x, n)`` with the same n, up to q's heads: SDPA gets the x's and
+    ``enable_gqa=True`` (query head h reads key/value head h // n, which is what the repeat made)."""
+    q, k, v = rewrite.args
+    if rewrite.kwargs.get("enable_gqa"):
+        return
+    repeated = [_repeat_kv_source(a) for a in (k, v)]
+    if repeated[0] is None or repeated[1] is None or repeated[0][1] != repeated[1][1]:
+        return
+    (k_src, n, k_chain), (v_src, _, v_chain) = repeated
+    q_val = q.meta.get("example_value") if isinstance(q, Node) else None
+    kv_heads = k_src.meta["example_value"].shape[1]
+    if not isinstance(q_val, torch.Tensor) or q_val.dim() != 4 or q_val.shape[1] != kv_heads * n:
+        return
+    rewrite.args = (q, k_src, v_src)
+    rewrite.kwargs["enable_gqa"] = True
+    rewrite.dead |= k_chain | v_chain
+    rewrite.gqa = n
+    rewrite.reason += f"; key and value heads no longer repeated {n}x (enable_gqa=True)"
+
+
+def _repeat_kv_source(node: Any) -> tuple[Node, int, set[Node]] | None:
+    """``(x, n, the chain's nodes)`` when ``node`` is ``x[:, :, None, :, :].expand(B, KV, n, S, D).reshape(B, KV * n,
+    S, D)`` (transformers' ``repeat_kv``) with static sizes, else None."""
+    if not (isinstance(node, Node) and node.op == "call_method" and node.target == "reshape"):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, Node) and expand.op == "call_method" and expand.target == "expand"):
+        return None
+    index = expand.args[0]
+    if not (isinstance(index, Node) and index.op == "call_function" and index.target is operator.getitem
+            and index.args[1] == _REPEAT_INDEX and isinstance(index.args[0], Node)):
+        return None
+    source = index.args[0]
+    shapes = [n.meta.get("example_value") for n in (source, expand, node)]
+    if not all(isinstance(t, torch.Tensor) and all(isinstance(d, int) for d in t.shape) for t in shapes):
+        return None
+    (b, kv, s, d), repeated, out = (tuple(t.shape) for t in shapes)
+    n = repeated[2] if len(repeated) == 5 else 0
+    if repeated != (b, kv, n, s, d) or out != (b, kv * n, s, d) or n < 1:
+        return None
+    return source, n, {node, expand, index}
+
+
 def apply_mask_rewrites(gm: GraphModule, rewrites: list[MaskRewrite]) -> None:
-    """Give each rewritten SDPA call its new arguments, then drop the mask's nodes nothing reads any more."""
-    dropped: set[Node] = set()
+    """Give each rewritten SDPA call its new arguments, then erase the nodes of the masks (and of the key/value
+    repeats) that nothing reads any more. Only those: each was checked free of side effects."""
+    dead: set[Node] = set()
     for rewrite in rewrites:
         if rewrite.status != "rewritten":
             continue
-        old = _sdpa_kwargs(rewrite.sdpa).get("attn_mask")
-        rewrite.sdpa.args = rewrite.sdpa.args[:3]
+        rewrite.sdpa.args = rewrite.args
         rewrite.sdpa.kwargs = rewrite.kwargs
-        if isinstance(old, Node):
-            dropped.add(old)
+        dead |= rewrite.dead
     graph = gm.graph
     for node in reversed(list(graph.nodes)):
-        if node in dropped and not node.users:
-            dropped.update(a for a in node.all_input_nodes if a.op != "placeholder")
+        if node in dead and not node.users:
             graph.erase_node(node)
     graph.lint()
 
@@ -117,7 +170,8 @@ def report_rows(rewrites: Iterable[MaskRewrite]) -> Iterator[dict[str, Any]]:
     compile-time log asks for them only when it is on."""
     for r in rewrites:
         yield {"pattern": PATTERN, "status": r.status, "reason": r.reason,
-               "flags": {"mask": r.kind} if r.kind else {}, "dtype": r.dtype, "shape": r.shape,
+               "flags": {**({"mask": r.kind} if r.kind else {}), **({"gqa": r.gqa} if r.gqa else {})},
+               "dtype": r.dtype, "shape": r.shape,
                "source": source_line(r.sdpa), "requires_grad": False}
 
 
