@@ -11,7 +11,14 @@ from models import rope_entry
 
 import autokernel
 from autokernel.cache import KernelCache
-from autokernel.lowering.rope.kernels import RopeConfig, default_config, rope_bwd, rope_fwd, rope_reference
+from autokernel.lowering.rope.kernels import (
+    RopeConfig,
+    default_config,
+    output_strides,
+    rope_bwd,
+    rope_fwd,
+    rope_reference,
+)
 from autokernel.playbook.tolerances import assert_close
 
 pytestmark = [pytest.mark.gpu,
@@ -208,7 +215,9 @@ def test_opcheck_cuda(suffix):
     torch.library.opcheck(getattr(ops, f"rope{suffix}"),
                           (q.detach(), None, cos[..., :32], sin[..., :32], "interleaved", 32, torch.bfloat16, ""),
                           **checks)
+    qs, ks = output_strides(q), output_strides(k)
     torch.library.opcheck(getattr(ops, f"rope_backward{suffix}"),
-                          (q.detach(), k.detach(), cos, sin, "half", 128, torch.bfloat16, ""), **checks)
+                          (q.detach(), k.detach(), cos, sin, "half", 128, torch.bfloat16, qs, ks, ""), **checks)
     torch.library.opcheck(getattr(ops, f"rope_backward{suffix}"),
-                          (q.detach(), None, cos.float(), sin.float(), "half", 128, torch.bfloat16, ""), **checks)
+                          (q.detach(), None, cos.float(), sin.float(), "half", 128, torch.bfloat16, qs, [], ""),
+                          **checks)

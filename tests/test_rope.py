@@ -18,7 +18,7 @@ from models import rope_entry
 
 import autokernel
 from autokernel.cache import KernelCache
-from autokernel.lowering.rope.kernels import RopeConfig, rope_bwd, rope_fwd, rope_reference, rotate
+from autokernel.lowering.rope.kernels import RopeConfig, output_strides, rope_bwd, rope_fwd, rope_reference, rotate
 from autokernel.playbook.tolerances import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -284,7 +284,7 @@ def check_kernels(q, k, cos, sin, layout, rotary_dim, config=SMALL, dq=None, dk=
     q64 = q.detach().double().requires_grad_(True)
     k64 = k.detach().double().requires_grad_(True) if k is not None else None
     rq, rk = rope_reference(q64, k64, cos, sin, layout, rotary_dim)
-    assert qo.shape == q.shape and qo.dtype == out_dtype and qo.is_contiguous()
+    assert qo.shape == q.shape and qo.dtype == out_dtype and list(qo.stride()) == output_strides(q)
     assert_close(qo, rq, tol, "q")
     dq = dq if dq is not None else torch.randn(q.shape, generator=_gen(5)).to(out_dtype)
     if k is None:
@@ -294,8 +294,11 @@ def check_kernels(q, k, cos, sin, layout, rotary_dim, config=SMALL, dq=None, dk=
         assert_close(ko, rk, tol, "k")
         dk = dk if dk is not None else torch.randn(k.shape, generator=_gen(6)).to(out_dtype)
         torch.autograd.backward((rq, rk), (dq.double(), dk.double()))
-    gq, gk = rope_bwd(dq, dk, cos, sin, layout, rotary_dim, q.dtype, config)
-    assert gq.dtype == q.dtype and gq.is_contiguous()
+    # In q's and k's layouts, as the training op asks for them (dq itself is contiguous here).
+    layouts = (output_strides(q), output_strides(k) if k is not None else None)
+    gq, gk = rope_bwd(dq, dk, cos, sin, layout, rotary_dim, q.dtype, config, out_strides=layouts)
+    assert gq.dtype == q.dtype and list(gq.stride()) == layouts[0]
+    assert gk is None or list(gk.stride()) == layouts[1]
     assert_close(gq, q64.grad, tol, "dq")
     if k is not None:
         assert_close(gk, k64.grad, tol, "dk")
@@ -396,11 +399,40 @@ def test_opcheck():
     torch.library.opcheck(ops.rope, (q.bfloat16(), None, cos, sin, "interleaved", 8, torch.float32, ""))
     torch.library.opcheck(ops.rope_train, (q.requires_grad_(True), k.requires_grad_(True), cos[..., :6],
                                            sin[..., :6], "half", 6, torch.float32, ""))
-    torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), cos, sin, "half", 8, torch.float32, ""))
-    torch.library.opcheck(ops.rope_backward, (q.detach(), None, cos, sin, "interleaved", 8, torch.bfloat16, ""))
+    qs, ks = output_strides(q), output_strides(k)
+    torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), cos, sin, "half", 8, torch.float32, qs, ks, ""))
+    torch.library.opcheck(ops.rope_backward, (q.detach(), None, cos, sin, "interleaved", 8, torch.bfloat16, qs, [],
+                                              ""))
     freqs = torch.polar(torch.ones(3, 4), torch.randn(3, 4, generator=_gen(3)))  # the complex layout's freqs_cis
     torch.library.opcheck(ops.rope, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, ""))
-    torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, ""))
+    torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, qs,
+                                              ks, ""))
+
+
+def test_outputs_and_gradients_keep_their_inputs_layout():
+    """q as HF passes it (a transposed [B, S, H, D] view, of a wider row too): the rotated q and k, and in training
+    their gradients, come back in [B, S, H, D] storage, so the projection's backward reads the gradient without a
+    copy; a contiguous input gives contiguous outputs; an input whose last dim is not unit-strided, contiguous ones
+    (the kernel's one assumption)."""
+    ops = torch.ops.autokernel
+    cos, sin = (t[:, None] for t in cos_sin(2, 3, 8, torch.float32))
+    for pad in (0, 2):
+        q, k = heads(2, 3, 4, 8, torch.float32, 1, pad), heads(2, 3, 2, 8, torch.float32, 2, pad)
+        qo, ko = ops.rope(q, k, cos, sin, "half", 8, torch.float32, "")
+        assert qo.transpose(1, 2).is_contiguous() and ko.transpose(1, 2).is_contiguous()
+        qr, kr = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+        qo, ko = ops.rope_train(qr, kr, cos, sin, "half", 8, torch.float32, "")
+        # autograd.grad: the op's own gradients (a leaf's .grad may be copied into the leaf's layout).
+        gq, gk = torch.autograd.grad((qo, ko), (qr, kr), (torch.randn_like(qo).contiguous(),
+                                                          torch.randn_like(ko).contiguous()))
+        assert gq.transpose(1, 2).is_contiguous() and gk.transpose(1, 2).is_contiguous()
+        rq, rk = rope_reference(qr.detach(), kr.detach(), cos, sin, "half", 8)
+        assert_close(qo, rq, torch.float32, "q")
+        assert_close(ko, rk, torch.float32, "k")
+    flat = torch.randn(2, 4, 3, 8, generator=_gen(5))
+    assert ops.rope(flat, None, cos, sin, "half", 8, torch.float32, "")[0].is_contiguous()
+    columns = torch.randn(2, 4, 8, 3, generator=_gen(6)).transpose(-1, -2)  # D strided: copied, then contiguous
+    assert ops.rope(columns, None, cos, sin, "half", 8, torch.float32, "")[0].is_contiguous()
 
 
 def test_trained_cos_sin_get_their_gradient():

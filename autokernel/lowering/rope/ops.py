@@ -30,6 +30,7 @@ from autokernel.lowering.rope.kernels import (
     SourceKernels,
     default_config,
     geometry,
+    output_strides,
     rope_bwd,
     rope_fwd,
     rotate,
@@ -115,11 +116,16 @@ def _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir, traceable
     return qo, ko if ko is not None else _empty(q, out_dtype)
 
 
-def _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, cache_dir, traceable: bool):
+def _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_strides, k_strides, cache_dir, traceable: bool):
     c, s = _real_parts(cos, sin, layout)
+    layouts = (q_strides, k_strides if dk is not None else None)
     gq, gk = _run(dq, dk, cos, layout, rotary_dim, in_dtype, dq.dtype, cache_dir, lambda config, kernels: rope_bwd(
-        dq, dk, c, s, layout, rotary_dim, in_dtype, config, kernels, traceable))
+        dq, dk, c, s, layout, rotary_dim, in_dtype, config, kernels, traceable, layouts))
     return gq, gk if gk is not None else _empty(dq, in_dtype)
+
+
+def _like(x: torch.Tensor, strides: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_strided(x.shape, strides, dtype=dtype, device=x.device)
 
 
 def _define_ops(suffix: str, inline: bool) -> None:
@@ -140,19 +146,20 @@ def _define_ops(suffix: str, inline: bool) -> None:
         return _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir, inline)
 
     def backward(dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
-                 rotary_dim: int, in_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, cache_dir, inline)
+                 rotary_dim: int, in_dtype: torch.dtype, q_strides: list[int], k_strides: list[int],
+                 cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_strides, k_strides, cache_dir, inline)
 
     def fake_forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir):
-        return (q.new_empty(q.shape, dtype=out_dtype),
-                k.new_empty(k.shape, dtype=out_dtype) if k is not None else _empty(q, out_dtype))
+        return (_like(q, output_strides(q), out_dtype),
+                _like(k, output_strides(k), out_dtype) if k is not None else _empty(q, out_dtype))
+
+    def fake_backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_strides, k_strides, cache_dir):
+        return (_like(dq, q_strides, in_dtype),
+                _like(dk, k_strides, in_dtype) if dk is not None else _empty(dq, in_dtype))
 
     define_plain_op(f"autokernel::rope{suffix}", forward, inline=inline, fake=fake_forward)
-    backward_op = define_plain_op(
-        f"autokernel::rope_backward{suffix}", backward, inline=inline,
-        fake=lambda dq, dk, cos, sin, layout, rotary_dim, in_dtype, cache_dir: (
-            dq.new_empty(dq.shape, dtype=in_dtype),
-            dk.new_empty(dk.shape, dtype=in_dtype) if dk is not None else _empty(dq, in_dtype)))
+    backward_op = define_plain_op(f"autokernel::rope_backward{suffix}", backward, inline=inline, fake=fake_backward)
     train_op = define(f"autokernel::rope_train{suffix}", train, mutates_args=())
     if not inline:  # a triton_op derives its fake from its body
         train_op.register_fake(fake_forward)
@@ -163,12 +170,16 @@ def _define_ops(suffix: str, inline: bool) -> None:
         # q and k only for a trained cos/sin: the rotation's own backward never reads them.
         ctx.save_for_backward(cos, sin, *((q, k) if ctx.cs_grad else ()))
         ctx.has_k, ctx.in_dtype = k is not None, q.dtype
+        # Each gradient in its input's layout (q as models pass it: a transposed [B, S, H, D] view), so the
+        # projection's backward reads it without a copy.
+        ctx.strides = (output_strides(q), output_strides(k) if k is not None else [])
         ctx.layout, ctx.rotary_dim, ctx.cache_dir = layout, rotary_dim, cache_dir
 
     def train_backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors[:2]
         dk_out = dk_out if ctx.has_k else None
-        dq, dk = backward_op(dq_out, dk_out, cos, sin, ctx.layout, ctx.rotary_dim, ctx.in_dtype, ctx.cache_dir)
+        dq, dk = backward_op(dq_out, dk_out, cos, sin, ctx.layout, ctx.rotary_dim, ctx.in_dtype, *ctx.strides,
+                             ctx.cache_dir)
         dcos = dsin = None
         if ctx.cs_grad:
             dcos, dsin = _cos_sin_grads(ctx.saved_tensors[2], ctx.saved_tensors[3], dq_out, dk_out, cos, sin,

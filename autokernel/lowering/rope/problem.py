@@ -37,6 +37,7 @@ from autokernel.lowering.rope.kernels import (
     RopeConfig,
     SourceKernels,
     default_config,
+    output_strides,
     rope_apply_all,
     rope_bwd,
     rope_fwd,
@@ -220,7 +221,10 @@ class RopeProblem:
         return rope_fwd(case.q, case.k, case.cos, case.sin, self.layout, self.rotary_dim, self.out_dtype, cfg, k)
 
     def _bwd(self, case: Case, cfg: RopeConfig, k: SourceKernels | None):
-        return rope_bwd(case.dq, case.dk, case.cos, case.sin, self.layout, self.rotary_dim, self.dtype, cfg, k)
+        # The gradients in q's and k's layouts, as the training op writes them.
+        layouts = (output_strides(case.q), output_strides(case.k) if case.k is not None else None)
+        return rope_bwd(case.dq, case.dk, case.cos, case.sin, self.layout, self.rotary_dim, self.dtype, cfg, k,
+                        out_strides=layouts)
 
     def run(self, config: dict[str, Any], case: Case) -> dict[str, torch.Tensor]:
         cfg, kernels = self._kernels(config)
