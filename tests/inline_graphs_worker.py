@@ -1,0 +1,122 @@
+"""The worker of tests/test_inline_graphs.py (not a test): AOTAutograd's forward and backward graphs of each
+inline training op (the ``triton_op`` flavour that Inductor traces through on CUDA), built on the CPU.
+
+    python tests/inline_graphs_worker.py        (with TRITON_INTERPRET unset)
+
+Tracing a ``triton_op`` needs real ``@triton.jit`` functions (the interpreter's cannot be traced, and the
+variable must be unset before the kernels' modules are imported, hence a process of its own) and a Triton
+target for Inductor's mutation analysis, which compiles each kernel to TTIR: an sm90 target is declared here
+(nothing is launched, no GPU is needed). The graphs are captured, not run: each compiled function returns
+random tensors of its outputs' shapes, which is all the backward's capture needs.
+
+The last stdout line is a JSON report, one object per op: ``saved_allocations`` (forward nodes that are bare
+allocations, ``empty`` and its kin, yet are saved for the backward) and ``empty_strided`` (such nodes in
+either graph).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from triton.backends.compiler import GPUTarget
+
+
+class _Sm90Driver:
+    """The one thing the TTIR build asks of a driver."""
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(_Sm90Driver())
+
+import autokernel.lowering.cross_entropy.ops  # noqa: E402, F401  (each module defines its ops)
+import autokernel.lowering.layer_norm.ops  # noqa: E402, F401
+import autokernel.lowering.rms_norm.ops  # noqa: E402, F401
+import autokernel.lowering.rope.ops  # noqa: E402, F401
+import autokernel.lowering.softmax.ops  # noqa: E402, F401
+import autokernel.lowering.swiglu.ops  # noqa: E402, F401
+
+aten = torch.ops.aten
+ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_permuted.default,
+               aten.new_empty.default, aten.new_empty_strided.default, aten.empty_like.default}
+
+
+def cases(cache_dir: str) -> dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...]]]:
+    ak = torch.ops.autokernel
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+    f32 = torch.float32
+    return {
+        "rms_norm": (lambda x, w: ak.rms_norm_train_inline(x, w, 1e-6, 0.0, "llama", f32, cache_dir),
+                     (r(8, 32), r(32))),
+        "add_rms_norm": (lambda x, res, w: ak.add_rms_norm_train_inline(x, res, w, 1e-6, 0.0, "llama", f32,
+                                                                        cache_dir), (r(8, 32), r(8, 32), r(32))),
+        "layer_norm": (lambda x, w, b: ak.layer_norm_train_inline(x, w, b, 1e-5, 1, "fp32", f32, cache_dir),
+                       (r(8, 32), r(32), r(32))),
+        "softmax": (lambda x: ak.softmax_train_inline(x, False, f32, cache_dir), (r(8, 32),)),
+        "swiglu": (lambda x, up: ak.swiglu_train_inline(x, up, "silu", "separate", cache_dir), (r(8, 32), r(8, 32))),
+        "cross_entropy": (lambda x, y: ak.cross_entropy_train_inline(x, y, -100, 0.0, "mean", f32, cache_dir),
+                          (r(8, 32), torch.randint(0, 32, (8,), generator=g))),
+        # q and k as models pass them: transposed [B, S, H, D] views (GQA: k with fewer heads).
+        "rope": (lambda q, k, c, s: ak.rope_train_inline(q.transpose(1, 2), k.transpose(1, 2), c.unsqueeze(1),
+                                                          s.unsqueeze(1), "half", 32, f32, cache_dir),
+                 (r(1, 16, 4, 32), r(1, 16, 2, 32), r(1, 16, 32, grad=False), r(1, 16, 32, grad=False))),
+    }
+
+
+def _stand_in(gm: torch.fx.GraphModule) -> Callable[..., list[torch.Tensor | None]]:
+    """Random tensors shaped and strided as ``gm``'s outputs (integers zero), in place of running it."""
+    vals = [o.meta["val"] if isinstance(o, torch.fx.Node) else None for o in gm.graph.output_node().args[0]]
+
+    def run(*_: Any) -> list[torch.Tensor | None]:
+        return [None if v is None else torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).normal_()
+                if v.dtype.is_floating_point else torch.zeros(v.shape, dtype=v.dtype) for v in vals]
+    return run
+
+
+def graphs_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str, torch.fx.GraphModule]:
+    graphs: dict[str, torch.fx.GraphModule] = {}
+
+    def capture(kind: str) -> Callable[..., Any]:
+        def compiler(gm: torch.fx.GraphModule, _example_inputs: Any) -> Callable[..., Any]:
+            graphs[kind] = gm
+            return _stand_in(gm)
+        return compiler
+
+    torch._dynamo.reset()
+    # Inductor's partitioner, so that what is saved is what Inductor would be handed.
+    backend = aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    diff = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+    torch.autograd.backward(diff, [torch.randn_like(o) for o in diff])
+    return graphs
+
+
+def main() -> None:
+    report = {}
+    for name, (fn, args) in cases(tempfile.mkdtemp(prefix="ak-inline-graphs-")).items():
+        graphs = graphs_of(fn, args)
+        saved = graphs["fw"].graph.output_node().args[0]
+        report[name] = {
+            "graphs": sorted(graphs),
+            "saved_allocations": [n.name for n in saved if isinstance(n, torch.fx.Node) and n.target in ALLOCATIONS],
+            "empty_strided": [f"{kind}:{n.name}" for kind, gm in sorted(graphs.items()) for n in gm.graph.nodes
+                              if n.target is aten.empty_strided.default],
+        }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
