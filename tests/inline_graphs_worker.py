@@ -9,9 +9,11 @@ target for Inductor's mutation analysis, which compiles each kernel to TTIR: an 
 (nothing is launched, no GPU is needed). The graphs are captured, not run: each compiled function returns
 random tensors of its outputs' shapes, which is all the backward's capture needs.
 
-The last stdout line is a JSON report, one object per op: ``saved_allocations`` (forward nodes that are bare
-allocations, ``empty`` and its kin, yet are saved for the backward) and ``empty_strided`` (such nodes in
-either graph).
+Each graph is then put through Inductor's post-grad passes (its reinplacing among them), as Inductor does before
+it generates code. The last stdout line is a JSON report, one object per op: ``saved_allocations`` (forward nodes
+that are bare allocations, ``empty`` and its kin, yet are saved for the backward), ``empty_strided`` (such nodes in
+either graph) and ``copies`` (``clone``/``copy_`` nodes left after the post-grad passes: on a GPU, each a kernel
+that copies a whole tensor).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import torch
 import triton
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._guards import detect_fake_mode
+from torch._inductor.fx_passes.post_grad import post_grad_passes
+from torch._inductor.virtualized import V
 from triton.backends.compiler import GPUTarget
 
 
@@ -85,12 +90,21 @@ def _stand_in(gm: torch.fx.GraphModule) -> Callable[..., list[torch.Tensor | Non
     return run
 
 
-def graphs_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str, torch.fx.GraphModule]:
-    graphs: dict[str, torch.fx.GraphModule] = {}
+def facts_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str, list[str]]:
+    facts: dict[str, list[str]] = {"graphs": [], "saved_allocations": [], "empty_strided": [], "copies": []}
 
     def capture(kind: str) -> Callable[..., Any]:
-        def compiler(gm: torch.fx.GraphModule, _example_inputs: Any) -> Callable[..., Any]:
-            graphs[kind] = gm
+        def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+            facts["graphs"].append(kind)
+            if kind == "fw":
+                facts["saved_allocations"] = [n.name for n in gm.graph.output_node().args[0]
+                                              if isinstance(n, torch.fx.Node) and n.target in ALLOCATIONS]
+            facts["empty_strided"] += [f"{kind}:{n.name}" for n in gm.graph.nodes
+                                       if n.target is aten.empty_strided.default]
+            with V.set_fake_mode(detect_fake_mode(example_inputs)):
+                post_grad_passes(gm, is_inference=False)
+            facts["copies"] += [f"{kind}:{n.name}" for n in gm.graph.nodes
+                                if n.target in (aten.clone.default, aten.copy_.default)]
             return _stand_in(gm)
         return compiler
 
@@ -101,21 +115,12 @@ def graphs_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[st
     out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
     diff = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
     torch.autograd.backward(diff, [torch.randn_like(o) for o in diff])
-    return graphs
+    return facts
 
 
 def main() -> None:
-    report = {}
-    for name, (fn, args) in cases(tempfile.mkdtemp(prefix="ak-inline-graphs-")).items():
-        graphs = graphs_of(fn, args)
-        saved = graphs["fw"].graph.output_node().args[0]
-        report[name] = {
-            "graphs": sorted(graphs),
-            "saved_allocations": [n.name for n in saved if isinstance(n, torch.fx.Node) and n.target in ALLOCATIONS],
-            "empty_strided": [f"{kind}:{n.name}" for kind, gm in sorted(graphs.items()) for n in gm.graph.nodes
-                              if n.target is aten.empty_strided.default],
-        }
-    print(json.dumps(report))
+    cache_dir = tempfile.mkdtemp(prefix="ak-inline-graphs-")
+    print(json.dumps({name: facts_of(fn, args) for name, (fn, args) in cases(cache_dir).items()}))
 
 
 if __name__ == "__main__":
