@@ -168,10 +168,15 @@ def kernel_category(name: str) -> str:
 
 
 def kernel_profile(step: Any, device: torch.device) -> dict[str, Any]:
-    """The GPU time of one ``step`` under ``torch.profiler``, by kernel category (:data:`KERNEL_CATEGORIES`) and
-    the :data:`PROFILE_TOP` longest kernels by name, in ms. The sum is kernel time only: gaps between kernels
-    (host-bound stretches) are the step's time less this sum."""
-    spans = gpu_spans(step, device)
+    """:func:`span_summary` of one ``step`` under ``torch.profiler``."""
+    return span_summary(gpu_spans(step, device))
+
+
+def span_summary(spans: Sequence[tuple[float, float, str]]) -> dict[str, Any]:
+    """GPU time of :func:`gpu_spans`' spans by kernel category (:data:`KERNEL_CATEGORIES`), the :data:`PROFILE_TOP`
+    longest kernels by name (the table's) and every kernel by name (``by_name``, in the JSON only: where a category's
+    time goes, e.g. Inductor's own kernels in autokernel's step), in ms. The sum is kernel time only: gaps between
+    kernels (host-bound stretches) are the step's time less this sum."""
     by_name: Counter[str] = Counter()
     calls: Counter[str] = Counter()
     for start, end, name in spans:
@@ -185,6 +190,8 @@ def kernel_profile(step: Any, device: torch.device) -> dict[str, Any]:
             "by_category": {k: round(v, 3) for k, v in by_category.most_common()},
             "top": [[name[:90], kernel_category(name), calls[name], round(ms, 3)]
                     for name, ms in by_name.most_common(PROFILE_TOP)],
+            "by_name": [[name[:160], kernel_category(name), calls[name], round(ms, 4)]
+                        for name, ms in by_name.most_common()],
             "idle_between_kernels_ms": round(idle, 3),
             "gaps": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps]}
 

@@ -247,6 +247,22 @@ def test_bench_e2e_profile_sorts_kernels_by_name() -> None:
     assert "| `sm90_xmma_gemm` | matmul | 3 | 1.000 |" in md
 
 
+def test_bench_e2e_profile_lists_every_kernel_in_the_json() -> None:
+    """``bench_e2e --profile``: the table's top kernels, and in the JSON every kernel by name, longest first, with
+    its calls (so that a category's time, Inductor's in autokernel's step, can be traced to its kernels)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_e2e
+
+    names = [f"triton_poi_fused_{i}" for i in range(bench_e2e.PROFILE_TOP + 3)]
+    spans = [(10.0 * i, 10.0 * i + 0.1 * (i + 1), name) for i, name in enumerate(names)]
+    spans.append((500.0, 500.05, names[0]))  # a second call of the first
+    summary = bench_e2e.span_summary(spans)
+    assert len(summary["top"]) == bench_e2e.PROFILE_TOP
+    assert [n for n, *_ in summary["by_name"]] == names[::-1]
+    assert summary["by_name"][-1] == [names[0], "inductor", 2, 0.15]
+    assert summary["by_category"] == {"inductor": round(sum(e - s for s, e, _ in spans), 3)}
+
+
 def test_bench_e2e_profile_finds_where_the_gpu_waited() -> None:
     """``bench_e2e --profile``: idle time is counted between kernels only (overlapping kernels, on two streams, leave
     no gap), and the longest waits name the kernel before and after."""
