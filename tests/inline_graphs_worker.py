@@ -13,7 +13,10 @@ Each graph is then put through Inductor's post-grad passes (its reinplacing amon
 it generates code. The last stdout line is a JSON report, one object per op: ``saved_allocations`` (forward nodes
 that are bare allocations, ``empty`` and its kin, yet are saved for the backward), ``empty_strided`` (such nodes in
 either graph) and ``copies`` (``clone``/``copy_`` nodes left after the post-grad passes: on a GPU, each a kernel
-that copies a whole tensor).
+that copies a whole tensor). Under ``"llama_step"``, the same for a whole training step of a 2-layer transformers
+Llama (SDPA attention, GQA), compiled by the autokernel backend with every miss served and the inline ops as on
+CUDA, and by Inductor alone: each one's ``copies`` (name, shape) and autokernel's ``kernels`` (Triton launches in
+its graphs: proof that the rewrites happened).
 """
 
 from __future__ import annotations
@@ -101,10 +104,7 @@ def facts_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str
                                               if isinstance(n, torch.fx.Node) and n.target in ALLOCATIONS]
             facts["empty_strided"] += [f"{kind}:{n.name}" for n in gm.graph.nodes
                                        if n.target is aten.empty_strided.default]
-            with V.set_fake_mode(detect_fake_mode(example_inputs)):
-                post_grad_passes(gm, is_inference=False)
-            facts["copies"] += [f"{kind}:{n.name}" for n in gm.graph.nodes
-                                if n.target in (aten.clone.default, aten.copy_.default)]
+            facts["copies"] += [name for name, _ in post_grad_copies(gm, example_inputs, kind)]
             return _stand_in(gm)
         return compiler
 
@@ -118,9 +118,66 @@ def facts_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str
     return facts
 
 
+def post_grad_copies(gm: torch.fx.GraphModule, example_inputs: Any, kind: str) -> list[list[Any]]:
+    """Run Inductor's post-grad passes on ``gm`` (as Inductor does before generating code) and list the copies
+    left: ``[kind:name, shape]``."""
+    with V.set_fake_mode(detect_fake_mode(example_inputs)):
+        post_grad_passes(gm, is_inference=False)
+    return [[f"{kind}:{n.name}", list(n.meta["val"].shape)] for n in gm.graph.nodes
+            if n.target in (aten.clone.default, aten.copy_.default)]
+
+
+def llama_step_copies(cache_dir: str) -> dict[str, Any]:
+    """The copies in a transformers Llama's training step under autokernel and under Inductor (module docstring)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import sdpa_llama, serve_every_miss
+
+    import autokernel.lowering
+
+    backend_module = importlib.import_module("autokernel.backend")
+    plan_module = importlib.import_module("autokernel.backend.plan")
+    # On the CPU our kernels are declined, or opaque ops under the interpreter: the CUDA choices, forced.
+    plan_module.kernels_can_run_on = lambda device: True
+    autokernel.lowering.launches_inline = lambda value: all(isinstance(d, int) for d in value.shape)
+    found: dict[str, Any] = {}
+
+    def capturing(impl: str) -> Callable[..., Any]:
+        def compiler(kind: str) -> Callable[..., Any]:
+            def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+                found.setdefault(impl, {"copies": [], "kernels": 0})
+                found[impl]["kernels"] += sum(n.target is torch.ops.higher_order.triton_kernel_wrapper_functional
+                                              for n in gm.graph.nodes)
+                found[impl]["copies"] += post_grad_copies(gm, example_inputs, kind)
+                return _stand_in(gm)
+            return compile_graph
+        return aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"),
+                            partition_fn=min_cut_rematerialization_partition)
+
+    model = sdpa_llama(hidden=64, vocab=128, max_positions=64).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    options = {"autokernel.cache_dir": cache_dir}
+
+    def step(impl: str, fn: Callable[..., Any]) -> None:
+        torch._dynamo.reset()
+        backend_module._compile = lambda gm, example_inputs, opts: capturing(impl)(gm, example_inputs)
+        fn(input_ids=ids, labels=ids).loss.backward()
+
+    step("misses", torch.compile(model, backend="autokernel", options=options))
+    serve_every_miss(cache_dir, "cpu")
+    step("autokernel", torch.compile(model, backend="autokernel", options=options))
+    step("inductor", torch.compile(model, backend=capturing("inductor")))
+    return {impl: found[impl] for impl in ("autokernel", "inductor")}
+
+
 def main() -> None:
     cache_dir = tempfile.mkdtemp(prefix="ak-inline-graphs-")
-    print(json.dumps({name: facts_of(fn, args) for name, (fn, args) in cases(cache_dir).items()}))
+    report: dict[str, Any] = {name: facts_of(fn, args) for name, (fn, args) in cases(cache_dir).items()}
+    report["llama_step"] = llama_step_copies(tempfile.mkdtemp(prefix="ak-llama-graphs-"))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
