@@ -13,17 +13,19 @@ Each graph is then put through Inductor's post-grad passes (its reinplacing amon
 it generates code. The last stdout line is a JSON report, one object per op: ``saved_allocations`` (forward nodes
 that are bare allocations, ``empty`` and its kin, yet are saved for the backward), ``empty_strided`` (such nodes in
 either graph) and ``copies`` (``clone``/``copy_`` nodes left after the post-grad passes: on a GPU, each a kernel
-that copies a whole tensor). Under ``"llama_step"``, the same for a whole training step of a 2-layer transformers
-Llama (SDPA attention, GQA), compiled by the autokernel backend with every miss served and the inline ops as on
-CUDA, and by Inductor alone: each one's ``copies`` (name, shape) and autokernel's ``kernels`` (Triton launches in
-its graphs: proof that the rewrites happened).
+that copies a whole tensor). Under ``"steps"``, the same for whole training steps of 2-layer transformers models
+(:data:`STEPS`: tests/test_model_families.py's models, with SDPA and with eager attention), each compiled by the
+autokernel backend with every miss served and the inline ops as on CUDA, and by Inductor alone: each one's
+``copies`` (name, shape) and ``kernels`` (our Triton launches in its graphs: proof that the rewrites happened).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +55,9 @@ import autokernel.lowering.softmax.ops  # noqa: E402, F401
 import autokernel.lowering.swiglu.ops  # noqa: E402, F401
 
 aten = torch.ops.aten
+# (family, attention) of the model-level steps.
+STEPS = {"llama_sdpa": ("llama", "sdpa"), "llama_eager": ("llama", "eager"), "gpt_neox_sdpa": ("gpt_neox", "sdpa"),
+         "gpt_neox_eager": ("gpt_neox", "eager")}
 ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_permuted.default,
                aten.new_empty.default, aten.new_empty_strided.default, aten.empty_like.default}
 
@@ -127,14 +132,12 @@ def post_grad_copies(gm: torch.fx.GraphModule, example_inputs: Any, kind: str) -
             if n.target in (aten.clone.default, aten.copy_.default)]
 
 
-def llama_step_copies(cache_dir: str) -> dict[str, Any]:
-    """The copies in a transformers Llama's training step under autokernel and under Inductor (module docstring)."""
+def step_copies(family: str, attention: str, cache_dir: str) -> dict[str, Any]:
+    """The copies in a training step of ``family``'s model under autokernel and under Inductor (module docstring)."""
     import importlib
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from models import sdpa_llama, serve_every_miss
+    from models import serve_every_miss
+    from test_model_families import _family_model
 
     import autokernel.lowering
 
@@ -157,8 +160,8 @@ def llama_step_copies(cache_dir: str) -> dict[str, Any]:
         return aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"),
                             partition_fn=min_cut_rematerialization_partition)
 
-    model = sdpa_llama(hidden=64, vocab=128, max_positions=64).to(torch.bfloat16)
-    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    model, ids = _family_model(family, attention)
+    model = model.to(torch.bfloat16)
     options = {"autokernel.cache_dir": cache_dir}
 
     def step(impl: str, fn: Callable[..., Any]) -> None:
@@ -176,7 +179,9 @@ def llama_step_copies(cache_dir: str) -> dict[str, Any]:
 def main() -> None:
     cache_dir = tempfile.mkdtemp(prefix="ak-inline-graphs-")
     report: dict[str, Any] = {name: facts_of(fn, args) for name, (fn, args) in cases(cache_dir).items()}
-    report["llama_step"] = llama_step_copies(tempfile.mkdtemp(prefix="ak-llama-graphs-"))
+    sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py, tests/test_model_families.py
+    report["steps"] = {name: step_copies(family, attention, tempfile.mkdtemp(prefix=f"ak-{name}-"))
+                       for name, (family, attention) in STEPS.items()}
     print(json.dumps(report))
 
 
