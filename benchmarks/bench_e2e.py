@@ -186,12 +186,11 @@ def span_summary(spans: Sequence[tuple[float, float, str]]) -> dict[str, Any]:
     for name, ms in by_name.items():
         by_category[kernel_category(name)] += ms
     idle, gaps = idle_gaps(spans)
+    kernels = [[name[:160], kernel_category(name), calls[name], round(ms, 4)] for name, ms in by_name.most_common()]
     return {"total_ms": round(sum(by_name.values()), 3),
             "by_category": {k: round(v, 3) for k, v in by_category.most_common()},
-            "top": [[name[:90], kernel_category(name), calls[name], round(ms, 3)]
-                    for name, ms in by_name.most_common(PROFILE_TOP)],
-            "by_name": [[name[:160], kernel_category(name), calls[name], round(ms, 4)]
-                        for name, ms in by_name.most_common()],
+            "top": kernels[:PROFILE_TOP],
+            "by_name": kernels,
             "idle_between_kernels_ms": round(idle, 3),
             "gaps": [[round(ms, 3), before[:60], after[:60]] for ms, before, after in gaps]}
 
@@ -333,7 +332,7 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         for r in profiled:
             lines += ["", f"{r['impl']}, longest kernels:", "", "| kernel | category | calls | ms |",
                       "|---|---|---|---|"]
-            lines += [f"| `{name}` | {cat} | {n} | {ms:.3f} |" for name, cat, n, ms in r["kernels"]["top"]]
+            lines += [f"| `{name[:90]}` | {cat} | {n} | {ms:.3f} |" for name, cat, n, ms in r["kernels"]["top"]]
     return "\n".join(lines) + "\n"
 
 
