@@ -40,11 +40,14 @@ def causal_float_inf(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, mask)
 
 
+FLOAT_MIN_SCALE = 0.3  # causal_float_min's softmax scale (not SDPA's default: the rewrite must keep it)
+
+
 def causal_float_min(q, k, v):
     """Older transformers: an additive mask of 0 and the dtype's minimum."""
     lo = torch.finfo(q.dtype).min
     mask = torch.full((q.shape[-2], k.shape[-2]), lo, device=q.device, dtype=q.dtype).triu(1)[None, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=0.3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=FLOAT_MIN_SCALE)
 
 
 def all_allowed(q, k, v):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import force_sdpa_causal_mask, mask_rewrite_step, sdpa_llama
-from test_attention_mask import causal_float_min, causal_hf
+from test_attention_mask import FLOAT_MIN_SCALE, causal_float_min, causal_hf
 
 import autokernel
 from autokernel.playbook.tolerances import assert_close
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu,
 
 # Each mask function's call as transformers makes it in eager mode (is_causal=True, same scale): the kernel a rewrite
 # must reach.
-IS_CAUSAL_KWARGS = {causal_hf: {}, causal_float_min: {"scale": 0.3}}
+IS_CAUSAL_KWARGS = {causal_hf: {}, causal_float_min: {"scale": FLOAT_MIN_SCALE}}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
