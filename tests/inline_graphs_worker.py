@@ -98,29 +98,17 @@ def _stand_in(gm: torch.fx.GraphModule) -> Callable[..., list[torch.Tensor | Non
     return run
 
 
-def facts_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str, list[str]]:
-    facts: dict[str, list[str]] = {"graphs": [], "saved_allocations": [], "empty_strided": [], "copies": []}
-
-    def capture(kind: str) -> Callable[..., Any]:
-        def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
-            facts["graphs"].append(kind)
-            if kind == "fw":
-                facts["saved_allocations"] = [n.name for n in gm.graph.output_node().args[0]
-                                              if isinstance(n, torch.fx.Node) and n.target in ALLOCATIONS]
-            facts["empty_strided"] += [f"{kind}:{n.name}" for n in gm.graph.nodes
-                                       if n.target is aten.empty_strided.default]
-            facts["copies"] += [name for name, _ in post_grad_copies(gm, example_inputs, kind)]
+def capturing(on_graph: Callable[[str, torch.fx.GraphModule, Any], None]) -> Callable[..., Any]:
+    """A ``torch.compile`` backend that hands each forward and backward graph (``kind`` "fw" or "bw") to
+    ``on_graph`` and runs :func:`_stand_in` in its place; Inductor's partitioner, so that what is saved is what
+    Inductor would be handed."""
+    def compiler(kind: str) -> Callable[..., Any]:
+        def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+            on_graph(kind, gm, example_inputs)
             return _stand_in(gm)
-        return compiler
-
-    torch._dynamo.reset()
-    # Inductor's partitioner, so that what is saved is what Inductor would be handed.
-    backend = aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw"),
-                           partition_fn=min_cut_rematerialization_partition)
-    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    diff = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
-    torch.autograd.backward(diff, [torch.randn_like(o) for o in diff])
-    return facts
+        return compile_graph
+    return aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"),
+                        partition_fn=min_cut_rematerialization_partition)
 
 
 def post_grad_copies(gm: torch.fx.GraphModule, example_inputs: Any, kind: str) -> list[list[Any]]:
@@ -132,33 +120,52 @@ def post_grad_copies(gm: torch.fx.GraphModule, example_inputs: Any, kind: str) -
             if n.target in (aten.clone.default, aten.copy_.default)]
 
 
+def facts_of(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> dict[str, list[str]]:
+    facts: dict[str, list[str]] = {"graphs": [], "saved_allocations": [], "empty_strided": [], "copies": []}
+
+    def on_graph(kind: str, gm: torch.fx.GraphModule, example_inputs: Any) -> None:
+        facts["graphs"].append(kind)
+        if kind == "fw":
+            facts["saved_allocations"] = [n.name for n in gm.graph.output_node().args[0]
+                                          if isinstance(n, torch.fx.Node) and n.target in ALLOCATIONS]
+        facts["empty_strided"] += [f"{kind}:{n.name}" for n in gm.graph.nodes if n.target is aten.empty_strided.default]
+        facts["copies"] += [name for name, _ in post_grad_copies(gm, example_inputs, kind)]
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=capturing(on_graph), fullgraph=True)(*args)
+    diff = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+    torch.autograd.backward(diff, [torch.randn_like(o) for o in diff])
+    return facts
+
+
+def force_cuda_choices() -> None:
+    """On the CPU the backend declines our kernels, or takes the opaque ops under the interpreter: make the choices
+    it makes on CUDA (kernels allowed, inline ops where sizes are static)."""
+    import importlib
+
+    import autokernel.lowering
+
+    importlib.import_module("autokernel.backend.plan").kernels_can_run_on = lambda device: True
+    autokernel.lowering.launches_inline = lambda value: all(isinstance(d, int) for d in value.shape)
+
+
 def step_copies(family: str, attention: str, cache_dir: str) -> dict[str, Any]:
-    """The copies in a training step of ``family``'s model under autokernel and under Inductor (module docstring)."""
+    """The copies in a training step of ``family``'s model under autokernel and under Inductor (module docstring;
+    :func:`force_cuda_choices` first)."""
     import importlib
 
     from models import serve_every_miss
     from test_model_families import _family_model
 
-    import autokernel.lowering
-
     backend_module = importlib.import_module("autokernel.backend")
-    plan_module = importlib.import_module("autokernel.backend.plan")
-    # On the CPU our kernels are declined, or opaque ops under the interpreter: the CUDA choices, forced.
-    plan_module.kernels_can_run_on = lambda device: True
-    autokernel.lowering.launches_inline = lambda value: all(isinstance(d, int) for d in value.shape)
-    found: dict[str, Any] = {}
+    found = {impl: {"copies": [], "kernels": 0} for impl in ("misses", "autokernel", "inductor")}
 
-    def capturing(impl: str) -> Callable[..., Any]:
-        def compiler(kind: str) -> Callable[..., Any]:
-            def compile_graph(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
-                found.setdefault(impl, {"copies": [], "kernels": 0})
-                found[impl]["kernels"] += sum(n.target is torch.ops.higher_order.triton_kernel_wrapper_functional
-                                              for n in gm.graph.nodes)
-                found[impl]["copies"] += post_grad_copies(gm, example_inputs, kind)
-                return _stand_in(gm)
-            return compile_graph
-        return aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"),
-                            partition_fn=min_cut_rematerialization_partition)
+    def recorder(impl: str) -> Callable[..., Any]:
+        def on_graph(kind: str, gm: torch.fx.GraphModule, example_inputs: Any) -> None:
+            found[impl]["kernels"] += sum(n.target is torch.ops.higher_order.triton_kernel_wrapper_functional
+                                          for n in gm.graph.nodes)
+            found[impl]["copies"] += post_grad_copies(gm, example_inputs, kind)
+        return capturing(on_graph)
 
     model, ids = _family_model(family, attention)
     model = model.to(torch.bfloat16)
@@ -166,13 +173,13 @@ def step_copies(family: str, attention: str, cache_dir: str) -> dict[str, Any]:
 
     def step(impl: str, fn: Callable[..., Any]) -> None:
         torch._dynamo.reset()
-        backend_module._compile = lambda gm, example_inputs, opts: capturing(impl)(gm, example_inputs)
+        backend_module._compile = lambda gm, example_inputs, opts: recorder(impl)(gm, example_inputs)
         fn(input_ids=ids, labels=ids).loss.backward()
 
     step("misses", torch.compile(model, backend="autokernel", options=options))
     serve_every_miss(cache_dir, "cpu")
     step("autokernel", torch.compile(model, backend="autokernel", options=options))
-    step("inductor", torch.compile(model, backend=capturing("inductor")))
+    step("inductor", torch.compile(model, backend=recorder("inductor")))
     return {impl: found[impl] for impl in ("autokernel", "inductor")}
 
 
@@ -180,6 +187,7 @@ def main() -> None:
     cache_dir = tempfile.mkdtemp(prefix="ak-inline-graphs-")
     report: dict[str, Any] = {name: facts_of(fn, args) for name, (fn, args) in cases(cache_dir).items()}
     sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py, tests/test_model_families.py
+    force_cuda_choices()
     report["steps"] = {name: step_copies(family, attention, tempfile.mkdtemp(prefix=f"ak-{name}-"))
                        for name, (family, attention) in STEPS.items()}
     print(json.dumps(report))
