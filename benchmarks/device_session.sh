@@ -12,7 +12,9 @@
 #                                                MIN minutes of tuning), then the step under autokernel alone
 #   bash benchmarks/device_session.sh sweeps P   issue 3's TritonBench-like sweeps of P (softmax, cross_entropy or
 #                                                rope): every size, tuned TUNE_MIN (0.2) minutes each first
-#   bash benchmarks/device_session.sh e2e        the Llama step for every impl (IMPLS= others, e.g. inductor-max-autotune)
+#   bash benchmarks/device_session.sh e2e        the Llama step for every impl (IMPLS= others; inductor-max-autotune
+#                                                alone in its call with a longer E2E_TIMEOUT: after two impls it
+#                                                had not finished compiling when the default 440 s ran out)
 #                                                with the cache as it is (carry
 #                                                e2e-tune's cache.akc), then the cache exported, imported into a
 #                                                fresh directory and served from there (portability); each
@@ -34,7 +36,8 @@
 # Each pattern benchmark tunes its headline shape with ak-tune first (a short budget: the race against
 # Inductor decides whether the cache serves our kernel), then times eager, Inductor, Liger and
 # autokernel, with GPU time (CUDA-graph replay) beside the host-inclusive time. Results land in $OUT
-# (copy the .json/.md into benchmarks/results/).
+# (copy the .json/.md into benchmarks/results/). A call brings back at most 8 files from $OUT, at most 2 folders
+# down: a script chaining several modes (3-5 files each) must keep its total at 8.
 # PATCHES="benchmarks/experiments/x.patch ..." applies those first (any mode), for a change not yet on main.
 # FRESH=1 empties the cache directory first (a warm machine keeps the previous call's /tmp).
 # A tuned cache outlives its machine: every mode ends with the cache exported to $OUT/cache.akc (and each tuning
@@ -121,7 +124,7 @@ e2e-tune)
   timeout 560 python3 benchmarks/bench_e2e.py --impls autokernel --tune "${2:-3}" --out "$out" 2>&1 | tee -a "$log" | tail -22
   ;;
 e2e)
-  timeout 440 python3 benchmarks/bench_e2e.py ${IMPLS:+--impls "$IMPLS"} --memory --profile --out "$out" 2>&1 \
+  timeout "${E2E_TIMEOUT:-440}" python3 benchmarks/bench_e2e.py ${IMPLS:+--impls "$IMPLS"} --memory --profile --out "$out" 2>&1 \
     | tee -a "$log" | tail -90
   ak-cache export -o "$out/llama-step.akc" && AUTOKERNEL_CACHE_DIR=/tmp/akc-imported ak-cache import "$out/llama-step.akc"
   timeout 100 python3 benchmarks/bench_e2e.py --impls autokernel --iters 3 --cache-dir /tmp/akc-imported \

@@ -83,7 +83,7 @@ def cases(cache_dir: str) -> dict[str, tuple[Callable[..., Any], tuple[torch.Ten
                           (r(8, 32), torch.randint(0, 32, (8,), generator=g))),
         # q and k as models pass them: transposed [B, S, H, D] views (GQA: k with fewer heads).
         "rope": (lambda q, k, c, s: ak.rope_train_inline(q.transpose(1, 2), k.transpose(1, 2), c.unsqueeze(1),
-                                                          s.unsqueeze(1), "half", 32, f32, cache_dir),
+                                                          s.unsqueeze(1), "half", 32, f32, True, True, cache_dir),
                  (r(1, 16, 4, 32), r(1, 16, 2, 32), r(1, 16, 32, grad=False), r(1, 16, 32, grad=False))),
     }
 

@@ -14,7 +14,7 @@ from autokernel.cache import KernelCache
 from autokernel.lowering.rope.kernels import (
     RopeConfig,
     default_config,
-    output_strides,
+    dim_order,
     rope_bwd,
     rope_fwd,
     rope_reference,
@@ -210,12 +210,14 @@ def test_opcheck_cuda(suffix):
     k = torch.randn(2, 64, 2, 128, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
     cos, sin = _cos_sin(2, 64, 128, torch.bfloat16, g)
     torch.library.opcheck(getattr(ops, f"rope_train{suffix}"),
-                          (q.requires_grad_(True), k.requires_grad_(True), cos, sin, "half", 128, torch.bfloat16, ""),
+                          (q.requires_grad_(True), k.requires_grad_(True), cos, sin, "half", 128, torch.bfloat16, True,
+                           True, ""),
                           **checks)
     torch.library.opcheck(getattr(ops, f"rope{suffix}"),
-                          (q.detach(), None, cos[..., :32], sin[..., :32], "interleaved", 32, torch.bfloat16, ""),
+                          (q.detach(), None, cos[..., :32], sin[..., :32], "interleaved", 32, torch.bfloat16, False,
+                           False, ""),
                           **checks)
-    qs, ks = output_strides(q), output_strides(k)
+    qs, ks = dim_order(q), dim_order(k)
     torch.library.opcheck(getattr(ops, f"rope_backward{suffix}"),
                           (q.detach(), k.detach(), cos, sin, "half", 128, torch.bfloat16, qs, ks, ""), **checks)
     torch.library.opcheck(getattr(ops, f"rope_backward{suffix}"),

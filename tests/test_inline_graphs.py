@@ -24,10 +24,7 @@ from typing import Any
 import pytest
 
 WORKER = Path(__file__).with_name("inline_graphs_worker.py")
-OPS = ("rms_norm", "add_rms_norm", "layer_norm", "softmax", "swiglu", "cross_entropy",
-       pytest.param("rope", marks=pytest.mark.xfail(strict=True, reason=(
-           "outputs and gradients allocated with empty_strided: the forward's buffer is saved and copied; the fix, "
-           "benchmarks/experiments/rope-alloc-empty.patch, awaits its GPU tests"))))
+OPS = ("rms_norm", "add_rms_norm", "layer_norm", "softmax", "swiglu", "cross_entropy", "rope")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +43,6 @@ def test_nothing_saved_or_copied_that_a_kernel_writes(report, op) -> None:
     assert report[op]["copies"] == [], report[op]
 
 
-@pytest.mark.xfail(strict=True, reason="RoPE's saved and copied buffers (above): benchmarks/experiments/"
-                                       "rope-alloc-empty.patch, awaiting its GPU tests")
 @pytest.mark.parametrize("step", ["llama_sdpa", "llama_eager", "gpt_neox_sdpa", "gpt_neox_eager"])
 def test_a_training_step_copies_no_more_than_inductor(report, step) -> None:
     found = report["steps"][step]

@@ -18,7 +18,7 @@ from models import rope_entry
 
 import autokernel
 from autokernel.cache import KernelCache
-from autokernel.lowering.rope.kernels import RopeConfig, output_strides, rope_bwd, rope_fwd, rope_reference, rotate
+from autokernel.lowering.rope.kernels import RopeConfig, dim_order, rope_bwd, rope_fwd, rope_reference, rotate
 from autokernel.playbook.tolerances import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -33,6 +33,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AK_OPS = {torch.ops.autokernel.rope.default, torch.ops.autokernel.rope_train.default}
 # One head per program, one warp: the head-block grid and the q/k split are exercised on tiny shapes.
 SMALL = RopeConfig(fwd_block_h=1, fwd_num_warps=1, bwd_block_h=2, bwd_num_warps=1)
+
+
+def same_layout(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """``out`` is dense with ``x``'s dims in ``x``'s storage order (size-1 dims, whose place is moot, left out;
+    plain order where ``x``'s last dim is not innermost: the kernel copies such an input)."""
+    def sized(t: torch.Tensor) -> list[int]:
+        return [d for d in dim_order(t) if t.shape[d] > 1]
+    step = 1
+    for d in reversed(sized(out)):
+        if out.stride(d) != step:
+            return False
+        step *= out.shape[d]
+    return sized(out) == sized(x)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -284,7 +297,7 @@ def check_kernels(q, k, cos, sin, layout, rotary_dim, config=SMALL, dq=None, dk=
     q64 = q.detach().double().requires_grad_(True)
     k64 = k.detach().double().requires_grad_(True) if k is not None else None
     rq, rk = rope_reference(q64, k64, cos, sin, layout, rotary_dim)
-    assert qo.shape == q.shape and qo.dtype == out_dtype and list(qo.stride()) == output_strides(q)
+    assert qo.shape == q.shape and qo.dtype == out_dtype and same_layout(qo, q)
     assert_close(qo, rq, tol, "q")
     dq = dq if dq is not None else torch.randn(q.shape, generator=_gen(5)).to(out_dtype)
     if k is None:
@@ -295,10 +308,10 @@ def check_kernels(q, k, cos, sin, layout, rotary_dim, config=SMALL, dq=None, dk=
         dk = dk if dk is not None else torch.randn(k.shape, generator=_gen(6)).to(out_dtype)
         torch.autograd.backward((rq, rk), (dq.double(), dk.double()))
     # In q's and k's layouts, as the training op asks for them (dq itself is contiguous here).
-    layouts = (output_strides(q), output_strides(k) if k is not None else None)
-    gq, gk = rope_bwd(dq, dk, cos, sin, layout, rotary_dim, q.dtype, config, out_strides=layouts)
-    assert gq.dtype == q.dtype and list(gq.stride()) == layouts[0]
-    assert gk is None or list(gk.stride()) == layouts[1]
+    orders = (dim_order(q), dim_order(k) if k is not None else None)
+    gq, gk = rope_bwd(dq, dk, cos, sin, layout, rotary_dim, q.dtype, config, out_orders=orders)
+    assert gq.dtype == q.dtype and same_layout(gq, q)
+    assert gk is None or same_layout(gk, k)
     assert_close(gq, q64.grad, tol, "dq")
     if k is not None:
         assert_close(gk, k64.grad, tol, "dk")
@@ -395,44 +408,73 @@ def test_opcheck():
     ops = torch.ops.autokernel
     q, k = heads(2, 3, 4, 8, torch.float32, 1), heads(2, 3, 2, 8, torch.float32, 2)
     cos, sin = (t[:, None] for t in cos_sin(2, 3, 8, torch.float32))
-    torch.library.opcheck(ops.rope, (q, k, cos, sin, "half", 8, torch.float32, ""))
-    torch.library.opcheck(ops.rope, (q.bfloat16(), None, cos, sin, "interleaved", 8, torch.float32, ""))
+    torch.library.opcheck(ops.rope, (q, k, cos, sin, "half", 8, torch.float32, True, False, ""))
+    torch.library.opcheck(ops.rope, (q.bfloat16(), None, cos, sin, "interleaved", 8, torch.float32, False, False,
+                                     ""))
     torch.library.opcheck(ops.rope_train, (q.requires_grad_(True), k.requires_grad_(True), cos[..., :6],
-                                           sin[..., :6], "half", 6, torch.float32, ""))
-    qs, ks = output_strides(q), output_strides(k)
+                                           sin[..., :6], "half", 6, torch.float32, True, True, ""))
+    qs, ks = dim_order(q), dim_order(k)
     torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), cos, sin, "half", 8, torch.float32, qs, ks, ""))
     torch.library.opcheck(ops.rope_backward, (q.detach(), None, cos, sin, "interleaved", 8, torch.bfloat16, qs, [],
                                               ""))
     freqs = torch.polar(torch.ones(3, 4), torch.randn(3, 4, generator=_gen(3)))  # the complex layout's freqs_cis
-    torch.library.opcheck(ops.rope, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, ""))
+    torch.library.opcheck(ops.rope, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, False, True,
+                                     ""))
     torch.library.opcheck(ops.rope_backward, (q.detach(), k.detach(), freqs, freqs, "complex", 8, torch.float32, qs,
                                               ks, ""))
 
 
 def test_outputs_and_gradients_keep_their_inputs_layout():
-    """q as HF passes it (a transposed [B, S, H, D] view, of a wider row too): the rotated q and k, and in training
-    their gradients, come back in [B, S, H, D] storage, so the projection's backward reads the gradient without a
-    copy; a contiguous input gives contiguous outputs; an input whose last dim is not unit-strided, contiguous ones
-    (the kernel's one assumption)."""
+    """q as HF passes it (a transposed [B, S, H, D] view, of a wider row too): in training the gradients come back
+    in [B, S, H, D] storage, so the projection's backward reads them without a copy; the rotated q and k too where
+    asked (``keep_q_layout``/``keep_k_layout``: the backend asks where SDPA reads them), else contiguous (a matmul's
+    layout); a contiguous input gives contiguous outputs; an input whose last dim is not unit-strided, contiguous
+    ones (the kernel's one assumption)."""
     ops = torch.ops.autokernel
     cos, sin = (t[:, None] for t in cos_sin(2, 3, 8, torch.float32))
-    for pad in (0, 2):
+    for pad, keep_q, keep_k in ((0, True, True), (2, True, False), (0, False, True), (2, False, False)):
         q, k = heads(2, 3, 4, 8, torch.float32, 1, pad), heads(2, 3, 2, 8, torch.float32, 2, pad)
-        qo, ko = ops.rope(q, k, cos, sin, "half", 8, torch.float32, "")
-        assert qo.transpose(1, 2).is_contiguous() and ko.transpose(1, 2).is_contiguous()
-        qr, kr = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
-        qo, ko = ops.rope_train(qr, kr, cos, sin, "half", 8, torch.float32, "")
+        for op in (ops.rope, ops.rope_train):
+            qr, kr = q.detach().requires_grad_(op is ops.rope_train), k.detach().requires_grad_(op is ops.rope_train)
+            qo, ko = op(qr, kr, cos, sin, "half", 8, torch.float32, keep_q, keep_k, "")
+            for out, keep in ((qo, keep_q), (ko, keep_k)):
+                assert (out.transpose(1, 2) if keep else out).is_contiguous(), (keep, out.stride())
+            rq, rk = rope_reference(q, k, cos, sin, "half", 8)
+            assert_close(qo, rq, torch.float32, "q")
+            assert_close(ko, rk, torch.float32, "k")
         # autograd.grad: the op's own gradients (a leaf's .grad may be copied into the leaf's layout).
         gq, gk = torch.autograd.grad((qo, ko), (qr, kr), (torch.randn_like(qo).contiguous(),
                                                           torch.randn_like(ko).contiguous()))
         assert gq.transpose(1, 2).is_contiguous() and gk.transpose(1, 2).is_contiguous()
-        rq, rk = rope_reference(qr.detach(), kr.detach(), cos, sin, "half", 8)
-        assert_close(qo, rq, torch.float32, "q")
-        assert_close(ko, rk, torch.float32, "k")
     flat = torch.randn(2, 4, 3, 8, generator=_gen(5))
-    assert ops.rope(flat, None, cos, sin, "half", 8, torch.float32, "")[0].is_contiguous()
+    assert ops.rope(flat, None, cos, sin, "half", 8, torch.float32, True, True, "")[0].is_contiguous()
     columns = torch.randn(2, 4, 8, 3, generator=_gen(6)).transpose(-1, -2)  # D strided: copied, then contiguous
-    assert ops.rope(columns, None, cos, sin, "half", 8, torch.float32, "")[0].is_contiguous()
+    assert ops.rope(columns, None, cos, sin, "half", 8, torch.float32, True, True, "")[0].is_contiguous()
+
+
+def _rotated_and_returned(qb, kb, cos, sin):
+    """q and k as models pass them (transposed [B, S, H, D] views), rotated and returned by the graph."""
+    q, k = qb.transpose(1, 2), kb.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate(q, "half") * sin, k * cos + rotate(k, "half") * sin
+
+
+def test_returned_rotations_keep_eagers_layout(cache_dir, rewritten):
+    """Where the graph returns the rotated q and k (no SDPA reads them), they come back in eager's layout, the
+    inputs' for this elementwise math: contiguous ones would reach the caller in another layout, or be copied back
+    by Inductor."""
+    g = _gen(11)
+    leaves = [torch.randn(2, 5, 4, 16, generator=g).requires_grad_(True),
+              torch.randn(2, 5, 2, 16, generator=g).requires_grad_(True), *cos_sin(2, 5, 16, torch.float32)]
+    assert [i.status for i in make_hits(_rotated_and_returned, leaves, cache_dir)] == ["hit"]
+    torch._dynamo.reset()
+    out = torch.compile(_rotated_and_returned, backend="autokernel", options={"autokernel.cache_dir": cache_dir})(
+        *leaves)
+    assert rewritten.ops == [[torch.ops.autokernel.rope_train.default]]
+    expected = _rotated_and_returned(*leaves)
+    assert [o.stride() for o in out] == [e.stride() for e in expected]
+    for o, e, name in zip(out, expected, "qk", strict=True):
+        assert_close(o, e.double(), torch.float32, name)
 
 
 def test_trained_cos_sin_get_their_gradient():
@@ -440,7 +482,7 @@ def test_trained_cos_sin_get_their_gradient():
     q, k = heads(2, 3, 4, 8, torch.float32, 1), heads(2, 3, 2, 8, torch.float32, 2)
     cos, sin = (t[:, None].clone().requires_grad_(True) for t in cos_sin(2, 3, 8, torch.float32))
     qo, ko = torch.ops.autokernel.rope_train(q.requires_grad_(True), k.requires_grad_(True), cos, sin, "half", 8,
-                                             torch.float32, "")
+                                             torch.float32, False, False, "")
     dq, dk = torch.randn(qo.shape, generator=_gen(1)), torch.randn(ko.shape, generator=_gen(2))
     torch.autograd.backward((qo, ko), (dq, dk))
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, cos, sin)]
@@ -527,7 +569,7 @@ def test_trained_freqs_cis_gets_its_gradient():
     freqs = torch.polar(torch.rand(3, 1, 4, generator=_gen(3)) + 0.5, torch.randn(3, 1, 4, generator=_gen(4)))
     freqs.requires_grad_(True)
     qo, ko = torch.ops.autokernel.rope_train(q.requires_grad_(True), k.requires_grad_(True), freqs, freqs, "complex",
-                                             8, torch.float32, "")
+                                             8, torch.float32, False, False, "")
     dq, dk = torch.randn(qo.shape, generator=_gen(5)), torch.randn(ko.shape, generator=_gen(6))
     torch.autograd.backward((qo, ko), (dq, dk))
     leaves = [q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True),

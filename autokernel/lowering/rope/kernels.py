@@ -32,6 +32,7 @@ sin, write the two gradients).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -235,23 +236,26 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def output_strides(x: torch.Tensor) -> list[int]:
-    """Strides for a new tensor shaped like ``x`` and laid out in ``x``'s dim order (larger stride outer, as
-    ``torch.empty_like`` keeps it), dense; contiguous unless that order keeps the last dim innermost (the kernel's
-    one assumption). q as models pass it is a transposed ``[B, S, H, D]`` view: outputs and gradients written in
-    that layout need no copy where the model reads them (the gradient, reshaped to ``[B, S, H * D]`` for the
-    projection's matmul). Plain arithmetic on sizes and strides: nothing is allocated or traced, and real, fake
-    and symbolic tensors get the same answer."""
-    shape, strides = list(x.shape), list(x.stride())
-    order = sorted(range(len(shape)), key=lambda i: -strides[i])  # outermost first; ties keep the dims' order
-    if order and order[-1] != len(shape) - 1:
-        order = list(range(len(shape)))
-    out = [0] * len(shape)
-    step = 1
-    for i in reversed(order):
-        out[i] = step
-        step *= shape[i]
-    return out
+def dim_order(x: torch.Tensor) -> list[int]:
+    """``x``'s dims, outermost first (larger stride outer, as ``torch.empty_like`` keeps them; ties keep the dims'
+    order), or the plain order where that would not keep the last dim innermost (the kernel's one assumption). q as
+    models pass it is a transposed ``[B, S, H, D]`` view: outputs and gradients written in that order need no copy
+    where the model reads them (the gradient, reshaped to ``[B, S, H * D]`` for the projection's matmul). Plain
+    arithmetic on strides: real, fake and symbolic tensors get the same answer."""
+    strides = list(x.stride())
+    order = sorted(range(x.dim()), key=lambda i: -strides[i])
+    return order if not order or order[-1] == x.dim() - 1 else list(range(x.dim()))
+
+
+def empty_in_order(shape: Sequence[int], order: Sequence[int], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """A new dense tensor of ``shape`` laid out in ``order`` (outermost dim first): ``torch.empty`` of the dims in
+    that order, permuted back. Not ``torch.empty_strided``: AOTAutograd's CSE merges equal ``empty_strided`` calls
+    (it spares only ``aten.empty``), so the backward's gradient buffer became the forward's output buffer, saved
+    for the backward, and Inductor copied it before each kernel wrote it, a full copy of q and of k in each pass
+    (the H100 profile of ``benchmarks/profile_rope_context.py``)."""
+    base = torch.empty([shape[i] for i in order], dtype=dtype, device=device)
+    return base.permute(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _check(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
@@ -284,15 +288,14 @@ def _blocks(block_h: int, q_heads: int, k_heads: int, rotary_dim: int, head_dim:
 def _launch(x_q: torch.Tensor, x_k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
             rotary_dim: int, out_dtype: torch.dtype, backward: bool, block_h: int, num_warps: int,
             kernels: SourceKernels | None, traceable: bool,
-            out_strides: tuple[list[int], list[int] | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rotate ``x_q`` (and ``x_k``) into new tensors of ``out_dtype``, strided as ``out_strides`` (q's, k's) or
-    else as the inputs (:func:`output_strides`)."""
+            out_orders: tuple[list[int], list[int] | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate ``x_q`` (and ``x_k``) into new tensors of ``out_dtype``, laid out in ``out_orders`` (q's, k's) or
+    else as the inputs (:func:`dim_order`)."""
     _check(x_q, x_k, cos, sin, layout, rotary_dim)
-    if out_strides is None:
-        out_strides = (output_strides(x_q), output_strides(x_k) if x_k is not None else None)
-    out_q = torch.empty_strided(x_q.shape, out_strides[0], dtype=out_dtype, device=x_q.device)
-    out_k = (torch.empty_strided(x_k.shape, out_strides[1], dtype=out_dtype, device=x_k.device)
-             if x_k is not None else None)
+    if out_orders is None:
+        out_orders = (dim_order(x_q), dim_order(x_k) if x_k is not None else None)
+    out_q = empty_in_order(x_q.shape, out_orders[0], out_dtype, x_q.device)
+    out_k = empty_in_order(x_k.shape, out_orders[1], out_dtype, x_k.device) if x_k is not None else None
     g = geometry(tuple(x_q.shape), tuple(x_k.shape) if x_k is not None else None, tuple(cos.shape))
     q4, qo4 = _view4(_unit_last(x_q), g), _view4(out_q, g)
     k4 = _view4(_unit_last(x_k), g) if x_k is not None else None
@@ -330,30 +333,31 @@ def _launch(x_q: torch.Tensor, x_k: torch.Tensor | None, cos: torch.Tensor, sin:
 
 def rope_fwd(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
              rotary_dim: int, out_dtype: torch.dtype, config: RopeConfig, kernels: SourceKernels | None = None,
-             traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             traceable: bool = False,
+             out_orders: tuple[list[int], list[int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(q * cos + rotate(q) * sin, same for k)`` over the first ``rotary_dim`` columns, the rest copied.
 
     ``q``, ``k``: ``[..., D]`` of 2 to 4 dims with unit stride along D (else copied), k of q's dtype and of
     q's shape but for the heads dim (GQA); ``k`` may be None. ``cos``, ``sin``: ``[..., rotary_dim]``,
-    broadcastable to q and k. Returns tensors of ``out_dtype`` in q's and k's layouts (:func:`output_strides`;
-    None for a missing k).
+    broadcastable to q and k. Returns tensors of ``out_dtype`` laid out in ``out_orders`` (q's, k's; each
+    outermost dim first), else in q's and k's own layouts (:func:`dim_order`); None for a missing k.
     ``kernels``: a cache entry's kernel instead of the built-in one. ``traceable``: launch through
     ``wrap_triton`` (from a ``triton_op``), so that Inductor launches the kernel itself."""
     return _launch(q, k, cos, sin, layout, rotary_dim, out_dtype, False, config.fwd_block_h, config.fwd_num_warps,
-                   kernels, traceable, None)
+                   kernels, traceable, out_orders)
 
 
 def rope_bwd(dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
              rotary_dim: int, in_dtype: torch.dtype, config: RopeConfig, kernels: SourceKernels | None = None,
              traceable: bool = False,
-             out_strides: tuple[list[int], list[int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             out_orders: tuple[list[int], list[int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of q and k from those of :func:`rope_fwd`'s outputs (the transposed rotation), of ``in_dtype``
-    (q's dtype), strided as ``out_strides`` (q's and k's :func:`output_strides`, so that each gradient has its
-    input's layout) or else as ``dq`` and ``dk``. Arguments as there."""
+    (q's dtype), laid out in ``out_orders`` (q's and k's :func:`dim_order`, so that each gradient has its input's
+    layout) or else as ``dq`` and ``dk``. Arguments as there."""
     if dk is not None and dk.dtype != dq.dtype:
         dk = dk.to(dq.dtype)
     return _launch(dq, dk, cos, sin, layout, rotary_dim, in_dtype, True, config.bwd_block_h, config.bwd_num_warps,
-                   kernels, traceable, out_strides)
+                   kernels, traceable, out_orders)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ from autokernel.lowering.rope.kernels import (
     RopeConfig,
     SourceKernels,
     default_config,
+    dim_order,
+    empty_in_order,
     geometry,
-    output_strides,
     rope_bwd,
     rope_fwd,
     rotate,
@@ -109,23 +110,31 @@ def _real_parts(cos: torch.Tensor, sin: torch.Tensor, layout: str) -> tuple[torc
     return cos, sin
 
 
-def _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir, traceable: bool):
+def output_order(x: torch.Tensor, keep_layout: bool) -> list[int]:
+    """Where an output of the forward goes: ``x``'s own layout for a reader that takes any strides (SDPA's fused
+    kernels), else contiguous (a matmul reads a transposed [B, S, H, D] q through a copy)."""
+    return dim_order(x) if keep_layout else list(range(x.dim()))
+
+
+def _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, keep_q_layout, keep_k_layout, cache_dir,
+             traceable: bool):
     c, s = _real_parts(cos, sin, layout)
+    orders = (output_order(q, keep_q_layout), output_order(k, keep_k_layout) if k is not None else None)
     qo, ko = _run(q, k, cos, layout, rotary_dim, q.dtype, out_dtype, cache_dir, lambda config, kernels: rope_fwd(
-        q, k, c, s, layout, rotary_dim, out_dtype, config, kernels, traceable))
+        q, k, c, s, layout, rotary_dim, out_dtype, config, kernels, traceable, orders))
     return qo, ko if ko is not None else _empty(q, out_dtype)
 
 
-def _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_strides, k_strides, cache_dir, traceable: bool):
+def _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_order, k_order, cache_dir, traceable: bool):
     c, s = _real_parts(cos, sin, layout)
-    layouts = (q_strides, k_strides if dk is not None else None)
+    orders = (q_order, k_order if dk is not None else None)
     gq, gk = _run(dq, dk, cos, layout, rotary_dim, in_dtype, dq.dtype, cache_dir, lambda config, kernels: rope_bwd(
-        dq, dk, c, s, layout, rotary_dim, in_dtype, config, kernels, traceable, layouts))
+        dq, dk, c, s, layout, rotary_dim, in_dtype, config, kernels, traceable, orders))
     return gq, gk if gk is not None else _empty(dq, in_dtype)
 
 
-def _like(x: torch.Tensor, strides: list[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty_strided(x.shape, strides, dtype=dtype, device=x.device)
+def _like(x: torch.Tensor, order: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return empty_in_order(x.shape, order, dtype, x.device)
 
 
 def _define_ops(suffix: str, inline: bool) -> None:
@@ -138,25 +147,29 @@ def _define_ops(suffix: str, inline: bool) -> None:
     define = torch.library.triton_op if inline else torch.library.custom_op
 
     def forward(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
-                rotary_dim: int, out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir, inline)
+                rotary_dim: int, out_dtype: torch.dtype, keep_q_layout: bool, keep_k_layout: bool,
+                cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, keep_q_layout, keep_k_layout, cache_dir,
+                        inline)
 
     def train(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
-              rotary_dim: int, out_dtype: torch.dtype, cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir, inline)
+              rotary_dim: int, out_dtype: torch.dtype, keep_q_layout: bool, keep_k_layout: bool,
+              cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, keep_q_layout, keep_k_layout, cache_dir,
+                        inline)
 
     def backward(dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
-                 rotary_dim: int, in_dtype: torch.dtype, q_strides: list[int], k_strides: list[int],
+                 rotary_dim: int, in_dtype: torch.dtype, q_order: list[int], k_order: list[int],
                  cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_strides, k_strides, cache_dir, inline)
+        return _backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_order, k_order, cache_dir, inline)
 
-    def fake_forward(q, k, cos, sin, layout, rotary_dim, out_dtype, cache_dir):
-        return (_like(q, output_strides(q), out_dtype),
-                _like(k, output_strides(k), out_dtype) if k is not None else _empty(q, out_dtype))
+    def fake_forward(q, k, cos, sin, layout, rotary_dim, out_dtype, keep_q_layout, keep_k_layout, cache_dir):
+        return (_like(q, output_order(q, keep_q_layout), out_dtype),
+                _like(k, output_order(k, keep_k_layout), out_dtype) if k is not None else _empty(q, out_dtype))
 
-    def fake_backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_strides, k_strides, cache_dir):
-        return (_like(dq, q_strides, in_dtype),
-                _like(dk, k_strides, in_dtype) if dk is not None else _empty(dq, in_dtype))
+    def fake_backward(dq, dk, cos, sin, layout, rotary_dim, in_dtype, q_order, k_order, cache_dir):
+        return (_like(dq, q_order, in_dtype),
+                _like(dk, k_order, in_dtype) if dk is not None else _empty(dq, in_dtype))
 
     define_plain_op(f"autokernel::rope{suffix}", forward, inline=inline, fake=fake_forward)
     backward_op = define_plain_op(f"autokernel::rope_backward{suffix}", backward, inline=inline, fake=fake_backward)
@@ -165,26 +178,26 @@ def _define_ops(suffix: str, inline: bool) -> None:
         train_op.register_fake(fake_forward)
 
     def setup_context(ctx, inputs, output):
-        q, k, cos, sin, layout, rotary_dim, _out_dtype, cache_dir = inputs
+        q, k, cos, sin, layout, rotary_dim, _out_dtype, _keep_q_layout, _keep_k_layout, cache_dir = inputs
         ctx.cs_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         # q and k only for a trained cos/sin: the rotation's own backward never reads them.
         ctx.save_for_backward(cos, sin, *((q, k) if ctx.cs_grad else ()))
         ctx.has_k, ctx.in_dtype = k is not None, q.dtype
         # Each gradient in its input's layout (q as models pass it: a transposed [B, S, H, D] view), so the
         # projection's backward reads it without a copy.
-        ctx.strides = (output_strides(q), output_strides(k) if k is not None else [])
+        ctx.orders = (dim_order(q), dim_order(k) if k is not None else [])
         ctx.layout, ctx.rotary_dim, ctx.cache_dir = layout, rotary_dim, cache_dir
 
     def train_backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors[:2]
         dk_out = dk_out if ctx.has_k else None
-        dq, dk = backward_op(dq_out, dk_out, cos, sin, ctx.layout, ctx.rotary_dim, ctx.in_dtype, *ctx.strides,
+        dq, dk = backward_op(dq_out, dk_out, cos, sin, ctx.layout, ctx.rotary_dim, ctx.in_dtype, *ctx.orders,
                              ctx.cache_dir)
         dcos = dsin = None
         if ctx.cs_grad:
             dcos, dsin = _cos_sin_grads(ctx.saved_tensors[2], ctx.saved_tensors[3], dq_out, dk_out, cos, sin,
                                         ctx.layout, ctx.rotary_dim)
-        return dq, (dk if ctx.has_k else None), dcos, dsin, None, None, None, None
+        return dq, (dk if ctx.has_k else None), dcos, dsin, None, None, None, None, None, None
 
     train_op.register_autograd(train_backward, setup_context=setup_context)
 

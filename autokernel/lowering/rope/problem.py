@@ -37,7 +37,7 @@ from autokernel.lowering.rope.kernels import (
     RopeConfig,
     SourceKernels,
     default_config,
-    output_strides,
+    dim_order,
     rope_apply_all,
     rope_bwd,
     rope_fwd,
@@ -222,9 +222,9 @@ class RopeProblem:
 
     def _bwd(self, case: Case, cfg: RopeConfig, k: SourceKernels | None):
         # The gradients in q's and k's layouts, as the training op writes them.
-        layouts = (output_strides(case.q), output_strides(case.k) if case.k is not None else None)
+        orders = (dim_order(case.q), dim_order(case.k) if case.k is not None else None)
         return rope_bwd(case.dq, case.dk, case.cos, case.sin, self.layout, self.rotary_dim, self.dtype, cfg, k,
-                        out_strides=layouts)
+                        out_orders=orders)
 
     def run(self, config: dict[str, Any], case: Case) -> dict[str, torch.Tensor]:
         cfg, kernels = self._kernels(config)
