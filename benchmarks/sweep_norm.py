@@ -10,12 +10,15 @@ columns). Inductor's compiled pass is timed beside them, and every row shows its
 move, so the default's place in the grid (marked ``*``) says whether the heuristic or the kernel is at fault;
 the default backward's time is also split among its kernels (the profiler). Off CUDA (``--device cpu`` under
 TRITON_INTERPRET=1, a small shape) it only checks that every config runs. ``--json F`` writes the rows;
-``--no-inductor`` skips Inductor's rows (no compile).
+``--no-inductor`` skips Inductor's rows (no compile). LayerNorm's ``--sum-tiles N:P:W,...`` also times the
+default backward with each tile of its partial-gradient reduction (N columns a program, P partial rows a
+step, W warps), whole and the reduction kernel alone (default: the tuner's tiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from autokernel.lowering.layer_norm.kernels import LayerNormConfig, layer_norm_bwd, layer_norm_fwd
 from autokernel.lowering.layer_norm.kernels import default_config as layer_norm_default
+from autokernel.lowering.layer_norm.problem import SUM_TILES
 from autokernel.lowering.rms_norm.kernels import RmsNormConfig, rms_norm_bwd, rms_norm_fwd
 from autokernel.lowering.rms_norm.kernels import default_config as rms_norm_default
 from autokernel.playbook.timing import gpu_or_host_ms
@@ -121,7 +125,7 @@ def _bwd_kernel_knobs(pattern: str, spec: str) -> dict[str, int]:
 def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: torch.device,
           warps: tuple[int, ...] = WARPS, per_sm_grid: tuple[int, ...] = PROGRAMS_PER_SM,
           rpp_grid: tuple[int, ...] = ROWS_PER_PROGRAM, bwd_kernels: list[str] | None = None,
-          with_inductor: bool = True) -> list[dict]:
+          with_inductor: bool = True, sum_tiles: tuple[tuple[int, int, int], ...] = ()) -> list[dict]:
     x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = (1 + 0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
     b = (0.1 * torch.randn(hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
@@ -149,6 +153,15 @@ def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: to
                     ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
                     mine = is_default(cfg, ("bwd_num_warps", "bwd_programs_per_sm", "block_n", "bwd_split_n"))
                     add("bwd", f"{spec} warps {w_:2d} x {per_sm:2d}/SM", ms, clock, 3 * size, mine)
+        for n, p_, w_ in sum_tiles:
+            cfg = dataclasses.replace(default, sum_block_n=n, sum_block_p=p_, sum_num_warps=w_)
+            name = f"default, sum tile {n}x{p_} warps {w_}"
+            ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
+            mine = (n, p_, w_) == (default.sum_block_n, default.sum_block_p, default.sum_num_warps)
+            add("bwd", name, ms, clock, 3 * size, mine)
+            alone = kernel_split(lambda cfg=cfg: bwd(cfg, dy), dev).get("_layer_norm_sum_partials_kernel")
+            if alone is not None:  # on CUDA only
+                add("bwd sum", name, alone, "gpu", 0, mine)
         split = kernel_split(lambda: bwd(default, dy), dev)
         rows_out += [{"pass": "bwd kernels", "config": name, "ms": ms, "clock": "gpu", "default": True,
                       "gbps": float("nan")} for name, ms in sorted(split.items(), key=lambda kv: -kv[1])]
@@ -189,6 +202,8 @@ def main() -> None:
     p.add_argument("--rows-per-program", default=",".join(map(str, ROWS_PER_PROGRAM)), help="forward")
     p.add_argument("--bwd-kernels", help="comma list of single, chunk:N, split:N (default: by the width)")
     p.add_argument("--no-inductor", action="store_true", help="skip Inductor's rows (no compile)")
+    p.add_argument("--sum-tiles", help="layer_norm: comma list of N:P:W reduction tiles (default: the tuner's, "
+                   "and the default tile)")
     a = p.parse_args()
     rows, hidden = map(int, a.shape.split("x"))
     passes = ("fwd", "bwd") if a.passes == "both" else (a.passes,)
@@ -198,11 +213,21 @@ def main() -> None:
     bwd_kernels = a.bwd_kernels.split(",") if a.bwd_kernels else None
     for spec in bwd_kernels or []:
         _bwd_kernel_knobs(a.pattern, spec)  # a bad spec fails here, before any timing
+    tiles: tuple[tuple[int, int, int], ...] = ()
+    if a.pattern == "layer_norm" and "bwd" in passes:
+        default_tile = LayerNormConfig()
+        try:  # a bad tile fails here, before any timing
+            tiles = tuple(tuple(int(v) for v in t.split(":")) for t in a.sum_tiles.split(",")) if a.sum_tiles \
+                else ((default_tile.sum_block_n, default_tile.sum_block_p, default_tile.sum_num_warps), *SUM_TILES)
+            for n, p_, w_ in tiles:
+                LayerNormConfig(sum_block_n=n, sum_block_p=p_, sum_num_warps=w_)
+        except ValueError as e:
+            p.error(f"--sum-tiles must be a comma list of N:P:W (powers of two, N * P <= 16384, valid warps): {e}")
     results = sweep(a.pattern, rows, hidden, passes, torch.device(a.device), ints(a.warps), ints(a.per_sm),
-                    ints(a.rows_per_program), bwd_kernels, not a.no_inductor)
+                    ints(a.rows_per_program), bwd_kernels, not a.no_inductor, tiles)
     print(f"{a.pattern} {rows}x{hidden} bf16; GB/s over the bytes that must move (fwd: x read, y written; "
           "bwd: x, dy read, dx written); * = the default config")
-    for pass_name in (*passes, "bwd kernels"):
+    for pass_name in (*passes, "bwd kernels", "bwd sum"):
         for r in sorted((r for r in results if r["pass"] == pass_name), key=lambda r: r["ms"]):
             mark = "*" if r["default"] else " "
             print(f"{pass_name} {mark} {r['config']:40s} {r['ms']:.4f} ms ({r['clock']})  {r['gbps']:6.0f} GB/s")

@@ -102,3 +102,22 @@ def test_both_leaves_the_agent_its_share_of_the_budget(tmp_path, server, monkeyp
     assert [r["phase"] for r in searched] == ["fwd", "bwd"], rows
     assert [r["status"] for r in rows if r["phase"] == "agent" and r["n"]] == ["failed", "crashed", "ok", "ok"]
     assert result.status == "written"
+
+
+@pytest.mark.parametrize(("pattern", "flags", "shape"), [
+    ("rms_norm", {"mode": "llama"}, [8, 48]),
+    ("layer_norm", {}, [8, 48]),
+    ("softmax", {}, [8, 48]),
+    ("swiglu", {}, [8, 48]),
+    ("cross_entropy", {}, [8, 48]),
+    ("linear_cross_entropy", {}, [8, 16, 40]),
+    ("rope", {"layout": "half", "kv_heads": 2}, [2, 4, 8, 16]),
+])
+def test_agent_is_told_every_config_key(pattern, flags, shape):
+    """The brief's ``config_keys`` are the default config's keys, all of them: RMSNorm's once left out its
+    chunk and split widths, LayerNorm's its forward chunk, so the agent could not ask for them."""
+    from autokernel.lowering import families
+
+    problem = families()[pattern].problem(flags, "bf16", shape, "cpu")
+    listed = problem.agent_brief()["config_keys"].split(", ")
+    assert sorted(listed) == sorted(problem.default_candidate()), listed

@@ -70,6 +70,8 @@ def test_kernels_real_sizes(rows, hidden, dtype, mode):
     LayerNormConfig(fwd_num_warps=16, bwd_num_warps=16, bwd_programs_per_sm=1),
     LayerNormConfig(block_n=1024, fwd_rows_per_program=2, num_stages=2),
     LayerNormConfig(block_n=1024, fwd_block_n=2048),
+    LayerNormConfig(sum_block_n=16, sum_block_p=512, sum_num_warps=8),
+    LayerNormConfig(bwd_programs_per_sm=4, sum_block_n=64, sum_block_p=64, sum_num_warps=4),
 ])
 def test_kernel_configs(config):
     _check(1000, 3000, torch.bfloat16, "fp32", config)

@@ -27,6 +27,7 @@ from autokernel.lowering.layer_norm.kernels import (
     layer_norm_reference,
 )
 from autokernel.lowering.layer_norm.ops import pattern_key
+from autokernel.lowering.layer_norm.problem import SUM_TILES, LayerNormProblem
 from autokernel.playbook.tolerances import assert_close
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -439,6 +440,30 @@ def test_without_weight_or_bias(weight, bias, config):
     _check_kernels((9, 37), 1, torch.bfloat16, "rounded", weight, bias, config)
 
 
+@pytest.mark.parametrize("tile", [*SUM_TILES, (8, 8, 1)], ids=str)
+def test_partial_sum_tiles(tile):
+    """Each tile of the partial-gradient reduction the tuner tries, and one over several steps: 12 partial rows
+    (4 SMs x 3 programs on the CPU), 8 a step, the last step half masked; 37 columns, the last block ragged."""
+    n, p, w = tile
+    cfg = LayerNormConfig(bwd_programs_per_sm=3, sum_block_n=n, sum_block_p=p, sum_num_warps=w)
+    _check_kernels((29, 37), 1, torch.bfloat16, config=cfg)
+    _check_kernels((29, 37), 1, torch.float32, "rounded", bias=False, config=cfg)
+
+
+def test_sum_tiles_lead_the_backward_phase():
+    """A short budget runs the first few backward candidates: the reduction's tiles come right after the default
+    (which the tuner puts first), each on the default backward."""
+    problem = LayerNormProblem({}, "bf16", [8192, 4096], "cpu")
+    base = problem.default_candidate()
+    bwd = [c for phase, c in problem.candidates() if phase == "bwd"]
+    tiles = [(c["sum_block_n"], c["sum_block_p"], c["sum_num_warps"]) for c in bwd[:len(SUM_TILES)]]
+    assert tiles == list(SUM_TILES)
+    knobs = ("sum_block_n", "sum_block_p", "sum_num_warps")
+    assert all({k: v for k, v in c.items() if k not in knobs} == {k: v for k, v in base.items() if k not in knobs}
+               for c in bwd[:len(SUM_TILES)])
+    assert all((c["sum_block_n"], c["sum_block_p"], c["sum_num_warps"]) == (32, 64, 4) for c in bwd[len(SUM_TILES):])
+
+
 @pytest.mark.parametrize(("shape", "norm_ndim"), [((1, 48), 1), ((1, 1), 1), ((2, 3, 4, 5), 2), ((6, 7), 2),
                                                    ((5, 3000), 1)])
 def test_awkward_shapes(shape, norm_ndim):
@@ -496,6 +521,14 @@ def test_bad_arguments():
         LayerNormConfig(block_n=48)
     with pytest.raises(ValueError, match="fwd_block_n must be 0 or a power of two"):
         LayerNormConfig(fwd_block_n=96)
+    with pytest.raises(ValueError, match="sum_block_n must be 0 or a power of two"):
+        LayerNormConfig(sum_block_n=24)
+    with pytest.raises(ValueError, match="sum_block_p must be > 0"):
+        LayerNormConfig(sum_block_p=0)
+    with pytest.raises(ValueError, match=r"sum_block_n \* sum_block_p must be <= 16384"):
+        LayerNormConfig(sum_block_n=64, sum_block_p=512)
+    with pytest.raises(ValueError, match="sum_num_warps must be one of"):
+        LayerNormConfig(sum_num_warps=3)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['warps'\]"):
         LayerNormConfig.from_dict({"warps": 4})
     assert LayerNormConfig.from_dict(CHUNKED.to_dict()) == CHUNKED

@@ -55,6 +55,11 @@ class KernelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def keys_text(cls) -> str:
+        """The config's keys, comma-separated (what the tuning agent is told it may set)."""
+        return ", ".join(f.name for f in fields(cls))
+
     def fit_chunks(self: _Config, hidden: int, names: tuple[str, ...], default_chunk: int,
                    max_block: int) -> _Config:
         """This config with each chunk-width field in ``names`` (0: the whole row in one block, a power of two:

@@ -125,8 +125,10 @@ RULES: dict[str, Rule] = {rule.key: rule for rule in (
     Rule("partial-weight-grads", "Per-program partial sums for weight gradients",
          "dW (and dB) sum over every row: each program of the persistent backward accumulates its rows into "
          "one float32 partial row ([P, H]), then a small reduction sums the P partials. Deterministic, no "
-         "atomics.",
-         knobs=("bwd_programs_per_sm",), origin="Liger-Kernel rms_norm.py (per-SM partial dW)",
+         "atomics. LayerNorm's reduction is a kernel of its own with its own tile (columns a program, partial "
+         "rows a step, warps); RMSNorm's is a sum that Inductor compiles.",
+         knobs=("bwd_programs_per_sm", "sum_block_n", "sum_block_p", "sum_num_warps"),
+         origin="Liger-Kernel rms_norm.py (per-SM partial dW)",
          observed=(Observation("layer_norm 8192x4096: the two partial buffers (2 x SMs x H float32) cost about "
                                "6 us of a 0.136 ms fwd+bwd", H200, NOTES_MD),)),
     Rule("hopper-launch", "Launch knobs on Hopper",

@@ -242,7 +242,6 @@ class CrossEntropyProblem(RowProblem):
                        f"label_smoothing={self.label_smoothing:g}, logits {dtype_name(self.dtype)}, "
                        f"loss {dtype_name(self.out_dtype)}",
             "contract": (f"Define {FWD_KERNEL} and {BWD_KERNEL}. " + (kernels.SourceKernels.__doc__ or "")).strip(),
-            "config_keys": "fwd_num_warps, fwd_block_n, train_num_warps, train_block_n, bwd_num_warps, bwd_block_n, "
-                           "num_stages",
+            "config_keys": CrossEntropyConfig.keys_text(),
             "builtin_source": inspect.getsource(kernels),
         }

@@ -50,9 +50,9 @@ _DEFAULT_CHUNK = 4096
 # The single-pass backward prefetches the next row's x and dy only up to this width: the prefetch doubles
 # the registers a row takes (the same limit as RMSNorm's, measured there on H100/H200).
 _PREFETCH_MAX_BLOCK = 8192
-# Tile of the partial-gradient reduction: 32 columns (128-byte row segments) a program, so H = 4096 gives
-# 128 programs, about one per SM; 64 partial rows a step.
-_SUM_BLOCK_P, _SUM_BLOCK_N = 64, 32
+# Largest tile (columns x partial rows) of the partial-gradient reduction: its two float32 accumulators take
+# 2 * tile / (32 * warps) registers a thread, 64 at 16384 with 16 warps... 256 with 4.
+MAX_SUM_TILE = 16384
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -373,6 +373,12 @@ class LayerNormConfig(KernelConfig):
     backward that must chunk a wide row does not make the forward read it twice: RMSNorm's forward at
     2048x32768 took 0.134 ms chunked, 0.098 whole, on an H100). ``num_stages`` is the software-pipelining depth
     handed to the compiler (it matters for the chunked kernels' loops).
+
+    The partial-gradient reduction after the backward sums the ``[P, H]`` float32 partials (P = programs of the
+    backward) over P: ``sum_block_n`` columns a program (``H / sum_block_n`` programs), ``sum_block_p`` partial
+    rows a step, ``sum_num_warps`` warps. The default, 32 columns (128-byte row segments) and 64 rows a step,
+    gives 128 programs at H = 4096; it took 6.5 us of LayerNorm 8192x4096's backward on an H100 (session 14's
+    profile), the other tiles are the tuner's to try.
     """
 
     fwd_num_warps: int = 8
@@ -382,11 +388,19 @@ class LayerNormConfig(KernelConfig):
     block_n: int = 0
     num_stages: int = 1
     fwd_block_n: int = 0
+    sum_block_n: int = 32
+    sum_block_p: int = 64
+    sum_num_warps: int = 4
 
     def __post_init__(self) -> None:
-        self._check_common(warps=("fwd_num_warps", "bwd_num_warps"),
-                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages"),
-                           chunks=("block_n", "fwd_block_n"), max_chunk=MAX_SINGLE_PASS_BLOCK)
+        self._check_common(warps=("fwd_num_warps", "bwd_num_warps", "sum_num_warps"),
+                           positive=("fwd_rows_per_program", "bwd_programs_per_sm", "num_stages", "sum_block_n",
+                                     "sum_block_p"),
+                           chunks=("block_n", "fwd_block_n", "sum_block_n", "sum_block_p"),
+                           max_chunk=MAX_SINGLE_PASS_BLOCK)
+        if self.sum_block_n * self.sum_block_p > MAX_SUM_TILE:
+            raise ValueError(f"LayerNormConfig: sum_block_n * sum_block_p must be <= {MAX_SUM_TILE} (registers), "
+                             f"got {self.sum_block_n} * {self.sum_block_p}")
 
     @property
     def chunked(self) -> bool:
@@ -584,7 +598,7 @@ def layer_norm_bwd(
     if dw is not None or db is not None:
         # One launch reduces both partials and casts them to the parameters' dtypes.
         reduce = wrap_triton(_layer_norm_sum_partials_kernel) if traceable else _layer_norm_sum_partials_kernel
-        reduce[(triton.cdiv(hidden, _SUM_BLOCK_N),)](
+        reduce[(triton.cdiv(hidden, cfg.sum_block_n),)](
             dw_partial,
             db_partial,
             dw if dw is not None else dx,  # dummy pointers, never written without the weight or the bias
@@ -593,9 +607,9 @@ def layer_norm_bwd(
             hidden,
             HAS_WEIGHT=dw is not None,
             HAS_BIAS=db is not None,
-            BLOCK_P=_SUM_BLOCK_P,
-            BLOCK_N=_SUM_BLOCK_N,
-            num_warps=4,
+            BLOCK_P=cfg.sum_block_p,
+            BLOCK_N=cfg.sum_block_n,
+            num_warps=cfg.sum_num_warps,
         )
     return dx.view(x.shape), dw, db
 

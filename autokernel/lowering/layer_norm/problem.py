@@ -10,7 +10,8 @@ rstd); warps per row (loads in flight per SM) and rows per program (amortizing t
 on narrow rows) move its time. The backward reads ``x`` and ``dy`` and writes ``dx``; its knobs are warps
 per row and programs per SM of the persistent grid (more programs hide latency; fewer shrink the
 ``[P, H]`` partial dW and dB buffers and their reduction). Rows of 16K and wider get chunked candidates,
-which keep a chunk rather than the row in registers.
+which keep a chunk rather than the row in registers. The reduction of the partials has its own tile (columns
+a program, partial rows a step, warps): a few tiles are tried on the default backward, first in its phase.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.row_problem import RowProblem, norm_candidates, problem_dtype
 
 EPS = 1e-5
+# (columns a program, partial rows a step, warps) of the partial-gradient reduction worth a try.
+SUM_TILES = ((16, 512, 8), (16, 128, 4), (32, 128, 8), (64, 64, 4))
 
 
 @dataclass
@@ -81,7 +84,16 @@ class LayerNormProblem(RowProblem):
         return default_config(self.hidden, self.rows, self.dtype).to_dict()
 
     def candidates(self) -> list[tuple[str, dict[str, Any]]]:
-        return norm_candidates(self.default_candidate(), self.hidden)
+        base = self.default_candidate()
+        out = norm_candidates(base, self.hidden)
+        # The reduction's tiles, on the default backward: ahead of the rest of the backward phase, since a short
+        # budget reaches only its first few candidates. (16, 512, 8) sums up to 512 partials (2 programs per
+        # SM x 132 SMs = 264 at H = 4096) in one step, all loads in flight, on 256 programs.
+        first_bwd = next(i for i, (phase, _) in enumerate(out) if phase == "bwd")
+        tiles = [("bwd", {**base, "sum_block_n": n, "sum_block_p": p, "sum_num_warps": w})
+                 for n, p, w in SUM_TILES if (n, p, w) != (base["sum_block_n"], base["sum_block_p"],
+                                                          base["sum_num_warps"])]
+        return out[:first_bwd] + tiles + out[first_bwd:]
 
     # ---- inputs and references ---------------------------------------------------------------
     def case(self, rows: int, hidden: int, *, scale: float = 1.0, zero_row: bool = False,
@@ -210,7 +222,6 @@ class LayerNormProblem(RowProblem):
                        f"out {self.flags['out']}",
             "contract": "This family serves configurations of its built-in kernels only (no source entries): "
                         "submit a config; a submission with source is rejected.",
-            "config_keys": "fwd_num_warps, fwd_rows_per_program, bwd_num_warps, bwd_programs_per_sm, block_n, "
-                           "num_stages",
+            "config_keys": LayerNormConfig.keys_text(),
             "builtin_source": inspect.getsource(kernels),
         }

@@ -339,6 +339,6 @@ class LinearCrossEntropyProblem(RowProblem):
             "contract": (f"Define {FWD_KERNEL} and {BWD_KERNEL} (only the first runs here, on each chunk, with DX "
                          "the chunk's logits themselves: read a row whole before writing its gradient). "
                          + (SourceKernels.__doc__ or "")).strip(),
-            "config_keys": ", ".join(f.name for f in LinearCrossEntropyConfig.__dataclass_fields__.values()),
+            "config_keys": LinearCrossEntropyConfig.keys_text(),
             "builtin_source": inspect.getsource(ce_kernels),
         }

@@ -246,7 +246,7 @@ class RmsNormProblem(RowProblem):
                        + (", add + RMSNorm: normalizes h = x + residual and stores h (HAS_RESIDUAL); the "
                           "backward adds dh (HAS_DH)" if self.residual else ""),
             "contract": (f"Define {FWD_KERNEL} and {BWD_KERNEL}. " + (kernels.SourceKernels.__doc__ or "")).strip(),
-            "config_keys": "fwd_num_warps, fwd_rows_per_program, bwd_num_warps, bwd_programs_per_sm, num_stages",
+            "config_keys": RmsNormConfig.keys_text(),
             "builtin_source": inspect.getsource(kernels),
         }
 

@@ -315,6 +315,6 @@ class RopeProblem:
                        f"{dtype_name(self.dtype)} in, cos/sin {dtype_name(self.cs_dtype)}, "
                        f"{dtype_name(self.out_dtype)} out",
             "contract": (f"Define {KERNEL}. " + (kernels.SourceKernels.__doc__ or "")).strip(),
-            "config_keys": "fwd_block_h, fwd_num_warps, bwd_block_h, bwd_num_warps",
+            "config_keys": RopeConfig.keys_text(),
             "builtin_source": inspect.getsource(kernels),
         }

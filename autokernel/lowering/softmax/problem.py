@@ -203,7 +203,6 @@ class SoftmaxProblem(RowProblem):
             "semantics": (kernels.__doc__ or "").strip(),
             "variant": f"op={OPS[self.log]}, x {dtype_name(self.dtype)}, out {self.flags['out']}",
             "contract": (f"Define {FWD_KERNEL} and {BWD_KERNEL}. " + (kernels.SourceKernels.__doc__ or "")).strip(),
-            "config_keys": ("fwd_num_warps, fwd_rows_per_program, fwd_block_n, bwd_num_warps, bwd_rows_per_program, "
-                            "bwd_block_n, num_stages"),
+            "config_keys": SoftmaxConfig.keys_text(),
             "builtin_source": inspect.getsource(kernels),
         }

@@ -220,6 +220,6 @@ class SwigluProblem(RowProblem):
             "variant": f"act={self.act} (ACT={kernels.ACTS.index(self.act)}), layout={self.layout}, "
                        f"{dtype_name(self.dtype)}",
             "contract": (f"Define {FWD_KERNEL} and {BWD_KERNEL}. " + (kernels.SourceKernels.__doc__ or "")).strip(),
-            "config_keys": "fwd_block, fwd_num_warps, bwd_block, bwd_num_warps",
+            "config_keys": SwigluConfig.keys_text(),
             "builtin_source": inspect.getsource(kernels),
         }
