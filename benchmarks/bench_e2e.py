@@ -168,8 +168,29 @@ def kernel_category(name: str) -> str:
 
 
 def kernel_profile(step: Any, device: torch.device) -> dict[str, Any]:
-    """:func:`span_summary` of one ``step`` under ``torch.profiler``."""
-    return span_summary(gpu_spans(step, device))
+    """:func:`span_summary` of one ``step`` under ``torch.profiler``, and the GPU's waits before the step's first
+    kernel and after its last (:func:`edge_waits`): a one-element add on either side brackets the step on the GPU's
+    clock. The first runs at once (the GPU is idle), the second once the host has returned from the step and the
+    GPU has run the step's kernels, which is where the timed steps record their CUDA events."""
+    marker = torch.zeros(1, device=device)
+
+    def bracketed() -> None:
+        marker.add_(1)
+        step()
+        marker.add_(1)
+
+    spans = sorted(gpu_spans(bracketed, device))
+    return {**span_summary(spans[1:-1]), **edge_waits(spans)}
+
+
+def edge_waits(spans: Sequence[tuple[float, float, str]]) -> dict[str, float]:
+    """From a step's GPU spans sorted by start, bracketed by a marker kernel on either side (:func:`kernel_profile`):
+    how long the GPU waited for the host before the step's first kernel and after its last, in ms."""
+    if len(spans) < 3:
+        raise ValueError(f"edge_waits: expected a marker, the step's kernels and a marker, got {len(spans)} spans")
+    last_end = max(end for _, end, _ in spans[1:-1])
+    return {"wait_before_first_kernel_ms": round(spans[1][0] - spans[0][1], 3),
+            "wait_after_last_kernel_ms": round(spans[-1][0] - last_end, 3)}
 
 
 def span_summary(spans: Sequence[tuple[float, float, str]]) -> dict[str, Any]:
@@ -321,8 +342,10 @@ def render_md(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                   "kernels' sum is time the GPU waited.", ""]
         for r in profiled:
             cats = ", ".join(f"{k} {v:.2f}" for k, v in r["kernels"]["by_category"].items())
-            idle = r["kernels"].get("idle_between_kernels_ms")
-            between = f"; idle between kernels {idle:.2f}" if idle is not None else ""
+            waits = [(what, r["kernels"].get(key)) for what, key in (
+                ("idle between kernels", "idle_between_kernels_ms"),
+                ("before the first", "wait_before_first_kernel_ms"), ("after the last", "wait_after_last_kernel_ms"))]
+            between = "".join(f"; {what} {ms:.2f}" for what, ms in waits if ms is not None)
             lines.append(f"- {r['impl']}: kernels {r['kernels']['total_ms']:.2f} of {r['ms']:.2f}: {cats}{between}")
         for r in profiled:
             if r["kernels"].get("gaps"):

@@ -281,7 +281,17 @@ def test_bench_e2e_profile_finds_where_the_gpu_waited() -> None:
                        "gaps": [[1.0, "e", "f"]]}}
     md = bench_e2e.render_md({"case": "c", "device": "d", "torch": "t", "triton": "t", "date": "d", "command": "c"},
                              [row])
-    assert "- autokernel: kernels 5.00 of 7.00: matmul 5.00; idle between kernels 1.51" in md
+    assert "- autokernel: kernels 5.00 of 7.00: matmul 5.00; idle between kernels 1.51\n" in md
+    # The markers either side of the step: the GPU waited 0.4 ms for its first kernel and 0.25 after its last
+    # (the kernel on a second stream that ends last, not the last to start, closes the step).
+    bracketed = [(0.0, 0.1, "marker"), (0.5, 1.0, "a"), (0.9, 2.0, "b"), (1.5, 1.75, "c"), (2.25, 2.3, "marker")]
+    assert bench_e2e.edge_waits(bracketed) == {"wait_before_first_kernel_ms": 0.4, "wait_after_last_kernel_ms": 0.25}
+    with pytest.raises(ValueError, match="got 2 spans"):
+        bench_e2e.edge_waits(bracketed[:2])
+    row["kernels"].update(wait_before_first_kernel_ms=0.4, wait_after_last_kernel_ms=0.25)
+    md = bench_e2e.render_md({"case": "c", "device": "d", "torch": "t", "triton": "t", "date": "d", "command": "c"},
+                             [row])
+    assert "idle between kernels 1.51; before the first 0.40; after the last 0.25" in md
     assert "| 1.000 | `e` | `f` |" in md
 
 
