@@ -48,14 +48,16 @@ def test_rewritten_causal_sdpa_against_is_causal_and_float64(tmp_path, fn, dtype
     eager = [t.clone().requires_grad_(True) for t in (q, k, v)]
     eager_out = F.scaled_dot_product_attention(*eager, is_causal=True, **IS_CAUSAL_KWARGS[fn])
     eager_out.backward(dy)
-    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    full = dtype == torch.float32  # the half dtypes' gradients answer to is_causal's kernel, not to float64
+    ref = [t.detach().double().requires_grad_(full) for t in (q, k, v)]
     expected = fn(*ref)
-    expected.backward(dy.double())
+    if full:
+        expected.backward(dy.double())
     assert_close(out, expected, dtype, "out")
     assert_close(out, eager_out, dtype, "out vs is_causal")
     for name, a, b, c in zip("qkv", leaves, eager, ref, strict=True):
         assert_close(a.grad, b.grad, dtype, f"d{name} vs is_causal")
-        if dtype == torch.float32:
+        if full:
             assert_close(a.grad, c.grad, dtype, f"d{name}")
 
 
