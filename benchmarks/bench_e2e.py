@@ -463,9 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                "pass": "fwd+bwd", **row}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    (out / "llama-step.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    md = render_md(meta, rows)
-    (out / "llama-step.md").write_text(md)
+        # Written after every impl: a run killed at its time limit (a max-autotune compile) keeps the rows before.
+        (out / "llama-step.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        md = render_md(meta, rows)
+        (out / "llama-step.md").write_text(md)
     print(md)
     return 0
 
