@@ -157,7 +157,7 @@ def sweep(pattern: str, rows: int, hidden: int, passes: tuple[str, ...], dev: to
             cfg = dataclasses.replace(default, sum_block_n=n, sum_block_p=p_, sum_num_warps=w_)
             name = f"default, sum tile {n}x{p_} warps {w_}"
             ms, clock = _time(lambda cfg=cfg: bwd(cfg, dy), dev)
-            mine = (n, p_, w_) == (default.sum_block_n, default.sum_block_p, default.sum_num_warps)
+            mine = (n, p_, w_) == default.sum_tile
             add("bwd", name, ms, clock, 3 * size, mine)
             alone = kernel_split(lambda cfg=cfg: bwd(cfg, dy), dev).get("_layer_norm_sum_partials_kernel")
             if alone is not None:  # on CUDA only
@@ -215,10 +215,9 @@ def main() -> None:
         _bwd_kernel_knobs(a.pattern, spec)  # a bad spec fails here, before any timing
     tiles: tuple[tuple[int, int, int], ...] = ()
     if a.pattern == "layer_norm" and "bwd" in passes:
-        default_tile = LayerNormConfig()
         try:  # a bad tile fails here, before any timing
             tiles = tuple(tuple(int(v) for v in t.split(":")) for t in a.sum_tiles.split(",")) if a.sum_tiles \
-                else ((default_tile.sum_block_n, default_tile.sum_block_p, default_tile.sum_num_warps), *SUM_TILES)
+                else (LayerNormConfig().sum_tile, *SUM_TILES)
             for n, p_, w_ in tiles:
                 LayerNormConfig(sum_block_n=n, sum_block_p=p_, sum_num_warps=w_)
         except ValueError as e:

@@ -456,12 +456,12 @@ def test_sum_tiles_lead_the_backward_phase():
     problem = LayerNormProblem({}, "bf16", [8192, 4096], "cpu")
     base = problem.default_candidate()
     bwd = [c for phase, c in problem.candidates() if phase == "bwd"]
-    tiles = [(c["sum_block_n"], c["sum_block_p"], c["sum_num_warps"]) for c in bwd[:len(SUM_TILES)]]
+    tiles = [LayerNormConfig.from_dict(c).sum_tile for c in bwd[:len(SUM_TILES)]]
     assert tiles == list(SUM_TILES)
     knobs = ("sum_block_n", "sum_block_p", "sum_num_warps")
     assert all({k: v for k, v in c.items() if k not in knobs} == {k: v for k, v in base.items() if k not in knobs}
                for c in bwd[:len(SUM_TILES)])
-    assert all((c["sum_block_n"], c["sum_block_p"], c["sum_num_warps"]) == (32, 64, 4) for c in bwd[len(SUM_TILES):])
+    assert all(LayerNormConfig.from_dict(c).sum_tile == (32, 64, 4) for c in bwd[len(SUM_TILES):])
 
 
 @pytest.mark.parametrize(("shape", "norm_ndim"), [((1, 48), 1), ((1, 1), 1), ((2, 3, 4, 5), 2), ((6, 7), 2),

@@ -403,6 +403,11 @@ class LayerNormConfig(KernelConfig):
                              f"got {self.sum_block_n} * {self.sum_block_p}")
 
     @property
+    def sum_tile(self) -> tuple[int, int, int]:
+        """The partial-gradient reduction's ``(sum_block_n, sum_block_p, sum_num_warps)``."""
+        return self.sum_block_n, self.sum_block_p, self.sum_num_warps
+
+    @property
     def chunked(self) -> bool:
         """The backward walks each row in chunks."""
         return self.block_n != 0

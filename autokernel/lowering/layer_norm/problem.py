@@ -84,15 +84,15 @@ class LayerNormProblem(RowProblem):
         return default_config(self.hidden, self.rows, self.dtype).to_dict()
 
     def candidates(self) -> list[tuple[str, dict[str, Any]]]:
-        base = self.default_candidate()
+        default = default_config(self.hidden, self.rows, self.dtype)
+        base = default.to_dict()
         out = norm_candidates(base, self.hidden)
         # The reduction's tiles, on the default backward: ahead of the rest of the backward phase, since a short
         # budget reaches only its first few candidates. (16, 512, 8) sums up to 512 partials (2 programs per
         # SM x 132 SMs = 264 at H = 4096) in one step, all loads in flight, on 256 programs.
         first_bwd = next(i for i, (phase, _) in enumerate(out) if phase == "bwd")
         tiles = [("bwd", {**base, "sum_block_n": n, "sum_block_p": p, "sum_num_warps": w})
-                 for n, p, w in SUM_TILES if (n, p, w) != (base["sum_block_n"], base["sum_block_p"],
-                                                          base["sum_num_warps"])]
+                 for n, p, w in SUM_TILES if (n, p, w) != default.sum_tile]
         return out[:first_bwd] + tiles + out[first_bwd:]
 
     # ---- inputs and references ---------------------------------------------------------------
