@@ -146,15 +146,11 @@ def _define_ops(suffix: str, inline: bool) -> None:
     (``triton_op``, traced through, so Inductor launches our kernel from its own code; static shapes)."""
     define = torch.library.triton_op if inline else torch.library.custom_op
 
-    def forward(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
-                rotary_dim: int, out_dtype: torch.dtype, keep_q_layout: bool, keep_k_layout: bool,
-                cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, keep_q_layout, keep_k_layout, cache_dir,
-                        inline)
-
-    def train(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
-              rotary_dim: int, out_dtype: torch.dtype, keep_q_layout: bool, keep_k_layout: bool,
-              cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # One body for the forward-only op and the differentiable one: they differ in their registration (the
+    # train op carries the autograd formula), not in what they compute.
+    def rotate_q_k(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, layout: str,
+                   rotary_dim: int, out_dtype: torch.dtype, keep_q_layout: bool, keep_k_layout: bool,
+                   cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
         return _forward(q, k, cos, sin, layout, rotary_dim, out_dtype, keep_q_layout, keep_k_layout, cache_dir,
                         inline)
 
@@ -171,9 +167,9 @@ def _define_ops(suffix: str, inline: bool) -> None:
         return (_like(dq, q_order, in_dtype),
                 _like(dk, k_order, in_dtype) if dk is not None else _empty(dq, in_dtype))
 
-    define_plain_op(f"autokernel::rope{suffix}", forward, inline=inline, fake=fake_forward)
+    define_plain_op(f"autokernel::rope{suffix}", rotate_q_k, inline=inline, fake=fake_forward)
     backward_op = define_plain_op(f"autokernel::rope_backward{suffix}", backward, inline=inline, fake=fake_backward)
-    train_op = define(f"autokernel::rope_train{suffix}", train, mutates_args=())
+    train_op = define(f"autokernel::rope_train{suffix}", rotate_q_k, mutates_args=())
     if not inline:  # a triton_op derives its fake from its body
         train_op.register_fake(fake_forward)
 
