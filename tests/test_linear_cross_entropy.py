@@ -435,6 +435,9 @@ def test_candidate_chunks_stay_in_the_memory_budget():
 
     for hidden, most in ((2048, 3584), (4096, 1408)):
         problem = LinearCrossEntropyProblem({"vocab": 128256}, "bf16", [8192, hidden], "cpu")
+        order = [c["train_chunk_rows"] for phase, c in problem.candidates()
+                 if phase == "bwd" and c["train_chunk_rows"] != problem.default_candidate()["train_chunk_rows"]]
+        assert order == sorted(order, reverse=True) and order[0] == most, order  # the largest timed first
         chunks = {c["train_chunk_rows"] for phase, c in problem.candidates() if phase == "bwd"}
         assert max(chunks) == most, chunks
         grads = (128256 + 8192) * hidden * 2

@@ -94,3 +94,16 @@ def test_rank_asks_one_child_for_every_request_and_the_bandwidth_once(monkeypatc
     assert [r.request.shape[-1] for r in ranked] == [40, 48, 32]  # by gain: count x (now - floor)
     assert len({pid for pid, _, _ in seen}) == 1 and [h for _, h, _ in seen] == [32, 40, 48]
     assert len(bandwidth_calls) == 1 and all(rates == seen[0][2] for _, _, rates in seen)
+
+
+@pytest.mark.parametrize("one_run_ms", [0.005, 0.3, 9.0, 41.7, 600.0])
+def test_the_timed_runs_are_never_fewer_than_the_minimum(one_run_ms):
+    """do_bench repeats rep / estimate times: the rep given it holds at least MIN_TIMED_RUNS runs of the measured
+    length even where the estimate comes out 10% longer, and a short op keeps the default 100 ms."""
+    from autokernel.playbook.timing import MIN_TIMED_RUNS, rep_ms_for
+
+    rep = rep_ms_for(one_run_ms, 100)
+    assert rep >= 100
+    assert int(rep / (one_run_ms * 1.1)) >= MIN_TIMED_RUNS
+    if one_run_ms * MIN_TIMED_RUNS < 90:
+        assert rep == 100

@@ -8,12 +8,31 @@ from collections.abc import Callable
 
 import torch
 
+MIN_TIMED_RUNS = 10  # the fewest runs a median is taken over, however long one run takes
+
+
+def rep_ms_for(one_run_ms: float, rep_ms: float) -> float:
+    """The time ``do_bench`` is given for its timed runs: ``rep_ms``, or more where one run is so long that
+    ``rep_ms`` would hold fewer than :data:`MIN_TIMED_RUNS` (``do_bench`` repeats ``rep / estimate`` times:
+    linear + cross-entropy at 8192x4096->128256, ~40 ms a run, got 2 runs of 100 ms, and one config timed
+    twice in one tuning run gave 44.30 and 41.67 ms)."""
+    return max(float(rep_ms), MIN_TIMED_RUNS * one_run_ms * 1.1)  # 1.1: do_bench's estimate may run longer
+
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time of ``fn`` in ms over many runs, warm-up excluded: on CUDA, ``triton.testing.do_bench`` (L2
+    flushed before each run) over at least :data:`MIN_TIMED_RUNS` runs; elsewhere the wall clock."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        fn()  # a first call outside the estimate (allocator, cuBLAS heuristics)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        rep = rep_ms_for(start.elapsed_time(end), rep_ms)
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep, return_mode="median"))
     fn()
     samples = []
     for _ in range(3):
