@@ -508,11 +508,12 @@ def sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], Any], ctx: Ctx) -> float:
-    """Median milliseconds of ``fn``: do_bench on CUDA, perf_counter medians otherwise."""
+    """Median milliseconds of ``fn``: the tuner's (``do_bench``, at least 10 runs however long one is) on CUDA,
+    perf_counter medians otherwise."""
     if ctx.device.type == "cuda" and not ctx.smoke:
-        from triton.testing import do_bench
+        from autokernel.playbook.timing import median_ms
 
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return median_ms(fn, ctx.device)
     for _ in range(2):
         fn()
     sync(ctx.device)
