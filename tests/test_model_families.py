@@ -67,6 +67,13 @@ FAMILIES = {
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(num_key_value_heads=2, partial_rotary_factor=0.25),
                  {("layer_norm",): 5, ("swiglu", "silu", "separate"): 2, ("rope", "half", 4): 2,
                   ("softmax", "softmax"): 2, ("linear_cross_entropy", True): 1}),
+    # Llama 4 (text): RoPE in the complex form, then q and k each through a weightless RMSNorm (whose x.float()
+    # is a no-op cast of the float32 rotation's output), mixture-of-experts MLPs beside a shared gated MLP
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(num_key_value_heads=2, head_dim=16, num_local_experts=2, intermediate_size_mlp=128),
+               {("rms_norm", 0.0, False): 6, ("rms_norm", 0.0, True): 3, ("swiglu", "silu", "gate_up"): 2,
+                ("swiglu", "silu", "separate"): 2, ("rope", "complex", 16): 2, ("softmax", "softmax"): 2,
+                ("linear_cross_entropy", True): 1}),
     # Phi: attention and an ungated gelu MLP in parallel off one LayerNorm, half of each head rotated, an lm_head
     # with a bias
     "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5),

@@ -161,6 +161,13 @@ def _meta_complex(xq, xk, freqs_cis):
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
+def _meta_complex_read_through_casts(xq, xk, freqs_cis):
+    """The complex form in float32, read through no-op casts that belong to its readers (Llama 4's q/k norm begins
+    with ``x.float()``): the rotation's value then has several holders, all of them read."""
+    q, k = _meta_complex(xq, xk, freqs_cis)
+    return (q.float() * 2).type_as(q), (k.float() - 1).type_as(k)  # the norm's shape: f(x.float()).type_as(x)
+
+
 def _inputs(name: str, dtype: torch.dtype):
     b, s, d = 2, 3, 16
     if name == "llama_gqa":  # 4 q heads, 2 k heads
@@ -175,7 +182,7 @@ def _inputs(name: str, dtype: torch.dtype):
     if name == "chunk_halves":
         cos, sin = cos_sin(b, s, d, dtype)
         return [heads(b, s, 2, d, dtype, 1), heads(b, s, 2, d, dtype, 2), cos[:, None], sin[:, None]], (0, 1)
-    if name == "meta_complex":  # [B, S, H, D], GQA 4:2
+    if name in ("meta_complex", "meta_complex_casts"):  # [B, S, H, D], GQA 4:2
         freqs = torch.polar(torch.ones(s, d // 2), torch.randn(s, d // 2, generator=_gen(3)))
         q = torch.randn(b, s, 4, d, generator=_gen(1)).to(dtype)
         return [q, torch.randn(b, s, 2, d, generator=_gen(2)).to(dtype), freqs], (0, 1)
@@ -196,6 +203,9 @@ SPELLINGS = {
                                          "out": "fp16"}),
     "meta_complex": (_meta_complex, "bf16", {"layout": "complex", "rotary_dim": 16, "heads": 4, "kv_heads": 2,
                                              "cs": "complex64", "out": "bf16"}),
+    "meta_complex_casts": (_meta_complex_read_through_casts, "fp32", {"layout": "complex", "rotary_dim": 16,
+                                                                       "heads": 4, "kv_heads": 2, "cs": "complex64",
+                                                                       "out": "fp32"}),
     "commuted_lone": (_commuted_lone, "bf16", {"layout": "half", "rotary_dim": 16, "heads": 3, "kv_heads": 0,
                                                "cs": "fp32", "out": "fp32"}),
 }

@@ -31,6 +31,7 @@ class Rewrite:
     family: PatternFamily
     instance: Instance
     root: Node  # the Dynamo node whose value the replacement provides
+    root_holders: tuple[Node, ...]  # every Dynamo node holding that value, root last (see _Region.root_holders)
     nodes: set[Node]  # the Dynamo nodes the replacement makes dead
     inputs: dict[str, Node | None]  # the op's tensor inputs, as Dynamo nodes
     train: bool
@@ -49,6 +50,10 @@ class GraphPlan:
 @dataclass
 class _Region:
     root: Node
+    # The Dynamo nodes holding the output's value: the one that computes it, then the no-op casts after it,
+    # which may be the pattern's own (``.type_as(x)`` of a float32 x) or already the reader's (the ``x.float()``
+    # a norm after RoPE begins with); readers of any of them read the op's output instead.
+    root_holders: tuple[Node, ...]
     nodes: set[Node]
     inputs: dict[str, Node | None]
     side_roots: dict[str, tuple[Node, ...]]
@@ -68,16 +73,16 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
     position = _position(next(iter(nodes)).graph)
     provided: dict[str, tuple[Node, ...]] = {}
     for name, aten_node in (("output", inst.root), *inst.side_outputs.items()):
-        # Several Dynamo nodes hold a value when no-op casts follow it: for the output the last one
-        # provides it (the casts are part of the pattern); a side output replaces them all.
+        # Several Dynamo nodes hold a value when no-op casts follow it; the op's output replaces them all.
         holders = tuple(sorted((d for d in nodes if view.output_of.get(d) is aten_node), key=position))
         if not holders:
             return f"the pattern's {name} is not the value of a Dynamo node"
         provided[name] = holders
-    root = provided.pop("output")[-1]
+    root_holders = provided.pop("output")
+    root = root_holders[-1]
     side = {d for holders in provided.values() for d in holders}
     for d in nodes:
-        if d is root or d in side:
+        if d in root_holders or d in side:
             continue
         outside = [u for u in d.users if u not in nodes]
         if outside:
@@ -94,16 +99,17 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
     # The op goes where its first output was. When an input is computed later (HF's loss shifts the labels after
     # the lm_head whose logits the op also returns), it goes right after the last input instead, provided that
     # no node outside the pattern reads one of its outputs before then.
-    first = min([root, *side], key=position)
+    first = min([*root_holders, *side], key=position)
     given = [(name, d) for name, d in inputs.items() if d is not None]
     last = max(given, key=lambda item: position(item[1]), default=None)
     after = None
     if last is not None and position(last[1]) > position(first):
-        early = [u for d in (root, *side) for u in d.users if u not in nodes and position(u) <= position(last[1])]
+        early = [u for d in (*root_holders, *side) for u in d.users
+                 if u not in nodes and position(u) <= position(last[1])]
         if early:
             return f"input {last[0]} is computed after {early[0].name} reads the pattern's output"
         after = last[1]
-    return _Region(root, nodes, inputs, provided, after)
+    return _Region(root, root_holders, nodes, inputs, provided, after)
 
 
 def _shape_numbers(shape: tuple[Any, ...]) -> tuple[int, int, list[int]]:
@@ -186,8 +192,8 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             inst.status = "hit"
             raced = "" if entry.get("raced", True) else " (interpreter entry, not raced against Inductor)"
             inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}{neighbour}"
-            plan.rewrites.append(Rewrite(family, inst, region.root, region.nodes, region.inputs, train,
-                                         region.side_roots, region.after))
+            plan.rewrites.append(Rewrite(family, inst, region.root, region.root_holders, region.nodes, region.inputs,
+                                         train, region.side_roots, region.after))
     for cache in caches.values():
         cache.close()
     return plan
@@ -248,7 +254,7 @@ def apply_plan(gm: GraphModule, plan: GraphPlan, opts: Options) -> None:
     replaced: dict[Node, Node] = {}  # an instance's input may be another instance's (erased) output
     for rw, rep, result in sorted(staged, key=lambda s: _position(graph)(s[0].root)):
         args = tuple(replaced.get(a, a) if isinstance(a, Node) else a for a in rep.args)
-        provided = [((rw.root,), rep.output_index)] + [(rw.side_roots[name], index)
+        provided = [(rw.root_holders, rep.output_index)] + [(rw.side_roots[name], index)
                                                       for name, index in rep.side_output_indices.items()]
         if rw.after is not None:
             # Before the node that follows it (inserting_after would put each new node ahead of the last one).
