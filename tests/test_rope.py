@@ -62,7 +62,8 @@ def cos_sin(b: int, s: int, r: int, dtype: torch.dtype, seed: int = 99, layout: 
     per pair: the complex form's ``freqs_cis`` parts)."""
     pos = torch.randint(0, 64, (b, s), generator=_gen(seed)).double()
     ang = pos[..., None] / 10000 ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
-    emb = {"half": torch.cat((ang, ang), -1), "interleaved": ang.repeat_interleave(2, -1), "complex": ang}[layout]
+    emb = {"half": torch.cat((ang, ang), -1), "interleaved": ang.repeat_interleave(2, -1), "complex": ang,
+           "deinterleave": ang}[layout]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -161,6 +162,17 @@ def _meta_complex(xq, xk, freqs_cis):
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
+def _deepseek_interleave(q, k, cos, sin):
+    """DeepSeek V3's ``apply_rotary_pos_emb_interleave``: HF's duplicated-halves cos/sin cut to one value per pair,
+    the even and odd columns rotated and written as halves."""
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(1)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    k1, k2 = k[..., 0::2], k[..., 1::2]
+    return (torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1),
+            torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1))
+
+
 def _meta_complex_read_through_casts(xq, xk, freqs_cis):
     """The complex form in float32, read through no-op casts that belong to its readers (Llama 4's q/k norm begins
     with ``x.float()``): the rotation's value then has several holders, all of them read."""
@@ -186,6 +198,8 @@ def _inputs(name: str, dtype: torch.dtype):
         freqs = torch.polar(torch.ones(s, d // 2), torch.randn(s, d // 2, generator=_gen(3)))
         q = torch.randn(b, s, 4, d, generator=_gen(1)).to(dtype)
         return [q, torch.randn(b, s, 2, d, generator=_gen(2)).to(dtype), freqs], (0, 1)
+    if name == "deepseek_interleave":  # q 4 heads, k one (MLA's shared rotary key)
+        return [heads(b, s, 4, d, dtype, 1), heads(b, s, 1, d, dtype, 2), *cos_sin(b, s, d, dtype)], (0, 1)
     if name == "commuted_lone":
         return [heads(b, s, 3, d, dtype, 1), *cos_sin(b, s, d, torch.float32)], (0,)
     raise KeyError(name)
@@ -206,6 +220,8 @@ SPELLINGS = {
     "meta_complex_casts": (_meta_complex_read_through_casts, "fp32", {"layout": "complex", "rotary_dim": 16,
                                                                        "heads": 4, "kv_heads": 2, "cs": "complex64",
                                                                        "out": "fp32"}),
+    "deepseek_interleave": (_deepseek_interleave, "bf16", {"layout": "deinterleave", "rotary_dim": 16, "heads": 4,
+                                                           "kv_heads": 1, "cs": "bf16", "out": "bf16"}),
     "commuted_lone": (_commuted_lone, "bf16", {"layout": "half", "rotary_dim": 16, "heads": 3, "kv_heads": 0,
                                                "cs": "fp32", "out": "fp32"}),
 }
@@ -328,7 +344,7 @@ def check_kernels(q, k, cos, sin, layout, rotary_dim, config=SMALL, dq=None, dk=
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("layout", ["half", "interleaved", "complex"])
+@pytest.mark.parametrize("layout", ["half", "interleaved", "complex", "deinterleave"])
 def test_dtypes_layouts_gqa(dtype, layout):
     cos, sin = cos_sin(2, 3, 16, dtype, layout=layout)
     check_kernels(heads(2, 3, 3, 16, dtype, 1), heads(2, 3, 1, 16, dtype, 2), cos[:, None], sin[:, None], layout, 16)
@@ -345,6 +361,16 @@ def test_awkward_shapes(b, s, hq, hk, d, r):
     k = heads(b, s, hk, d, torch.bfloat16, 2) if hk else None
     check_kernels(heads(b, s, hq, d, torch.bfloat16, 1), k, cos[:, None], sin[:, None], "half", r,
                   config=RopeConfig())
+
+
+@pytest.mark.parametrize(("b", "s", "hq", "hk", "d", "r"), [
+    (1, 1, 5, 1, 64, 64),  # one token, MQA (DeepSeek's k_rot has one head)
+    (1, 3, 7, 2, 64, 24),  # partial: 12 pairs of 32
+], ids=["seq1_mqa", "partial_r24"])
+def test_deinterleave_awkward_shapes(b, s, hq, hk, d, r):
+    cos, sin = cos_sin(b, s, r, torch.bfloat16, layout="deinterleave")
+    check_kernels(heads(b, s, hq, d, torch.bfloat16, 1), heads(b, s, hk, d, torch.bfloat16, 2), cos[:, None],
+                  sin[:, None], "deinterleave", r, config=RopeConfig())
 
 
 def test_ranks_and_broadcasts():
@@ -487,16 +513,17 @@ def test_returned_rotations_keep_eagers_layout(cache_dir, rewritten):
         assert_close(o, e.double(), torch.float32, name)
 
 
-def test_trained_cos_sin_get_their_gradient():
+@pytest.mark.parametrize("layout", ["half", "deinterleave"])
+def test_trained_cos_sin_get_their_gradient(layout):
     """A learned cos/sin table: the op's autograd formula gives it its gradient (summed over the heads)."""
     q, k = heads(2, 3, 4, 8, torch.float32, 1), heads(2, 3, 2, 8, torch.float32, 2)
-    cos, sin = (t[:, None].clone().requires_grad_(True) for t in cos_sin(2, 3, 8, torch.float32))
-    qo, ko = torch.ops.autokernel.rope_train(q.requires_grad_(True), k.requires_grad_(True), cos, sin, "half", 8,
+    cos, sin = (t[:, None].clone().requires_grad_(True) for t in cos_sin(2, 3, 8, torch.float32, layout=layout))
+    qo, ko = torch.ops.autokernel.rope_train(q.requires_grad_(True), k.requires_grad_(True), cos, sin, layout, 8,
                                              torch.float32, False, False, "")
     dq, dk = torch.randn(qo.shape, generator=_gen(1)), torch.randn(ko.shape, generator=_gen(2))
     torch.autograd.backward((qo, ko), (dq, dk))
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, cos, sin)]
-    rq, rk = rope_reference(*leaves, "half", 8)
+    rq, rk = rope_reference(*leaves, layout, 8)
     torch.autograd.backward((rq, rk), (dq.double(), dk.double()))
     for name, got, ref in zip(("dq", "dk", "dcos", "dsin"), (q.grad, k.grad, cos.grad, sin.grad), leaves, strict=True):
         assert_close(got, ref.grad, torch.float32, name)
@@ -560,7 +587,8 @@ def test_ak_tune_miss_then_hit(tmp_path):
 @pytest.mark.parametrize("flags", [{"layout": "half", "kv_heads": 2},
                                    {"layout": "half", "rotary_dim": 4, "kv_heads": 1},
                                    {"layout": "interleaved", "kv_heads": 4},
-                                   {"layout": "complex", "kv_heads": 2}])
+                                   {"layout": "complex", "kv_heads": 2},
+                                   {"layout": "deinterleave", "kv_heads": 1}])
 def test_problem_eager_pairs_q_with_k(flags, cache_dir):
     """The function the tuner races in context (``problem.eager``) is one paired instance, as in a model."""
     from autokernel.lowering import families

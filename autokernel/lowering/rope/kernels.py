@@ -13,7 +13,10 @@ Columns ``R .. D-1`` pass through unchanged (partial rotary, GPT-NeoX). Pairs:
 - layout ``half`` (HF ``rotate_half``: ``cat(-x2, x1)``): ``(x[j], x[j + R/2])``;
 - layout ``interleaved`` (GPT-J ``rotate_every_two``: ``stack(-x[1::2], x[::2]).flatten(-2)``): ``(x[2j], x[2j+1])``;
 - layout ``complex`` (Meta Llama ``view_as_complex(x) * freqs_cis``): the pairs of ``interleaved``, with one
-  cos/sin value per pair (``c1 = c2 = cos[j]``: cos, sin are the real and imaginary parts of ``freqs_cis``).
+  cos/sin value per pair (``c1 = c2 = cos[j]``: cos, sin are the real and imaginary parts of ``freqs_cis``);
+- layout ``deinterleave`` (DeepSeek V2/V3 ``rope_interleave``: ``cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)``
+  with ``x1, x2 = x[..., 0::2], x[..., 1::2]``): the pairs read as ``interleaved`` and written as ``half``
+  (``(y[j], y[j + R/2])``; the backward reads halves and writes interleaved pairs), one cos/sin value per pair.
 
 cos and sin are read as given, through strides: broadcast dims (``unsqueeze(1)`` over heads, one table
 for every batch row) have stride 0, and any position ids are already gathered into them. cos/sin need no
@@ -43,7 +46,11 @@ from torch.library import wrap_triton
 
 from autokernel.lowering.launch import KernelConfig, next_power_of_2
 
-LAYOUTS = ("half", "interleaved", "complex")
+LAYOUTS = ("half", "interleaved", "complex", "deinterleave")
+# The kernel's INTERLEAVED: where a pair's two columns are, 0 (j, j + R/2) or 1 (2j, 2j + 1) in input and output
+# alike, or 2: read at (2j, 2j + 1), written at (j, j + R/2) (the backward: the other way round).
+PAIR_CODE = {"half": 0, "interleaved": 1, "complex": 1, "deinterleave": 2}
+CS_PER_PAIR = ("complex", "deinterleave")  # layouts with one cos/sin value per pair (R / 2 columns)
 MAX_BLOCK_H = 256
 
 # --------------------------------------------------------------------------------------------------------
@@ -62,12 +69,28 @@ def _rope_tile(X, Y, COS, SIN, x_base, x_sm, o_base, o_sm, c_base, c_sm, c_sd, s
     hmask = h < heads
     pmask = j < half
     mask = hmask & pmask
-    if INTERLEAVED:
+    # e1, e2: the pair's columns in x; o1, o2: in the output.
+    if INTERLEAVED == 1:
         e1 = 2 * j
         e2 = e1 + 1
+        o1 = e1
+        o2 = e2
+    elif INTERLEAVED == 2:
+        if BACKWARD:
+            e1 = j
+            e2 = j + half
+            o1 = 2 * j
+            o2 = o1 + 1
+        else:
+            e1 = 2 * j
+            e2 = e1 + 1
+            o1 = j
+            o2 = j + half
     else:
         e1 = j
         e2 = j + half
+        o1 = e1
+        o2 = e2
     # 64-bit head offsets: a head stride times the head index passes 2**31 on long sequences.
     xh = X + x_base + h.to(tl.int64) * x_sm
     oh = Y + o_base + h.to(tl.int64) * o_sm
@@ -83,7 +106,7 @@ def _rope_tile(X, Y, COS, SIN, x_base, x_sm, o_base, o_sm, c_base, c_sm, c_sd, s
         sh = SIN + s_base
         cmask = pmask
     if CS_PAIRS:
-        # One value per pair (the complex form): the same cos/sin for both columns.
+        # One value per pair (the complex form, DeepSeek's): the same cos/sin for both columns.
         c1 = tl.load(ch + j * c_sd, mask=cmask, other=0.0).to(tl.float32)
         s1 = tl.load(sh + j * s_sd, mask=cmask, other=0.0).to(tl.float32)
         c2 = c1
@@ -99,8 +122,8 @@ def _rope_tile(X, Y, COS, SIN, x_base, x_sm, o_base, o_sm, c_base, c_sm, c_sd, s
     else:
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    tl.store(oh + e1, y1.to(Y.dtype.element_ty), mask=mask)
-    tl.store(oh + e2, y2.to(Y.dtype.element_ty), mask=mask)
+    tl.store(oh + o1, y1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(oh + o2, y2.to(Y.dtype.element_ty), mask=mask)
     if BLOCK_REST > 0:
         r = rot_dim + tl.arange(0, BLOCK_REST)[None, :]
         rmask = hmask & (r < head_dim)
@@ -154,7 +177,8 @@ class SourceKernels(NamedTuple):
     q_sb, q_sm, q_sn, k_sb, k_sm, k_sn, qo_sb, qo_sm, qo_sn, ko_sb, ko_sm, ko_sn, c_sb, c_sm, c_sn, c_sd,
     s_sb, s_sm, s_sn, s_sd, n_size, q_heads, k_heads, q_blocks, half, rot_dim, head_dim, INTERLEAVED,
     BACKWARD, HAS_K, CS_PER_HEAD, CS_PAIRS, BLOCK_H, BLOCK_P, BLOCK_REST)``, grid ``(B * N, q_blocks + k_blocks)``
-    with ``BLOCK_H`` heads per program; the same kernel serves the backward (``BACKWARD``)."""
+    with ``BLOCK_H`` heads per program; the same kernel serves the backward (``BACKWARD``). ``INTERLEAVED`` is
+    :data:`PAIR_CODE` of the layout (0, 1 or 2), ``CS_PAIRS`` whether cos/sin hold one value per pair."""
 
     kernel: Any
 
@@ -270,7 +294,7 @@ def _check(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torc
     if k is not None:
         if k.dim() != q.dim() or k.shape[-1] != d or k.dtype != q.dtype:
             raise ValueError(f"rope: k {tuple(k.shape)} {k.dtype} does not pair with q {tuple(q.shape)} {q.dtype}")
-    width = rotary_dim // 2 if layout == "complex" else rotary_dim
+    width = rotary_dim // 2 if layout in CS_PER_PAIR else rotary_dim
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() > q.dim() or t.shape[-1] != width:
             raise ValueError(f"rope: {name} of shape {tuple(t.shape)} for q {tuple(q.shape)} and rotary_dim "
@@ -324,8 +348,8 @@ def _launch(x_q: torch.Tensor, x_k: torch.Tensor | None, cos: torch.Tensor, sin:
         qo4.stride(0), qo4.stride(1), qo4.stride(2), kko.stride(0), kko.stride(1), kko.stride(2),
         *c, *s,
         n, q_heads, k_heads, q_blocks, rotary_dim // 2, rotary_dim, d,
-        INTERLEAVED=layout != "half", BACKWARD=backward, HAS_K=k4 is not None,
-        CS_PER_HEAD=c[1] != 0 or s[1] != 0, CS_PAIRS=layout == "complex", BLOCK_H=bh, BLOCK_P=bp,
+        INTERLEAVED=PAIR_CODE[layout], BACKWARD=backward, HAS_K=k4 is not None,
+        CS_PER_HEAD=c[1] != 0 or s[1] != 0, CS_PAIRS=layout in CS_PER_PAIR, BLOCK_H=bh, BLOCK_P=bp,
         BLOCK_REST=brest, num_warps=num_warps,
     )
     return out_q, out_k
@@ -367,13 +391,20 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: 
 
 def rotate(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The partner of every column, signed: HF ``rotate_half`` or GPT-J ``rotate_every_two`` (also the complex
-    form's: ``i * x`` on the pairs)."""
+    form's: ``i * x`` on the pairs). Not for ``deinterleave``, whose output is not in x's order
+    (:func:`deinterleave_pairs`)."""
     if layout == "half":
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
     if layout in ("interleaved", "complex"):
         return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-    raise ValueError(f"rope: layout must be one of {LAYOUTS}, got {layout!r}")
+    raise ValueError(f"rope: rotate takes the layouts half, interleaved and complex, got {layout!r}")
+
+
+def deinterleave_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s interleaved pairs as halves: ``cat((x[..., 0::2], x[..., 1::2]), -1)``. The ``deinterleave`` layout
+    is this permutation, then the ``half`` rotation with each pair's cos/sin repeated over both halves."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
@@ -392,7 +423,11 @@ def rope_apply_all(xs: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.T
     parts = [(x[..., :rotary_dim], x[..., rotary_dim:]) for x in xs]
     out = []
     for rot, rest in parts:
-        y = rot * cos + rotate(rot, layout) * sin
+        if layout == "deinterleave":  # as DeepSeek writes it
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            y = rot * cos + rotate(rot, layout) * sin
         out.append(torch.cat((y, rest.to(y.dtype)), dim=-1) if rest.shape[-1] else y)
     return out
 

@@ -14,6 +14,8 @@ is computed with torch ops in the autograd formula, which then also saves q and 
 
     dcos = sum over broadcast dims of (dq_out * q + dk_out * k)            (rotated columns)
     dsin = sum over broadcast dims of (dq_out * rotate(q) + dk_out * rotate(k))
+
+(For layout ``deinterleave`` with q, k first permuted to halves, each pair's two columns then summed.)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from autokernel.lowering.rope.kernels import (
     RopeConfig,
     SourceKernels,
     default_config,
+    deinterleave_pairs,
     dim_order,
     empty_in_order,
     geometry,
@@ -214,7 +217,12 @@ def _cos_sin_grads(q, k, dq_out, dk_out, cos, sin, layout, rotary_dim):
         if x is None:
             continue
         xr, g = x[..., :rotary_dim].float(), dy[..., :rotary_dim].float()
-        c, s = (g * xr).sum_to_size(cos.shape), (g * rotate(xr, layout)).sum_to_size(sin.shape)
+        if layout == "deinterleave":  # the half rotation of the permuted pairs, one cos/sin per pair
+            xr = deinterleave_pairs(xr)
+            c, s = ((g * t).unflatten(-1, (2, -1)).sum(-2) for t in (xr, rotate(xr, "half")))
+        else:
+            c, s = g * xr, g * rotate(xr, layout)
+        c, s = c.sum_to_size(cos.shape), s.sum_to_size(sin.shape)
         dcos, dsin = (c, s) if dcos is None else (dcos + c, dsin + s)
     return dcos.to(cos.dtype), dsin.to(sin.dtype)
 

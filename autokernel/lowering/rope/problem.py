@@ -8,8 +8,9 @@ Shape and flags (``ak-tune --pattern rope --shape 4x32x4096x128 --flags kv_heads
 - ``shape`` is q's shape as ``[B, heads, S, D]`` (what ``autokernel.explain`` reports for an instance,
   whatever the model's own layout), or ``[rows, D]`` with ``rows = B * heads * S`` (then B is 1 and the
   heads come from the flags);
-- ``layout``: ``half`` (HF rotate_half, the default), ``interleaved`` (GPT-J) or ``complex`` (Meta Llama's
-  ``freqs_cis``: cos/sin are its float32 real and imaginary parts, one per pair; full rotary only);
+- ``layout``: ``half`` (HF rotate_half, the default), ``interleaved`` (GPT-J), ``complex`` (Meta Llama's
+  ``freqs_cis``: cos/sin are its float32 real and imaginary parts, one per pair; full rotary only) or
+  ``deinterleave`` (DeepSeek's interleaved pairs written as halves; cos/sin one per pair);
 - ``rotary_dim``: the rotated columns (default D: all; less is partial rotary);
 - ``heads``: q's heads (default: dim 1 of a 4-D shape); ``kv_heads``: k's heads (default: as many as q;
   ``0``: q alone);
@@ -186,7 +187,7 @@ class RopeProblem:
             inv_freq = 1.0 / BASE ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim)
             angles = positions[..., None] * inv_freq
             emb = {"half": torch.cat((angles, angles), -1), "interleaved": angles.repeat_interleave(2, dim=-1),
-                   "complex": angles}[self.layout]
+                   "complex": angles, "deinterleave": angles}[self.layout]
             cos = emb.cos().to(self.cs_real).to(self.device)[:, None]
             sin = emb.sin().to(self.cs_real).to(self.device)[:, None]
             dq = torch.randn(q.shape, generator=g).to(self.out_dtype).to(self.device)
@@ -310,7 +311,8 @@ class RopeProblem:
         return {
             "title": f"{self.describe()}, forward and backward",
             "semantics": (kernels.__doc__ or "").strip(),
-            "variant": f"layout={self.layout} (INTERLEAVED={self.layout == 'interleaved'}), rotary_dim="
+            "variant": f"layout={self.layout} (INTERLEAVED={kernels.PAIR_CODE[self.layout]}, CS_PAIRS="
+                       f"{self.layout in kernels.CS_PER_PAIR}), rotary_dim="
                        f"{self.rotary_dim} of {self.head_dim}, heads={self.heads}, kv_heads={self.kv_heads}, "
                        f"{dtype_name(self.dtype)} in, cos/sin {dtype_name(self.cs_dtype)}, "
                        f"{dtype_name(self.out_dtype)} out",
