@@ -32,7 +32,7 @@ def _cos_sin(b, s, r, dtype, g, layout="half"):
     pos = torch.randint(0, 8 * s, (b, s), device="cuda", generator=g).double()
     ang = pos[..., None] / 10000.0 ** (torch.arange(0, r, 2, device="cuda", dtype=torch.float64) / r)
     emb = {"half": torch.cat((ang, ang), -1), "interleaved": ang.repeat_interleave(2, -1), "complex": ang,
-           "deinterleave": ang}[layout]
+           "deinterleave": ang, "half_pairs": ang}[layout]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
@@ -76,8 +76,9 @@ def _check(b, hq, hk, s, d, dtype, layout="half", rotary_dim=None, config=None, 
     (3, 7, 0, 333, 80, "half", 24),  # q alone, odd heads, 12 pairs (not a power of two)
     (2, 32, 8, 1024, 128, "complex", None),  # Meta Llama's freqs_cis
     (2, 128, 1, 2048, 64, "deinterleave", None),  # DeepSeek V3's rotary part: 128 q heads, one shared key head
+    (2, 64, 8, 2048, 64, "half_pairs", None),  # GPT-OSS 120B: cos/sin one value per pair
 ], ids=["llama3_8b", "decode", "odd_seq", "pythia_partial", "gptj_interleaved", "lone_partial", "complex",
-        "deepseek_v3"])
+        "deepseek_v3", "gpt_oss"])
 def test_kernels_real_sizes(b, hq, hk, s, d, layout, r, dtype):
     _check(b, hq, hk, s, d, dtype, layout, r)
 

@@ -63,7 +63,7 @@ def cos_sin(b: int, s: int, r: int, dtype: torch.dtype, seed: int = 99, layout: 
     pos = torch.randint(0, 64, (b, s), generator=_gen(seed)).double()
     ang = pos[..., None] / 10000 ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
     emb = {"half": torch.cat((ang, ang), -1), "interleaved": ang.repeat_interleave(2, -1), "complex": ang,
-           "deinterleave": ang}[layout]
+           "deinterleave": ang, "half_pairs": ang}[layout]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -173,6 +173,17 @@ def _deepseek_interleave(q, k, cos, sin):
             torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1))
 
 
+def _gpt_oss(q, k, cos, sin):
+    """GPT-OSS's ``apply_rotary_pos_emb``: cos/sin one value per pair, the halves by ``chunk``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(x):
+        first_half, second_half = torch.chunk(x, 2, dim=-1)
+        return torch.cat((first_half * cos - second_half * sin, second_half * cos + first_half * sin), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
 def _meta_complex_read_through_casts(xq, xk, freqs_cis):
     """The complex form in float32, read through no-op casts that belong to its readers (Llama 4's q/k norm begins
     with ``x.float()``): the rotation's value then has several holders, all of them read."""
@@ -200,6 +211,9 @@ def _inputs(name: str, dtype: torch.dtype):
         return [q, torch.randn(b, s, 2, d, generator=_gen(2)).to(dtype), freqs], (0, 1)
     if name == "deepseek_interleave":  # q 4 heads, k one (MLA's shared rotary key)
         return [heads(b, s, 4, d, dtype, 1), heads(b, s, 1, d, dtype, 2), *cos_sin(b, s, d, dtype)], (0, 1)
+    if name == "gpt_oss":  # GQA 4:2, cos/sin [B, S, D/2]
+        cos, sin = cos_sin(b, s, d, dtype, layout="half_pairs")
+        return [heads(b, s, 4, d, dtype, 1), heads(b, s, 2, d, dtype, 2), cos, sin], (0, 1)
     if name == "commuted_lone":
         return [heads(b, s, 3, d, dtype, 1), *cos_sin(b, s, d, torch.float32)], (0,)
     raise KeyError(name)
@@ -222,6 +236,8 @@ SPELLINGS = {
                                                                        "out": "fp32"}),
     "deepseek_interleave": (_deepseek_interleave, "bf16", {"layout": "deinterleave", "rotary_dim": 16, "heads": 4,
                                                            "kv_heads": 1, "cs": "bf16", "out": "bf16"}),
+    "gpt_oss": (_gpt_oss, "bf16", {"layout": "half_pairs", "rotary_dim": 16, "heads": 4, "kv_heads": 2, "cs": "bf16",
+                                   "out": "bf16"}),
     "commuted_lone": (_commuted_lone, "bf16", {"layout": "half", "rotary_dim": 16, "heads": 3, "kv_heads": 0,
                                                "cs": "fp32", "out": "fp32"}),
 }
@@ -344,7 +360,7 @@ def check_kernels(q, k, cos, sin, layout, rotary_dim, config=SMALL, dq=None, dk=
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("layout", ["half", "interleaved", "complex", "deinterleave"])
+@pytest.mark.parametrize("layout", ["half", "interleaved", "complex", "deinterleave", "half_pairs"])
 def test_dtypes_layouts_gqa(dtype, layout):
     cos, sin = cos_sin(2, 3, 16, dtype, layout=layout)
     check_kernels(heads(2, 3, 3, 16, dtype, 1), heads(2, 3, 1, 16, dtype, 2), cos[:, None], sin[:, None], layout, 16)
@@ -513,7 +529,7 @@ def test_returned_rotations_keep_eagers_layout(cache_dir, rewritten):
         assert_close(o, e.double(), torch.float32, name)
 
 
-@pytest.mark.parametrize("layout", ["half", "deinterleave"])
+@pytest.mark.parametrize("layout", ["half", "deinterleave", "half_pairs"])
 def test_trained_cos_sin_get_their_gradient(layout):
     """A learned cos/sin table: the op's autograd formula gives it its gradient (summed over the heads)."""
     q, k = heads(2, 3, 4, 8, torch.float32, 1), heads(2, 3, 2, 8, torch.float32, 2)
@@ -588,7 +604,8 @@ def test_ak_tune_miss_then_hit(tmp_path):
                                    {"layout": "half", "rotary_dim": 4, "kv_heads": 1},
                                    {"layout": "interleaved", "kv_heads": 4},
                                    {"layout": "complex", "kv_heads": 2},
-                                   {"layout": "deinterleave", "kv_heads": 1}])
+                                   {"layout": "deinterleave", "kv_heads": 1},
+                                   {"layout": "half_pairs", "kv_heads": 2}])
 def test_problem_eager_pairs_q_with_k(flags, cache_dir):
     """The function the tuner races in context (``problem.eager``) is one paired instance, as in a model."""
     from autokernel.lowering import families

@@ -16,7 +16,9 @@ Columns ``R .. D-1`` pass through unchanged (partial rotary, GPT-NeoX). Pairs:
   cos/sin value per pair (``c1 = c2 = cos[j]``: cos, sin are the real and imaginary parts of ``freqs_cis``);
 - layout ``deinterleave`` (DeepSeek V2/V3 ``rope_interleave``: ``cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)``
   with ``x1, x2 = x[..., 0::2], x[..., 1::2]``): the pairs read as ``interleaved`` and written as ``half``
-  (``(y[j], y[j + R/2])``; the backward reads halves and writes interleaved pairs), one cos/sin value per pair.
+  (``(y[j], y[j + R/2])``; the backward reads halves and writes interleaved pairs), one cos/sin value per pair;
+- layout ``half_pairs`` (GPT-OSS: the same ``cat`` with ``x1, x2 = x.chunk(2, -1)``): the pairs of ``half``, one
+  cos/sin value per pair.
 
 cos and sin are read as given, through strides: broadcast dims (``unsqueeze(1)`` over heads, one table
 for every batch row) have stride 0, and any position ids are already gathered into them. cos/sin need no
@@ -46,11 +48,11 @@ from torch.library import wrap_triton
 
 from autokernel.lowering.launch import KernelConfig, next_power_of_2
 
-LAYOUTS = ("half", "interleaved", "complex", "deinterleave")
+LAYOUTS = ("half", "interleaved", "complex", "deinterleave", "half_pairs")
 # The kernel's INTERLEAVED: where a pair's two columns are, 0 (j, j + R/2) or 1 (2j, 2j + 1) in input and output
 # alike, or 2: read at (2j, 2j + 1), written at (j, j + R/2) (the backward: the other way round).
-PAIR_CODE = {"half": 0, "interleaved": 1, "complex": 1, "deinterleave": 2}
-CS_PER_PAIR = ("complex", "deinterleave")  # layouts with one cos/sin value per pair (R / 2 columns)
+PAIR_CODE = {"half": 0, "interleaved": 1, "complex": 1, "deinterleave": 2, "half_pairs": 0}
+CS_PER_PAIR = ("complex", "deinterleave", "half_pairs")  # layouts with one cos/sin value per pair (R / 2 columns)
 MAX_BLOCK_H = 256
 
 # --------------------------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def _rope_tile(X, Y, COS, SIN, x_base, x_sm, o_base, o_sm, c_base, c_sm, c_sd, s
         sh = SIN + s_base
         cmask = pmask
     if CS_PAIRS:
-        # One value per pair (the complex form, DeepSeek's): the same cos/sin for both columns.
+        # One value per pair (the complex form, DeepSeek's, GPT-OSS's): the same cos/sin for both columns.
         c1 = tl.load(ch + j * c_sd, mask=cmask, other=0.0).to(tl.float32)
         s1 = tl.load(sh + j * s_sd, mask=cmask, other=0.0).to(tl.float32)
         c2 = c1
@@ -391,7 +393,7 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: 
 
 def rotate(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The partner of every column, signed: HF ``rotate_half`` or GPT-J ``rotate_every_two`` (also the complex
-    form's: ``i * x`` on the pairs). Not for ``deinterleave``, whose output is not in x's order
+    form's: ``i * x`` on the pairs). Not for the layouts with one cos/sin per pair but ``complex``
     (:func:`deinterleave_pairs`)."""
     if layout == "half":
         x1, x2 = x.chunk(2, dim=-1)
@@ -423,8 +425,8 @@ def rope_apply_all(xs: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.T
     parts = [(x[..., :rotary_dim], x[..., rotary_dim:]) for x in xs]
     out = []
     for rot, rest in parts:
-        if layout == "deinterleave":  # as DeepSeek writes it
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        if layout in ("deinterleave", "half_pairs"):  # as DeepSeek and GPT-OSS write it
+            x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if layout == "deinterleave" else rot.chunk(2, dim=-1)
             y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         else:
             y = rot * cos + rotate(rot, layout) * sin

@@ -15,6 +15,7 @@ The spellings and the aten ops they reach (``x`` is q or k, ``R`` its rotated wi
 - DeepSeek V2/V3 ``rope_interleave``: ``cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)`` with
   ``x1, x2 = x[..., 0::2], x[..., 1::2]`` and cos/sin one value per pair
   -> ``cat([sub(mul(x1, cos), mul(x2, sin)), add(mul(x2, cos), mul(x1, sin))], -1)``  layout ``deinterleave``;
+  the same with ``x1, x2 = x.chunk(2, -1)`` (GPT-OSS)                                 layout ``half_pairs``;
 - partial rotary (GPT-NeoX, Phi, GPT-J's ``rotary_dim``): any of the above applied to
   ``x[..., :R]`` and followed by ``cat((rotated, x[..., R:]), -1)``: the op takes the whole ``x`` and
   passes the last ``D - R`` columns through (flag ``rotary_dim``).
@@ -86,9 +87,9 @@ CMUL = Op((aten.mul,), (Op((aten.view_as_complex,), (PAIRS,), name="as_complex")
           commutative=True)
 FLAT = Op(VIEWS, (Op((aten.view_as_real,), (CMUL,), name="as_real"),), name="flat")
 COMPLEX = Alt((cast(FLAT, name="outcast"), FLAT))
-# DeepSeek: cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1), x1 and x2 the even and odd columns. A list
-# argument is matched by hand (_deinterleaved): the pattern binds the cat's parts.
-DEINTERLEAVE = Op((aten.cat,), (Var("halves"),), name="dcat")
+# DeepSeek, GPT-OSS: cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1), x1 and x2 the even and odd columns or
+# the two halves. A list argument is matched by hand (_pair_rotation): the pattern binds the cat's parts.
+PAIR_ROTATION = Op((aten.cat,), (Var("halves"),), name="dcat")
 _LO = Op((aten.sub,), (Op((aten.mul,), (Var("x1"), Var("cos")), commutative=True),
                        Op((aten.mul,), (Var("x2"), Var("sin")), commutative=True)))
 _HI = Op((aten.add,), (Op((aten.mul,), (Var("x2"), Var("cos")), commutative=True),
@@ -277,38 +278,41 @@ def _check(root: Node, b) -> Instance:
     return _describe(inst)
 
 
-def _deinterleaved(b) -> tuple[Node, Node, Node, tuple[Node, ...]] | None:
-    """(x, cos, sin, nodes) when the cat's two parts are DeepSeek's rotation of x's even and odd columns, joined
-    over the last dim; None otherwise (not reported: most cats are no rotation)."""
+def _pair_rotation(b) -> tuple[str, Node, Node, Node, tuple[Node, ...]] | None:
+    """(layout, x, cos, sin, nodes) when the cat's two parts rotate x's even and odd columns (``deinterleave``) or
+    its halves (``half_pairs``), joined over the last dim; None otherwise (not reported: most cats are no
+    rotation)."""
     parts, cat = b["halves"], b["dcat"]
     if not isinstance(parts, (list, tuple)) or len(parts) != 2:
         return None
     for lo in match(_LO, parts[0]):
         for hi in match(_HI, parts[1], lo):
-            e, o = _slice(hi["x1"]), _slice(hi["x2"])
-            if e is None or o is None or e.src is not o.src or not isinstance(e.src, Node):
-                continue
-            xv = node_val(e.src)
-            if not isinstance(xv, torch.Tensor) or xv.dim() < 1:
+            s1 = _slice(hi["x1"])
+            x = s1.src if s1 is not None else None
+            xv = node_val(x)
+            if not isinstance(x, Node) or not isinstance(xv, torch.Tensor) or xv.dim() < 1:
                 continue
             rank, width = xv.dim(), xv.shape[-1]
             cat_dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-            if not (e.dim == o.dim == rank - 1 and isinstance(cat_dim, int) and cat_dim % rank == rank - 1
-                    and _known(e.step == 2) and _known(o.step == 2) and _known(e.start == 0) and _known(o.start == 1)
-                    and _known(e.end >= width) and _known(o.end >= width)):
+            if not (isinstance(cat_dim, int) and cat_dim % rank == rank - 1):
                 continue
-            return e.src, hi["cos"], hi["sin"], (*hi.nodes, hi["x1"], hi["x2"])
+            for pieces, layout, which in (("interleaved", "deinterleave", ("even", "odd")),
+                                          ("half", "half_pairs", ("lo", "hi"))):
+                p1, p2 = _piece(hi["x1"], x, width, pieces), _piece(hi["x2"], x, width, pieces)
+                if (p1 is not None and p2 is not None and not p1[0] and not p2[0] and (p1[1], p2[1]) == which
+                        and p1[2] == p2[2] == rank - 1):
+                    return layout, x, hi["cos"], hi["sin"], tuple(dict.fromkeys((*hi.nodes, *p1[3], *p2[3])))
     return None
 
 
-def _check_deinterleave(root: Node, b) -> Instance:
-    x, cos, sin, extra = _deinterleaved(b)
+def _check_pair_rotation(root: Node, b) -> Instance:
+    layout, x, cos, sin, extra = _pair_rotation(b)
     xv, cv, sv, outv = node_val(x), node_val(cos), node_val(sin), node_val(root)
     width = xv.shape[-1]
     inst = Instance(
         pattern=PATTERN, root=root, nodes=b.nodes + extra, inputs={"q": x, "k": None, "cos": cos, "sin": sin},
-        params={"layout": "deinterleave", "rotary_dim": size_hint(width), "out_dtype": getattr(outv, "dtype", None)},
-        flags={"layout": "deinterleave"}, dtype=dtype_name(xv.dtype), shape=tuple(xv.shape), requires_grad=False,
+        params={"layout": layout, "rotary_dim": size_hint(width), "out_dtype": getattr(outv, "dtype", None)},
+        flags={"layout": layout}, dtype=dtype_name(xv.dtype), shape=tuple(xv.shape), requires_grad=False,
     )
     if not (isinstance(cv, torch.Tensor) and isinstance(sv, torch.Tensor)):
         return decline(inst, "cos or sin is not a tensor")
@@ -470,8 +474,8 @@ def _pair(instances: list[Instance], graph: Graph) -> list[Instance]:
 
 def find_instances(graph: Graph) -> list[Instance]:
     """Every RoPE in ``graph`` (q/k pairs merged), accepted or declined with a reason."""
-    found = find_all(graph, ((ROPE, _check), (COMPLEX, _check_complex), (DEINTERLEAVE, _check_deinterleave)),
+    found = find_all(graph, ((ROPE, _check), (COMPLEX, _check_complex), (PAIR_ROTATION, _check_pair_rotation)),
                      skip=lambda b: (("parts" in b.values and _rotation(b) is None)
-                                     or ("halves" in b.values and _deinterleaved(b) is None)),
+                                     or ("halves" in b.values and _pair_rotation(b) is None)),
                      on_accept=_absorb_partial)
     return _pair(found, graph)

@@ -15,7 +15,8 @@ is computed with torch ops in the autograd formula, which then also saves q and 
     dcos = sum over broadcast dims of (dq_out * q + dk_out * k)            (rotated columns)
     dsin = sum over broadcast dims of (dq_out * rotate(q) + dk_out * rotate(k))
 
-(For layout ``deinterleave`` with q, k first permuted to halves, each pair's two columns then summed.)
+(For layouts ``half_pairs`` and ``deinterleave``, the latter with q, k first permuted to halves: each pair's two
+columns summed, cos/sin having one value per pair.)
 """
 
 from __future__ import annotations
@@ -217,8 +218,8 @@ def _cos_sin_grads(q, k, dq_out, dk_out, cos, sin, layout, rotary_dim):
         if x is None:
             continue
         xr, g = x[..., :rotary_dim].float(), dy[..., :rotary_dim].float()
-        if layout == "deinterleave":  # the half rotation of the permuted pairs, one cos/sin per pair
-            xr = deinterleave_pairs(xr)
+        if layout in ("deinterleave", "half_pairs"):  # the half rotation (of the permuted pairs), one cos/sin a pair
+            xr = deinterleave_pairs(xr) if layout == "deinterleave" else xr
             c, s = ((g * t).unflatten(-1, (2, -1)).sum(-2) for t in (xr, rotate(xr, "half")))
         else:
             c, s = g * xr, g * rotate(xr, layout)

@@ -10,7 +10,8 @@ Shape and flags (``ak-tune --pattern rope --shape 4x32x4096x128 --flags kv_heads
   heads come from the flags);
 - ``layout``: ``half`` (HF rotate_half, the default), ``interleaved`` (GPT-J), ``complex`` (Meta Llama's
   ``freqs_cis``: cos/sin are its float32 real and imaginary parts, one per pair; full rotary only) or
-  ``deinterleave`` (DeepSeek's interleaved pairs written as halves; cos/sin one per pair);
+  ``deinterleave`` (DeepSeek's interleaved pairs written as halves; cos/sin one per pair) or ``half_pairs`` (GPT-OSS:
+  ``half`` with cos/sin one per pair);
 - ``rotary_dim``: the rotated columns (default D: all; less is partial rotary);
 - ``heads``: q's heads (default: dim 1 of a 4-D shape); ``kv_heads``: k's heads (default: as many as q;
   ``0``: q alone);
@@ -187,7 +188,7 @@ class RopeProblem:
             inv_freq = 1.0 / BASE ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim)
             angles = positions[..., None] * inv_freq
             emb = {"half": torch.cat((angles, angles), -1), "interleaved": angles.repeat_interleave(2, dim=-1),
-                   "complex": angles, "deinterleave": angles}[self.layout]
+                   "complex": angles, "deinterleave": angles, "half_pairs": angles}[self.layout]
             cos = emb.cos().to(self.cs_real).to(self.device)[:, None]
             sin = emb.sin().to(self.cs_real).to(self.device)[:, None]
             dq = torch.randn(q.shape, generator=g).to(self.out_dtype).to(self.device)
