@@ -36,7 +36,7 @@ from autokernel.lowering.row_problem import RowProblem, norm_candidates, problem
 
 EPS = 1e-5
 # (columns a program, partial rows a step, warps) of the partial-gradient reduction worth a try.
-SUM_TILES = ((16, 512, 8), (16, 128, 4), (32, 128, 8), (64, 64, 4))
+SUM_TILES = ((32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 64, 4))
 
 
 @dataclass
@@ -87,9 +87,8 @@ class LayerNormProblem(RowProblem):
         default = default_config(self.hidden, self.rows, self.dtype)
         base = default.to_dict()
         out = norm_candidates(base, self.hidden)
-        # The reduction's tiles, on the default backward: ahead of the rest of the backward phase, since a short
-        # budget reaches only its first few candidates. (16, 512, 8) sums up to 512 partials (2 programs per
-        # SM x 132 SMs = 264 at H = 4096) in one step, all loads in flight, on 256 programs.
+        # The reduction's other tiles, on the default backward: ahead of the rest of the backward phase, since a
+        # short budget reaches only its first few candidates.
         first_bwd = next(i for i, (phase, _) in enumerate(out) if phase == "bwd")
         tiles = [("bwd", {**base, "sum_block_n": n, "sum_block_p": p, "sum_num_warps": w})
                  for n, p, w in SUM_TILES if (n, p, w) != default.sum_tile]
