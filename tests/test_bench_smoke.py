@@ -319,10 +319,13 @@ def test_sweep_norm_runs_every_backward_kernel() -> None:
     assert all(r["clock"] == "ran" for r in rows)
     assert sweep_norm.default_bwd_kernels("rms_norm", 32768)[0] == "split:512"
     assert sweep_norm.default_bwd_kernels("layer_norm", 32768) == ["chunk:2048", "chunk:4096", "chunk:8192"]
+    from autokernel.lowering.layer_norm.kernels import LayerNormConfig
+
+    n, p, w = LayerNormConfig().sum_tile
     tiles = sweep_norm.sweep("layer_norm", 9, 37, ("bwd",), torch.device("cpu"), warps=(1,), per_sm_grid=(2,),
-                             with_inductor=False, sum_tiles=((8, 4, 1), (32, 64, 4)))
+                             with_inductor=False, sum_tiles=((8, 4, 1), (n, p, w)))
     assert [(r["config"], r["default"]) for r in tiles if r["config"].startswith("default")] == [
-        ("default, sum tile 8x4 warps 1", False), ("default, sum tile 32x64 warps 4", True)]
+        ("default, sum tile 8x4 warps 1", False), (f"default, sum tile {n}x{p} warps {w}", True)]
     with pytest.raises(ValueError, match="split:64"):
         sweep_norm.sweep("layer_norm", 5, 300, ("bwd",), torch.device("cpu"), warps=(1,), per_sm_grid=(1,),
                          bwd_kernels=["split:64"], with_inductor=False)
