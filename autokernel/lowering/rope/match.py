@@ -243,39 +243,54 @@ def _same_shape(a, c) -> bool:
     return len(a) == len(c) and all(_known(p == q) for p, q in zip(a, c, strict=True))
 
 
+def _rotation_instance(root: Node, nodes: tuple[Node, ...], x: Node, cos: Any, sin: Any, layout: str) -> Instance:
+    """The instance of a rotation of all of ``x`` (its width the rotary dim), its status still to decide."""
+    xv, outv = node_val(x), node_val(root)
+    return Instance(
+        pattern=PATTERN, root=root, nodes=nodes, inputs={"q": x, "k": None, "cos": cos, "sin": sin},
+        params={"layout": layout, "rotary_dim": size_hint(xv.shape[-1]), "out_dtype": getattr(outv, "dtype", None)},
+        flags={"layout": layout}, dtype=dtype_name(xv.dtype), shape=tuple(xv.shape), requires_grad=False,
+    )
+
+
 def _check(root: Node, b) -> Instance:
     x, cos, sin = b["x"], b["cos"], b["sin"]
     layout, extra, problem = _rotation(b)
-    xv, cv, sv, outv = node_val(x), node_val(cos), node_val(sin), node_val(root)
-    width = xv.shape[-1]
-    inst = Instance(
-        pattern=PATTERN, root=root, nodes=b.nodes + extra, inputs={"q": x, "k": None, "cos": cos, "sin": sin},
-        params={"layout": layout, "rotary_dim": size_hint(width), "out_dtype": getattr(outv, "dtype", None)},
-        flags={"layout": layout}, dtype=dtype_name(xv.dtype), shape=tuple(xv.shape), requires_grad=False,
-    )
+    inst = _rotation_instance(root, b.nodes + extra, x, cos, sin, layout)
     if problem:
         return decline(inst, problem)
-    if not (isinstance(cv, torch.Tensor) and isinstance(sv, torch.Tensor)):
-        return decline(inst, "cos or sin is not a tensor")
-    if not 2 <= xv.dim() <= 4:
-        return decline(inst, f"x of rank {xv.dim()} (supported: 2 to 4)")
-    for name, t in (("x", xv), ("cos", cv), ("sin", sv), ("output", outv)):
-        if t.dtype not in FLOATS:
-            return decline(inst, f"{name} dtype {t.dtype} (supported: fp32, fp16, bf16)")
     if root.kwargs.get("alpha", 1) != 1:
         return decline(inst, f"add with alpha {root.kwargs['alpha']}")
-    if cos is x or sin is x:
-        return decline(inst, "cos or sin is x itself")
-    for name, t in (("cos", cv), ("sin", sv)):
-        if t.dim() > xv.dim() or not _known(t.shape[-1] == width):
-            return decline(inst, f"{name} of shape {tuple(t.shape)} for x of shape {tuple(xv.shape)}: not one value "
-                                 "per rotated column")
-    if not _same_shape(outv.shape, xv.shape):
-        return decline(inst, f"cos/sin broadcast x {tuple(xv.shape)} to {tuple(outv.shape)}")
-    if cv.device != xv.device or sv.device != xv.device:
-        return decline(inst, "cos/sin on another device than x")
+    problem = _operands_problem(x, cos, sin, root, per_pair=False)
+    if problem:
+        return decline(inst, problem)
     inst.status = "miss"
     return _describe(inst)
+
+
+def _operands_problem(x: Node, cos: Any, sin: Any, root: Node, per_pair: bool) -> str | None:
+    """Why a rotation of ``x`` by ``cos``/``sin`` (one value per rotated column, or per pair) into ``root`` cannot
+    be served, or None."""
+    xv, cv, sv, outv = node_val(x), node_val(cos), node_val(sin), node_val(root)
+    width = xv.shape[-1]
+    if not (isinstance(cv, torch.Tensor) and isinstance(sv, torch.Tensor)):
+        return "cos or sin is not a tensor"
+    if not 2 <= xv.dim() <= 4:
+        return f"x of rank {xv.dim()} (supported: 2 to 4)"
+    for name, t in (("x", xv), ("cos", cv), ("sin", sv), ("output", outv)):
+        if t.dtype not in FLOATS:
+            return f"{name} dtype {t.dtype} (supported: fp32, fp16, bf16)"
+    if cos is x or sin is x:
+        return "cos or sin is x itself"
+    for name, t in (("cos", cv), ("sin", sv)):
+        if t.dim() > xv.dim() or not _known((2 * t.shape[-1] if per_pair else t.shape[-1]) == width):
+            return (f"{name} of shape {tuple(t.shape)} for x of shape {tuple(xv.shape)}: not one value per "
+                    + ("pair" if per_pair else "rotated column"))
+    if not _same_shape(outv.shape, xv.shape):
+        return f"cos/sin broadcast x {tuple(xv.shape)} to {tuple(outv.shape)}"
+    if cv.device != xv.device or sv.device != xv.device:
+        return "cos/sin on another device than x"
+    return None
 
 
 def _pair_rotation(b) -> tuple[str, Node, Node, Node, tuple[Node, ...]] | None:
@@ -307,30 +322,10 @@ def _pair_rotation(b) -> tuple[str, Node, Node, Node, tuple[Node, ...]] | None:
 
 def _check_pair_rotation(root: Node, b) -> Instance:
     layout, x, cos, sin, extra = _pair_rotation(b)
-    xv, cv, sv, outv = node_val(x), node_val(cos), node_val(sin), node_val(root)
-    width = xv.shape[-1]
-    inst = Instance(
-        pattern=PATTERN, root=root, nodes=b.nodes + extra, inputs={"q": x, "k": None, "cos": cos, "sin": sin},
-        params={"layout": layout, "rotary_dim": size_hint(width), "out_dtype": getattr(outv, "dtype", None)},
-        flags={"layout": layout}, dtype=dtype_name(xv.dtype), shape=tuple(xv.shape), requires_grad=False,
-    )
-    if not (isinstance(cv, torch.Tensor) and isinstance(sv, torch.Tensor)):
-        return decline(inst, "cos or sin is not a tensor")
-    if not 2 <= xv.dim() <= 4:
-        return decline(inst, f"x of rank {xv.dim()} (supported: 2 to 4)")
-    for name, t in (("x", xv), ("cos", cv), ("sin", sv), ("output", outv)):
-        if t.dtype not in FLOATS:
-            return decline(inst, f"{name} dtype {t.dtype} (supported: fp32, fp16, bf16)")
-    if cos is x or sin is x:
-        return decline(inst, "cos or sin is x itself")
-    for name, t in (("cos", cv), ("sin", sv)):
-        if t.dim() > xv.dim() or not _known(2 * t.shape[-1] == width):
-            return decline(inst, f"{name} of shape {tuple(t.shape)} for x of shape {tuple(xv.shape)}: not one value "
-                                 "per pair")
-    if not _same_shape(outv.shape, xv.shape):
-        return decline(inst, f"cos/sin broadcast x {tuple(xv.shape)} to {tuple(outv.shape)}")
-    if cv.device != xv.device or sv.device != xv.device:
-        return decline(inst, "cos/sin on another device than x")
+    inst = _rotation_instance(root, b.nodes + extra, x, cos, sin, layout)
+    problem = _operands_problem(x, cos, sin, root, per_pair=True)
+    if problem:
+        return decline(inst, problem)
     inst.status = "miss"
     return _describe(inst)
 
