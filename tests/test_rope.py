@@ -565,6 +565,10 @@ def test_problem_shape_flags_and_bytes():
     assert (complex_.flags["cs"], complex_.flags["out"]) == ("complex64", "fp32")
     # 48 values of q read in bf16 and written in fp32; 3 positions x 4 pairs of complex64 freqs_cis
     assert complex_.bytes_moved()["fwd"] == 48 * 2 + 48 * 4 + 3 * 4 * 8
+    # DeepSeek's and GPT-OSS's layouts: cos and sin hold one bf16 value per pair (4 a position)
+    for layout in ("deinterleave", "half_pairs"):
+        pairs = RopeProblem({"layout": layout, "kv_heads": 0}, "bf16", [1, 2, 3, 8], "cpu")
+        assert pairs.bytes_moved()["fwd"] == 48 * 2 + 48 * 2 + 2 * 3 * 4 * 2
     for flags, shape, needle in [({"layout": "spiral"}, [1, 2, 3, 8], "flag layout"),
                                  ({"layout": "complex", "rotary_dim": 4}, [1, 2, 3, 8], "full rotary"),
                                  ({"rotary_dim": "5"}, [1, 2, 3, 8], "rotary_dim must be even"),

@@ -35,6 +35,7 @@ import torch
 
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rope.kernels import (
+    CS_PER_PAIR,
     LAYOUTS,
     RopeConfig,
     SourceKernels,
@@ -297,7 +298,7 @@ class RopeProblem:
         tokens = self.rows // self.heads
         heads_total = self.heads + self.kv_heads
         qk = tokens * heads_total * self.head_dim
-        width = self.rotary_dim // 2 if self.layout == "complex" else self.rotary_dim  # values per position
+        width = self.rotary_dim // 2 if self.layout in CS_PER_PAIR else self.rotary_dim  # values per position
         cs = 2 * tokens * width * self.cs_real.itemsize
         fwd = qk * self.dtype.itemsize + qk * self.out_dtype.itemsize + cs
         return {"fwd": fwd, "train": 2 * fwd}
