@@ -30,8 +30,8 @@ logger = logging.getLogger("autokernel")
 class Rewrite:
     family: PatternFamily
     instance: Instance
-    root: Node  # the Dynamo node whose value the replacement provides
-    root_holders: tuple[Node, ...]  # every Dynamo node holding that value, root last (see _Region.root_holders)
+    # Every Dynamo node holding the value the replacement provides (see _Region.root_holders)
+    root_holders: tuple[Node, ...]
     nodes: set[Node]  # the Dynamo nodes the replacement makes dead
     inputs: dict[str, Node | None]  # the op's tensor inputs, as Dynamo nodes
     train: bool
@@ -39,6 +39,11 @@ class Rewrite:
     side_roots: dict[str, tuple[Node, ...]] = field(default_factory=dict)
     # Where the op goes when not before its first output: right after this input (see _dynamo_region)
     after: Node | None = None
+
+    @property
+    def root(self) -> Node:
+        """The last holder of the output's value: where the rewrite is ordered and whose metadata it copies."""
+        return self.root_holders[-1]
 
 
 @dataclass
@@ -49,7 +54,6 @@ class GraphPlan:
 
 @dataclass
 class _Region:
-    root: Node
     # The Dynamo nodes holding the output's value: the one that computes it, then the no-op casts after it,
     # which may be the pattern's own (``.type_as(x)`` of a float32 x) or already the reader's (the ``x.float()``
     # a norm after RoPE begins with); readers of any of them read the op's output instead.
@@ -79,7 +83,6 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
             return f"the pattern's {name} is not the value of a Dynamo node"
         provided[name] = holders
     root_holders = provided.pop("output")
-    root = root_holders[-1]
     side = {d for holders in provided.values() for d in holders}
     for d in nodes:
         if d in root_holders or d in side:
@@ -109,7 +112,7 @@ def _dynamo_region(view: AnalysisView, inst: Instance) -> _Region | str:
         if early:
             return f"input {last[0]} is computed after {early[0].name} reads the pattern's output"
         after = last[1]
-    return _Region(root, root_holders, nodes, inputs, provided, after)
+    return _Region(root_holders, nodes, inputs, provided, after)
 
 
 def _shape_numbers(shape: tuple[Any, ...]) -> tuple[int, int, list[int]]:
@@ -158,7 +161,7 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
                 # cross-entropy): the nodes go back to the later families.
                 claimed.difference_update(inst.nodes)
                 continue
-            example = region.root.meta.get("example_value")
+            example = region.root_holders[-1].meta.get("example_value")
             train = bool(getattr(example, "requires_grad", False))
             inst.requires_grad = train
             key = family.pattern_key(inst)
@@ -192,8 +195,8 @@ def plan_graph(gm: GraphModule, opts: Options, record: bool) -> GraphPlan:
             inst.status = "hit"
             raced = "" if entry.get("raced", True) else " (interpreter entry, not raced against Inductor)"
             inst.reason = f"tuned {entry['producer'].get('strategy', '?')} kernel, {passname}{raced}{neighbour}"
-            plan.rewrites.append(Rewrite(family, inst, region.root, region.root_holders, region.nodes, region.inputs,
-                                         train, region.side_roots, region.after))
+            plan.rewrites.append(Rewrite(family, inst, region.root_holders, region.nodes, region.inputs, train,
+                                         region.side_roots, region.after))
     for cache in caches.values():
         cache.close()
     return plan
