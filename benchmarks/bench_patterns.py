@@ -573,6 +573,18 @@ def reset_dynamo() -> None:
     torch._dynamo.reset()
 
 
+def forget_dynamic_marks(sets: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Drop what an earlier impl's compile left on the shared inputs. AOTAutograd stamps
+    ``_dynamo_propagated_dynamic_indices`` on the tensors a graph compiled with ``dynamic=True`` saves for its
+    backward (Cut Cross-Entropy's functions: h and W), and Dynamo then traces those dims as symbolic in every later
+    compile, across ``torch._dynamo.reset()``: the autokernel row after CCE's saw a symbolic vocabulary (H100, session
+    20). Each impl starts from inputs as a user would pass them."""
+    for inputs in sets:
+        for t in inputs:
+            if hasattr(t, "_dynamo_propagated_dynamic_indices"):
+                del t._dynamo_propagated_dynamic_indices
+
+
 def import_autokernel() -> Any:
     import autokernel
 
@@ -792,6 +804,7 @@ def bench_pattern(
                 with torch.no_grad():
                     for t, c in zip(sets[0], checked, strict=True):
                         t.copy_(c)
+                forget_dynamic_marks(sets)
                 row: dict[str, Any] = {**base, "impl": impl}
                 if impl in ("autokernel", "autokernel-cudagraphs"):
                     row.update(tune_info)

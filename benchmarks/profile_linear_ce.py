@@ -4,7 +4,8 @@ python benchmarks/profile_linear_ce.py [--shapes 8192x2048x128256,8192x4096x1282
 
 For each shape (tokens x hidden x vocab, bf16, reduction mean) and rows per chunk: the whole training call
 (``linear_cross_entropy`` with every gradient) and its parts summed over the chunks -- the logits matmul,
-the cross-entropy kernel, ``dh = G @ W``, ``dW (+)= G^T @ h`` -- each as GPU time (CUDA-graph replay). Beside
+the cross-entropy kernel, ``dh = G @ W``, ``dW (+)= G^T @ h`` and the same products overwriting ``dW`` (what
+its per-chunk read-modify-write costs) -- each as GPU time (CUDA-graph replay). Beside
 them: Inductor's compile of ``cross_entropy(linear(h, W).float(), y)`` forward + backward, Liger's fused
 linear cross-entropy, and the matmuls' floor (3 x 2 N H V FLOP at the measured bf16 matmul rate).
 """
@@ -61,7 +62,13 @@ def profile_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int)
             else:
                 dw.addmm_(buf[:m].t(), h[s:s + m])
 
-    for name, fn in (("mm_fwd", mm_fwd), ("ce", ce), ("mm_dx", mm_dx), ("mm_dw", mm_dw)):
+    def mm_dw_fresh():
+        # The same products with dW overwritten, never read (wrong sums, timing only): mm_dw less this is what
+        # the per-chunk read-modify-write of dW costs.
+        for s, m in spans:
+            torch.mm(buf[:m].t(), h[s:s + m], out=dw)
+
+    for name, fn in (("mm_fwd", mm_fwd), ("ce", ce), ("mm_dx", mm_dx), ("mm_dw", mm_dw), ("mm_dw_fresh", mm_dw_fresh)):
         out[name] = gpu_ms(fn)
     return out
 
@@ -179,10 +186,11 @@ def main() -> None:
                                                                          else {"error": ms})))
             print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    print("\n| shape | impl | ms | mm_fwd | ce | mm_dx | mm_dw | matmul floor |\n|---|---|---|---|---|---|---|---|")
+    print("\n| shape | impl | ms | mm_fwd | ce | mm_dx | mm_dw | mm_dw_fresh | matmul floor |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in
-                 ("ms", "mm_fwd", "ce", "mm_dx", "mm_dw", "floor_ms")]
+                 ("ms", "mm_fwd", "ce", "mm_dx", "mm_dw", "mm_dw_fresh", "floor_ms")]
         print(f"| {r['shape']} | {r['impl']} | " + " | ".join(cells) + " |")
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "profile_linear_ce.json"), "w") as f:
         json.dump(dict(tflops=tflops, rows=rows), f, indent=1)

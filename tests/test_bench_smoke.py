@@ -329,3 +329,34 @@ def test_sweep_norm_runs_every_backward_kernel() -> None:
     with pytest.raises(ValueError, match="split:64"):
         sweep_norm.sweep("layer_norm", 5, 300, ("bwd",), torch.device("cpu"), warps=(1,), per_sm_grid=(1,),
                          bwd_kernels=["split:64"], with_inductor=False)
+
+
+def test_bench_patterns_each_impl_sees_static_inputs() -> None:
+    """A graph compiled with ``dynamic=True`` (Cut Cross-Entropy's) marks the tensors it saves for backward as
+    dynamic for later compiles, across ``torch._dynamo.reset()``; the benchmark clears that before each impl, or
+    the autokernel row after CCE's traces a symbolic vocabulary and declines."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_patterns
+
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(10, 4, requires_grad=True)
+    torch.compile(lambda a, b: (a @ b.t()).logsumexp(-1).sum(), dynamic=True)(h, w).backward()
+    bench_patterns.reset_dynamo()
+    seen: list[list[object]] = []
+
+    def shapes(gm: torch.fx.GraphModule, example_inputs: list[object]):
+        # the traced sizes (the example inputs handed to a backend are the real tensors)
+        traced = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+        seen.append([s for t in traced if isinstance(t, torch.Tensor) for s in t.shape])
+        return gm.forward
+
+    def later(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b.t()
+
+    torch.compile(later, backend=shapes)(h, w)
+    assert any(isinstance(s, torch.SymInt) for s in seen[-1])  # the mark is real, so the test below can fail
+    bench_patterns.reset_dynamo()
+    bench_patterns.forget_dynamic_marks([[h, w]])
+    torch.compile(later, backend=shapes)(h, w)
+    assert all(type(s) is int for s in seen[-1]) and sorted(seen[-1]) == [4, 4, 6, 10]
+    bench_patterns.reset_dynamo()
