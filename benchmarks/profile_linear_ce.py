@@ -3,11 +3,12 @@
 python benchmarks/profile_linear_ce.py [--shapes 8192x2048x128256,8192x4096x128256] [--chunks 512,1024,2048,4096]
 
 For each shape (tokens x hidden x vocab, bf16, reduction mean) and rows per chunk: the whole training call
-(``linear_cross_entropy`` with every gradient) and its parts summed over the chunks -- the logits matmul,
-the cross-entropy kernel, ``dh = G @ W``, ``dW (+)= G^T @ h`` and the same products overwriting ``dW`` (what
-its per-chunk read-modify-write costs) -- each as GPU time (CUDA-graph replay). Beside
-them: Inductor's compile of ``cross_entropy(linear(h, W).float(), y)`` forward + backward, Liger's fused
-linear cross-entropy, and the matmuls' floor (3 x 2 N H V FLOP at the measured bf16 matmul rate).
+(``linear_cross_entropy`` with every gradient) and its parts summed over the chunks -- the logits matmul, the same
+logits computed as ``W @ h^T`` (the other orientation), the cross-entropy kernel, ``dh = G @ W``,
+``dW (+)= G^T @ h`` and the same products overwriting ``dW`` (what its per-chunk read-modify-write costs) -- each as
+GPU time (CUDA-graph replay). Beside them: Inductor's compile of ``cross_entropy(linear(h, W).float(), y)`` forward +
+backward, Liger's fused linear cross-entropy, and the matmuls' floor (3 x 2 N H V FLOP at the measured bf16 matmul
+rate).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
 
 import torch
 
@@ -28,14 +30,24 @@ def gpu_ms(fn) -> float:
     return gpu_or_host_ms(fn, torch.device("cuda"))[0]
 
 
-def profile_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> dict[str, float]:
-    """The whole training call and its four parts, summed over the chunks."""
+def profile_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> dict[str, Any]:
+    """The whole training call (its time, and its kernels summed by name) and its parts, summed over the chunks."""
     n, hid = h.shape
     v = w.shape[0]
     base = default_config(n, hid, v, h.dtype)
     cfg = type(base)(**{**base.__dict__, "train_chunk_rows": chunk, "fwd_chunk_rows": chunk})
-    out = {"ms": gpu_ms(lambda: linear_cross_entropy(h, w, None, y, -100, 0.0, "mean", torch.float32, cfg,
-                                                     Grads(True, True, False)))}
+    def whole():
+        linear_cross_entropy(h, w, None, y, -100, 0.0, "mean", torch.float32, cfg, Grads(True, True, False))
+
+    out = {"ms": gpu_ms(whole)}
+    # The same call's kernels as the profiler times them, summed by name: set beside the parts timed alone, they
+    # show which kernels run slower when interleaved (session 21: the parts summed 37.6 ms, the call took 40.2).
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        whole()
+        torch.cuda.synchronize()
+    kernels = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+                      if e.device_time_total > 0), key=lambda k: -k[1])
+    out["whole_kernels"] = [{"name": name[:90], "ms": round(ms, 3), "count": count} for name, ms, count in kernels[:8]]
     buf = torch.empty(chunk, v, device=h.device, dtype=h.dtype)
     dx = torch.empty_like(h)
     dw = torch.empty_like(w)
@@ -46,6 +58,14 @@ def profile_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int)
     def mm_fwd():
         for s, m in spans:
             torch.mm(h[s:s + m], w.t(), out=buf[:m])
+
+    buf_t = torch.empty(v, chunk, device=h.device, dtype=h.dtype)
+
+    def mm_fwd_t():
+        # The same logits as [V, C] (cuBLAS given the other orientation of the problem): if its heuristics pick a
+        # faster kernel here, a cross-entropy kernel reading vocabulary-major tiles would be worth writing.
+        for s, m in spans:
+            torch.mm(w, h[s:s + m].t(), out=buf_t[:, :m])
 
     def ce():
         for s, m in spans:
@@ -68,7 +88,8 @@ def profile_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int)
         for s, m in spans:
             torch.mm(buf[:m].t(), h[s:s + m], out=dw)
 
-    for name, fn in (("mm_fwd", mm_fwd), ("ce", ce), ("mm_dx", mm_dx), ("mm_dw", mm_dw), ("mm_dw_fresh", mm_dw_fresh)):
+    for name, fn in (("mm_fwd", mm_fwd), ("mm_fwd_t", mm_fwd_t), ("ce", ce), ("mm_dx", mm_dx), ("mm_dw", mm_dw),
+                     ("mm_dw_fresh", mm_dw_fresh)):
         out[name] = gpu_ms(fn)
     return out
 
@@ -186,11 +207,11 @@ def main() -> None:
                                                                          else {"error": ms})))
             print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    print("\n| shape | impl | ms | mm_fwd | ce | mm_dx | mm_dw | mm_dw_fresh | matmul floor |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | impl | ms | mm_fwd | mm_fwd_t | ce | mm_dx | mm_dw | mm_dw_fresh | matmul floor |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in
-                 ("ms", "mm_fwd", "ce", "mm_dx", "mm_dw", "mm_dw_fresh", "floor_ms")]
+                 ("ms", "mm_fwd", "mm_fwd_t", "ce", "mm_dx", "mm_dw", "mm_dw_fresh", "floor_ms")]
         print(f"| {r['shape']} | {r['impl']} | " + " | ".join(cells) + " |")
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "profile_linear_ce.json"), "w") as f:
         json.dump(dict(tflops=tflops, rows=rows), f, indent=1)
