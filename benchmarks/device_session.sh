@@ -7,7 +7,9 @@
 #   bash benchmarks/device_session.sh portability [BUNDLE]   serve a bundle tuned elsewhere (default
 #                                                .akc-carry/h100.akc; carry .akc-carry) on this GPU, explain's verdict
 #   bash benchmarks/device_session.sh patterns P1,P2   pattern benchmarks (headline shape, ak-tune first; SHAPES=a,b
-#                                                other shapes, IMPLS= other impls, BENCH_TIMEOUT= seconds a pattern)
+#                                                other shapes, IMPLS= other impls, BENCH_TIMEOUT= seconds a pattern;
+#                                                the default impls include Inductor max-autotune, as issue 3 asks;
+#                                                its matmul autotuning at linear + CE's size was never timed alone)
 #   bash benchmarks/device_session.sh e2e-tune MIN   ak-tune --model on the Llama step (a ~3-minute ranking, then
 #                                                MIN minutes of tuning), then the step under autokernel alone
 #   bash benchmarks/device_session.sh sweeps P   issue 3's TritonBench-like sweeps of P (softmax, cross_entropy or
@@ -84,13 +86,14 @@ declare -A SHAPE=([rms_norm]=8192x8192 [add_rms_norm]=8192x4096 [softmax]=8192x8
                   [swiglu]=8192x14336 [cross_entropy]=8192x128256 [rope]=4x32x4096x128
                   [linear_cross_entropy]=8192x4096-\>128256)
 # Issue 3's TritonBench-like sweeps: softmax M=4096 N=256..32768, cross-entropy BT=8192 V=32000..128256, RoPE head
-# dim 64/128/256. One pattern's sweep, each case tuned briefly first, fits a 10-minute call.
+# dim 64/128/256. One pattern's sweep, each case tuned briefly first, fits a 10-minute call (H100, session 21, with
+# max-autotune beside: softmax 381 s, cross-entropy ~300 s, RoPE ~250 s).
 declare -A SWEEP=([softmax]=4096x256,4096x1024,4096x4096,4096x8192,4096x16384,4096x32768
                   [cross_entropy]=8192x32000,8192x50257,8192x128256 [rope]=4x32x4096x64,4x32x4096x128,4x32x4096x256)
 # bench_pattern P SHAPES TUNE_MIN TIMEOUT: P's cases (comma list), each tuned TUNE_MIN minutes first; the table's rows
 bench_pattern() {
   timeout "$4" python3 benchmarks/bench_patterns.py --patterns "$1" --shapes "$2" \
-    --impls "${IMPLS:-eager,inductor,liger,autokernel}" --tune --tune-budget "$3" --out "$out" 2>&1 \
+    --impls "${IMPLS:-eager,inductor,inductor-max-autotune,liger,autokernel}" --tune --tune-budget "$3" --out "$out" 2>&1 \
     | tee -a "$log" | grep -E "^\| (${2//,/|}) |miss:|error|Error" | head -30
 }
 case "${1:-}" in
@@ -111,7 +114,7 @@ portability)
   ;;
 patterns)
   for p in ${2//,/ }; do
-    bench_pattern "$p" "${SHAPES:-${SHAPE[$p]}}" "${TUNE_MIN:-0.4}" "${BENCH_TIMEOUT:-200}"
+    bench_pattern "$p" "${SHAPES:-${SHAPE[$p]}}" "${TUNE_MIN:-0.4}" "${BENCH_TIMEOUT:-280}"
   done
   ;;
 sweeps)
