@@ -53,6 +53,8 @@ LAYOUTS = ("half", "interleaved", "complex", "deinterleave", "half_pairs")
 # alike, or 2: read at (2j, 2j + 1), written at (j, j + R/2) (the backward: the other way round).
 PAIR_CODE = {"half": 0, "interleaved": 1, "complex": 1, "deinterleave": 2, "half_pairs": 0}
 CS_PER_PAIR = ("complex", "deinterleave", "half_pairs")  # layouts with one cos/sin value per pair (R / 2 columns)
+# Layouts a model writes as cat((x1 * c - x2 * s, x2 * c + x1 * s), -1) of its pairs' columns (:func:`pairs_as_halves`)
+HALVES_OF_PAIRS = ("deinterleave", "half_pairs")
 MAX_BLOCK_H = 256
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,8 +395,7 @@ def rope_bwd(dq: torch.Tensor, dk: torch.Tensor | None, cos: torch.Tensor, sin: 
 
 def rotate(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The partner of every column, signed: HF ``rotate_half`` or GPT-J ``rotate_every_two`` (also the complex
-    form's: ``i * x`` on the pairs). Not for the layouts with one cos/sin per pair but ``complex``
-    (:func:`deinterleave_pairs`)."""
+    form's: ``i * x`` on the pairs). Not for :data:`HALVES_OF_PAIRS` (:func:`pairs_as_halves`)."""
     if layout == "half":
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
@@ -403,10 +404,12 @@ def rotate(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"rope: rotate takes the layouts half, interleaved and complex, got {layout!r}")
 
 
-def deinterleave_pairs(x: torch.Tensor) -> torch.Tensor:
-    """``x``'s interleaved pairs as halves: ``cat((x[..., 0::2], x[..., 1::2]), -1)``. The ``deinterleave`` layout
-    is this permutation, then the ``half`` rotation with each pair's cos/sin repeated over both halves."""
-    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+def pairs_as_halves(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` with each pair's first column in the first half and its second in the second, for a layout of
+    :data:`HALVES_OF_PAIRS`: ``deinterleave`` permutes its interleaved pairs (``cat((x[..., 0::2], x[..., 1::2]),
+    -1)``), ``half_pairs`` has them so already. Both are then the ``half`` rotation with each pair's cos/sin
+    repeated over both halves."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1) if layout == "deinterleave" else x
 
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
@@ -425,7 +428,7 @@ def rope_apply_all(xs: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.T
     parts = [(x[..., :rotary_dim], x[..., rotary_dim:]) for x in xs]
     out = []
     for rot, rest in parts:
-        if layout in ("deinterleave", "half_pairs"):  # as DeepSeek and GPT-OSS write it
+        if layout in HALVES_OF_PAIRS:  # spelled as DeepSeek and GPT-OSS write it: the tuner races this in context
             x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if layout == "deinterleave" else rot.chunk(2, dim=-1)
             y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         else:

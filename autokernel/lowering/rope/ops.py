@@ -29,13 +29,14 @@ from autokernel.cache import row_bucket, runtime
 from autokernel.lowering.launch import cached_choice, define_plain_op, load_source_kernels, run_with_fallback
 from autokernel.lowering.pattern import dtype_name
 from autokernel.lowering.rope.kernels import (
+    HALVES_OF_PAIRS,
     RopeConfig,
     SourceKernels,
     default_config,
-    deinterleave_pairs,
     dim_order,
     empty_in_order,
     geometry,
+    pairs_as_halves,
     rope_bwd,
     rope_fwd,
     rotate,
@@ -218,8 +219,8 @@ def _cos_sin_grads(q, k, dq_out, dk_out, cos, sin, layout, rotary_dim):
         if x is None:
             continue
         xr, g = x[..., :rotary_dim].float(), dy[..., :rotary_dim].float()
-        if layout in ("deinterleave", "half_pairs"):  # the half rotation (of the permuted pairs), one cos/sin a pair
-            xr = deinterleave_pairs(xr) if layout == "deinterleave" else xr
+        if layout in HALVES_OF_PAIRS:  # the half rotation (of the pairs as halves), one cos/sin a pair
+            xr = pairs_as_halves(xr, layout)
             c, s = ((g * t).unflatten(-1, (2, -1)).sum(-2) for t in (xr, rotate(xr, "half")))
         else:
             c, s = g * xr, g * rotate(xr, layout)
