@@ -5,7 +5,8 @@ python benchmarks/profile_linear_ce.py [--shapes 8192x2048x128256,8192x4096x1282
 For each shape (tokens x hidden x vocab, bf16, reduction mean) and rows per chunk: the whole training call
 (``linear_cross_entropy`` with every gradient) and its parts summed over the chunks -- the logits matmul, the same
 logits computed as ``W @ h^T`` (the other orientation), the cross-entropy kernel, ``dh = G @ W``,
-``dW (+)= G^T @ h`` and the same products overwriting ``dW`` (what its per-chunk read-modify-write costs) -- each as
+``dW (+)= G^T @ h`` (and both from vocabulary-major ``G``) and the same products overwriting ``dW`` (what its
+per-chunk read-modify-write costs) -- each as
 GPU time (CUDA-graph replay). Beside them: Inductor's compile of ``cross_entropy(linear(h, W).float(), y)`` forward +
 backward, Liger's fused linear cross-entropy, and the matmuls' floor (3 x 2 N H V FLOP at the measured bf16 matmul
 rate).
@@ -88,8 +89,20 @@ def profile_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int)
         for s, m in spans:
             torch.mm(buf[:m].t(), h[s:s + m], out=dw)
 
-    for name, fn in (("mm_fwd", mm_fwd), ("mm_fwd_t", mm_fwd_t), ("ce", ce), ("mm_dx", mm_dx), ("mm_dw", mm_dw),
-                     ("mm_dw_fresh", mm_dw_fresh)):
+    def mm_dx_t():
+        # dh and dW from vocabulary-major gradients ([V, C]): dh becomes G^T @ W, dW a plain G @ h.
+        for s, m in spans:
+            torch.mm(buf_t[:, :m].t(), w, out=dx[s:s + m])
+
+    def mm_dw_t():
+        for s, m in spans:
+            if s == 0:
+                torch.mm(buf_t[:, :m], h[s:s + m], out=dw)
+            else:
+                dw.addmm_(buf_t[:, :m], h[s:s + m])
+
+    for name, fn in (("mm_fwd", mm_fwd), ("mm_fwd_t", mm_fwd_t), ("ce", ce), ("mm_dx", mm_dx), ("mm_dx_t", mm_dx_t),
+                     ("mm_dw", mm_dw), ("mm_dw_t", mm_dw_t), ("mm_dw_fresh", mm_dw_fresh)):
         out[name] = gpu_ms(fn)
     return out
 
@@ -207,11 +220,10 @@ def main() -> None:
                                                                          else {"error": ms})))
             print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    print("\n| shape | impl | ms | mm_fwd | mm_fwd_t | ce | mm_dx | mm_dw | mm_dw_fresh | matmul floor |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    parts = ("ms", "mm_fwd", "mm_fwd_t", "ce", "mm_dx", "mm_dx_t", "mm_dw", "mm_dw_t", "mm_dw_fresh", "floor_ms")
+    print("\n| shape | impl | " + " | ".join(parts) + " |\n|---|---|" + "---|" * len(parts))
     for r in rows:
-        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in
-                 ("ms", "mm_fwd", "mm_fwd_t", "ce", "mm_dx", "mm_dw", "mm_dw_fresh", "floor_ms")]
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in parts]
         print(f"| {r['shape']} | {r['impl']} | " + " | ".join(cells) + " |")
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "profile_linear_ce.json"), "w") as f:
         json.dump(dict(tflops=tflops, rows=rows), f, indent=1)

@@ -70,6 +70,10 @@ FWD_BUDGET_SHARE = 0.4
 # --strategy both: the search's share of the budget; the agent gets the rest (a search that used it all left the
 # agent nothing: its phase starts only while the budget lasts).
 SEARCH_BUDGET_SHARE_WITH_AGENT = 0.5
+# A problem that trades time for memory (``race_slack``, linear + cross-entropy's: the issue's bar is 1.05x
+# Inductor's time within 1.4 GiB) is served up to that much slower than Inductor only where, in context, its peak
+# memory is at most this share of Inductor's; every other problem must be faster.
+MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -542,8 +546,9 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         if interpret:
             winner = {p: ("autokernel" if p in request.passes else "inductor") for p in PASSES}
         else:
+            slack = getattr(problem, "race_slack", 0.0)  # memory is weighed in context, below
             winner = {p: ("autokernel" if p in request.passes and (peer[f"{p}_ms"] is None
-                                                                   or times[f"{p}_ms"] < peer[f"{p}_ms"])
+                                                                   or times[f"{p}_ms"] < peer[f"{p}_ms"] * (1 + slack))
                           else "inductor") for p in PASSES}
         entry = {
             "version": 1, "pattern": request.pattern, "pattern_key": problem.key,
@@ -559,7 +564,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         if request.forward_only:
             entry["passes"] = list(request.passes)
         if not interpret and "autokernel" in winner.values():
-            _race_in_context(worker, entry, log, say, request.passes)
+            _race_in_context(worker, entry, log, say, request.passes, getattr(problem, "race_slack", 0.0))
         result.best, result.times = config, times
         try:
             cache.put_entry(entry)
@@ -603,11 +608,26 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         logger.info("ak-tune %s: %s in %.1f s (%s)", request.label(), result.status, result.seconds, run_dir)
 
 
+def _stays_ours(ctx: dict[str, Any], p: str, slack: float) -> bool:
+    """Whether pass ``p`` stays ours after the in-context race ``ctx``: faster than Inductor, or, within a time
+    ``slack`` (a problem that trades time for memory), at most :data:`MEMORY_SHARE` of Inductor's peak memory."""
+    ours, theirs = ctx.get(f"{p}_ms"), ctx.get(f"inductor_{p}_ms")
+    if ours is None or theirs is None:
+        return ours is not None
+    if ours < theirs:
+        return True
+    our_peak, their_peak = ctx.get(f"{p}_peak_mib"), ctx.get(f"inductor_{p}_peak_mib")
+    return (ours <= theirs * (1 + slack) and our_peak is not None and their_peak is not None
+            and our_peak <= their_peak * MEMORY_SHARE)
+
+
 def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Callable[[str], None],
-                     passes: tuple[str, ...] = PASSES) -> None:
+                     passes: tuple[str, ...] = PASSES, slack: float = 0.0) -> None:
     """The kernels won alone; a pass stays ours only if it also wins served through torch.compile against
     Inductor's compile of the same function, both timed the same way in the worker (a pattern kernel that
-    wins alone and loses in context is a loss). Updates ``entry``'s winner and records the times."""
+    wins alone and loses in context is a loss), or, for a problem with a time ``slack``, stays within it at
+    a fraction of Inductor's peak memory (:func:`_stays_ours`). Updates ``entry``'s winner and records the times
+    and peaks."""
     say("racing Inductor in context")
     try:
         ctx = worker.call("in_context", entry)
@@ -620,18 +640,22 @@ def _race_in_context(worker: Worker, entry: dict[str, Any], log: _Log, say: Call
         logger.warning("ak-tune: %s H=%s: the in-context race failed (%s): %s; Inductor keeps it",
                        entry["pattern_key"], entry["hidden"], ctx["status"], ctx.get("detail", "")[:300])
     for p in passes:
-        ours, theirs = ctx.get(f"{p}_ms"), ctx.get(f"inductor_{p}_ms")
-        entry["times"][f"in_context_{p}_ms"], entry["times"][f"in_context_inductor_{p}_ms"] = ours, theirs
-        if before[p] == "autokernel" and (ours is None or (theirs is not None and ours >= theirs)):
+        for impl in ("", "inductor_"):
+            entry["times"][f"in_context_{impl}{p}_ms"] = ctx.get(f"{impl}{p}_ms")
+            entry["times"][f"in_context_{impl}{p}_peak_mib"] = ctx.get(f"{impl}{p}_peak_mib")
+        if before[p] == "autokernel" and not _stays_ours(ctx, p, slack):
             entry["winner"][p] = "inductor"
     entry["times"]["in_context_clock"] = ctx.get("clock")
     changed = f"winner {before} -> {entry['winner']}" if entry["winner"] != before else ""
     inductor_text = ", ".join(f"Inductor {p} {ctx[f'inductor_{p}_ms']:.4f} ms" for p in passes
                               if ctx.get(f"inductor_{p}_ms") is not None)
+    peaks = ", ".join(f"{p} peak {ctx[f'{p}_peak_mib']:.0f} MiB (Inductor {ctx[f'inductor_{p}_peak_mib']:.0f})"
+                      for p in passes if ctx.get(f"{p}_peak_mib") is not None
+                      and ctx.get(f"inductor_{p}_peak_mib") is not None)
     log.row(strategy="inductor", n="", phase="in context", status=ctx["status"], fwd_ms=_fmt(ctx.get("fwd_ms")),
             train_ms=_fmt(ctx.get("train_ms")),
             detail="; ".join(filter(None, [ctx.get("detail", ""), f"{ctx.get('clock')} clock" if inductor_text else "",
-                                            inductor_text, changed]))[:500])
+                                            inductor_text, peaks, changed]))[:500])
 
 
 def _with_forward_knobs(config: dict[str, Any], fwd_config: dict[str, Any]) -> dict[str, Any]:

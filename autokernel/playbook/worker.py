@@ -54,6 +54,20 @@ def _time_passes(problem: Any, passes: dict[str, list[Callable[[], object]]]) ->
     return out
 
 
+def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """The memory one call of ``fn`` takes at its peak above what was allocated before it, in MiB (what the
+    tuner weighs for a pattern that trades time for memory); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def _in_context(problem: Any, entry: dict[str, Any], passes: Sequence[str]) -> dict[str, Any]:
     """``entry`` served through ``torch.compile(backend="autokernel")`` against Inductor's own compile, both
     timed the same way: the GPU time of the compiled step replayed from a CUDA graph (the host's time when
@@ -90,6 +104,7 @@ def _in_context(problem: Any, entry: dict[str, Any], passes: Sequence[str]) -> d
             compiled_passes = problem.peer_passes(compiled(), case)
             for name in passes:
                 times[f"{impl}{name}_ms"], pass_clock = gpu_or_host_ms(compiled_passes[name], problem.device)
+                times[f"{impl}{name}_peak_mib"] = _peak_mib(compiled_passes[name], problem.device)
                 if pass_clock == "host":
                     clock = "host"
         torch._dynamo.reset()
