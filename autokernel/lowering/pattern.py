@@ -249,7 +249,7 @@ def internal_users_problem(inst: Instance) -> str | None:
     return None
 
 
-def find_all(graph: Graph, alternatives: Sequence[tuple[Pattern, Callable[[Node, Bindings], Instance]]], *,
+def find_all(graph: Graph, alternatives: Sequence[tuple[Pattern, Callable[[Node, Bindings], Instance | None]]], *,
              skip: Callable[[Bindings], bool] | None = None,
              on_accept: Callable[[Instance, set[Node]], None] | None = None,
              overlap_hides: bool = False) -> list[Instance]:
@@ -257,10 +257,11 @@ def find_all(graph: Graph, alternatives: Sequence[tuple[Pattern, Callable[[Node,
 
     Roots are tried from the graph's end, so the outermost spelling wins; per root, the alternatives in
     order, and the first binding its check accepts (and whose inner nodes nobody else reads) claims its
-    nodes. ``skip`` drops a binding before its check; ``on_accept(inst, claimed)`` may grow an accepted
-    instance (before it claims). A root with no accepted binding reports its first near-miss, once: not
-    when an accepted match took part of it, nor when a larger near-miss holds all of it (with
-    ``overlap_hides``, any of it)."""
+    nodes. A check returns None for a binding that is no instance of the family at all (not reported);
+    ``skip`` drops a binding before its check (a cheaper test of the same); ``on_accept(inst, claimed)`` may
+    grow an accepted instance (before it claims). A root with no accepted binding reports its first
+    near-miss, once: not when an accepted match took part of it, nor when a larger near-miss holds all of it
+    (with ``overlap_hides``, any of it)."""
     accepted: list[Instance] = []
     declined: list[Instance] = []
     claimed: set[Node] = set()
@@ -273,6 +274,8 @@ def find_all(graph: Graph, alternatives: Sequence[tuple[Pattern, Callable[[Node,
                 if claimed.intersection(b.nodes) or (skip is not None and skip(b)):
                     continue
                 inst = check(root, b)
+                if inst is None:
+                    continue
                 if inst.status != "declined":
                     problem = internal_users_problem(inst)
                     if problem:

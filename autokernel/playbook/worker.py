@@ -73,7 +73,8 @@ def _in_context(problem: Any, entry: dict[str, Any], passes: Sequence[str]) -> d
     timed the same way: the GPU time of the compiled step replayed from a CUDA graph (the host's time when
     capture fails or off CUDA). The kernels alone were timed without what the compiled step adds around them
     (layout copies, reductions of partial sums, the neighbours' kernels): this race, not the kernels' own
-    times, decides the win."""
+    times, decides the win. Each pass's peak memory beside its time (``*_peak_mib``, None off CUDA), for a
+    problem that trades time for memory."""
     import autokernel
     from autokernel.cache import KernelCache
 

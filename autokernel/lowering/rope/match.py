@@ -253,9 +253,12 @@ def _rotation_instance(root: Node, nodes: tuple[Node, ...], x: Node, cos: Any, s
     )
 
 
-def _check(root: Node, b) -> Instance:
+def _check(root: Node, b) -> Instance | None:
     x, cos, sin = b["x"], b["cos"], b["sin"]
-    layout, extra, problem = _rotation(b)
+    rotation = _rotation(b)
+    if rotation is None:
+        return None  # the parts are not two slices of x: no rotation of x at all
+    layout, extra, problem = rotation
     inst = _rotation_instance(root, b.nodes + extra, x, cos, sin, layout)
     if problem:
         return decline(inst, problem)
@@ -320,8 +323,11 @@ def _pair_rotation(b) -> tuple[str, Node, Node, Node, tuple[Node, ...]] | None:
     return None
 
 
-def _check_pair_rotation(root: Node, b) -> Instance:
-    layout, x, cos, sin, extra = _pair_rotation(b)
+def _check_pair_rotation(root: Node, b) -> Instance | None:
+    rotation = _pair_rotation(b)
+    if rotation is None:
+        return None  # most cats are no rotation
+    layout, x, cos, sin, extra = rotation
     inst = _rotation_instance(root, b.nodes + extra, x, cos, sin, layout)
     problem = _operands_problem(x, cos, sin, root, per_pair=True)
     if problem:
@@ -470,7 +476,5 @@ def _pair(instances: list[Instance], graph: Graph) -> list[Instance]:
 def find_instances(graph: Graph) -> list[Instance]:
     """Every RoPE in ``graph`` (q/k pairs merged), accepted or declined with a reason."""
     found = find_all(graph, ((ROPE, _check), (COMPLEX, _check_complex), (PAIR_ROTATION, _check_pair_rotation)),
-                     skip=lambda b: (("parts" in b.values and _rotation(b) is None)
-                                     or ("halves" in b.values and _pair_rotation(b) is None)),
                      on_accept=_absorb_partial)
     return _pair(found, graph)
