@@ -184,7 +184,8 @@ class _Progress:
 
 def _summary(results: list[TuneResult]) -> str:
     # "in context": the decisive pass served through torch.compile, ours/Inductor's (the race that decides, and
-    # why a kernel faster alone can still read "inductor wins"); "failed" where that race gave no time for ours.
+    # why a kernel faster alone can still read "inductor wins"), with both peaks where measured (linear + CE is
+    # served slower within its slack at half the memory); "failed" where that race gave no time for ours.
     head = ["pattern", "shape", "dtype", "status", "ours", "fwd ms", "train ms", "Inductor fwd", "Inductor train",
             "in context", "floor train", "% of floor", "cands", "s"]
     rows = []
@@ -203,6 +204,9 @@ def _summary(results: list[TuneResult]) -> str:
             context = "failed"
         else:
             context = f"{f(f'in_context_{last}_ms')}/{f(f'in_context_inductor_{last}_ms')}"
+            peaks = t.get(f"in_context_{last}_peak_mib"), t.get(f"in_context_inductor_{last}_peak_mib")
+            if None not in peaks:  # on CUDA: what a pattern that trades time for memory was weighed on
+                context += f" ({peaks[0]:.0f}/{peaks[1]:.0f} MiB)"
 
         rows.append([r.request.pattern, "x".join(map(str, r.request.shape)), r.request.dtype, r.status,
                      ",".join(r.served) or "-", f("fwd_ms"), f("train_ms"), f("inductor_fwd_ms"),
