@@ -543,10 +543,10 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                  "floor_fwd_ms": floor["fwd"], "floor_train_ms": floor["train"]}
         learned.winner = _winner_note(config, times)
         # A pass not tuned is Inductor's here; the backend treats it as a miss (tuned_passes), not a loss.
+        slack = getattr(problem, "race_slack", 0.0)  # its memory is weighed in context, below
         if interpret:
             winner = {p: ("autokernel" if p in request.passes else "inductor") for p in PASSES}
         else:
-            slack = getattr(problem, "race_slack", 0.0)  # memory is weighed in context, below
             winner = {p: ("autokernel" if p in request.passes and (peer[f"{p}_ms"] is None
                                                                    or times[f"{p}_ms"] < peer[f"{p}_ms"] * (1 + slack))
                           else "inductor") for p in PASSES}
@@ -564,7 +564,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
         if request.forward_only:
             entry["passes"] = list(request.passes)
         if not interpret and "autokernel" in winner.values():
-            _race_in_context(worker, entry, log, say, request.passes, getattr(problem, "race_slack", 0.0))
+            _race_in_context(worker, entry, log, say, request.passes, slack)
         result.best, result.times = config, times
         try:
             cache.put_entry(entry)
