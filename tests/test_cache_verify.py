@@ -135,6 +135,12 @@ def test_timed_rerun_races_inductor_through_the_worker(tmp_path, monkeypatch, in
     entry = _entry(40, GOOD_SOURCE)
     entry["winner"]["train"] = "inductor"
     assert cache_cli.judge_race(entry, result["times"])["status"] == "ok"
+    # A problem served slower for its memory (linear + CE's 5% slack) is stale only beyond the slack too.
+    slower = {"fwd_ms": 1.0, "train_ms": 2.0, "inductor_fwd_ms": 1.5, "inductor_train_ms": 1.85}
+    assert cache_cli.judge_race(_entry(40, GOOD_SOURCE), slower)["status"] == "stale"
+    assert cache_cli.judge_race(_entry(40, GOOD_SOURCE), slower, slack=0.05)["status"] == "ok"
+    assert cache_cli.judge_race(_entry(40, GOOD_SOURCE), {**slower, "inductor_train_ms": 1.8},
+                                slack=0.05)["status"] == "stale"
     # The kernel failing its checks at the full shape in the worker is a failure naming the check.
     FakeWorker.replies["candidate"] = {"status": "failed", "stage": "stability", "detail": "dx: too far"}
     failed = cache_cli.recheck_entry(_entry(40, GOOD_SOURCE, rows=12), torch.device("cpu"), timed=True)

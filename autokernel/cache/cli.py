@@ -305,18 +305,22 @@ class Racer:
                     "times": {}}
         times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
                  "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"]}
-        return {"times": times, **judge_race(entry, times, peer_problem)}
+        return {"times": times, **judge_race(entry, times, peer_problem, getattr(problem, "race_slack", 0.0))}
 
 
-def judge_race(entry: dict[str, Any], times: dict[str, float | None], peer_problem: str = "") -> dict[str, str]:
+def judge_race(entry: dict[str, Any], times: dict[str, float | None], peer_problem: str = "",
+               slack: float = 0.0) -> dict[str, str]:
     """``status``, ``check`` and ``detail`` of a re-race: stale when Inductor is now more than
-    ``STALE_MARGIN`` faster on a pass the entry serves (passes Inductor already won are not served)."""
+    ``STALE_MARGIN`` faster on a pass the entry serves (passes Inductor already won are not served), beyond the
+    problem's race ``slack`` (linear + CE is served up to that much slower for its memory, which a re-race does
+    not measure)."""
     if peer_problem:
         return {"status": "ok", "check": "", "detail": f"checks passed; Inductor did not run ({peer_problem})"}
+    margin = STALE_MARGIN * (1 + slack)
     lost = [f"{p} {times[f'inductor_{p}_ms']:.4f} ms vs ours {times[f'{p}_ms']:.4f} ms"
             for p in ("fwd", "train")
             if entry["winner"][p] == "autokernel" and times.get(f"inductor_{p}_ms") is not None
-            and times.get(f"{p}_ms") is not None and times[f"inductor_{p}_ms"] * STALE_MARGIN < times[f"{p}_ms"]]
+            and times.get(f"{p}_ms") is not None and times[f"inductor_{p}_ms"] * margin < times[f"{p}_ms"]]
     if lost:
         return {"status": "stale", "check": "race", "detail": "Inductor now faster: " + "; ".join(lost)}
     shown = ", ".join(f"{p} {times[f'{p}_ms']:.4f} ms (Inductor {times[f'inductor_{p}_ms']:.4f})"
