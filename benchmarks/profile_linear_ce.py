@@ -6,10 +6,9 @@ For each shape (tokens x hidden x vocab, bf16, reduction mean) and rows per chun
 (``linear_cross_entropy`` with every gradient) and its parts summed over the chunks -- the logits matmul, the same
 logits computed as ``W @ h^T`` (the other orientation), the cross-entropy kernel, ``dh = G @ W``,
 ``dW (+)= G^T @ h`` (and both from vocabulary-major ``G``) and the same products overwriting ``dW`` (what its
-per-chunk read-modify-write costs) -- each as
-GPU time (CUDA-graph replay). Beside them: Inductor's compile of ``cross_entropy(linear(h, W).float(), y)`` forward +
-backward, Liger's fused linear cross-entropy, and the matmuls' floor (3 x 2 N H V FLOP at the measured bf16 matmul
-rate).
+per-chunk read-modify-write costs) -- each as GPU time (CUDA-graph replay). Beside them: Inductor's compile of
+``cross_entropy(linear(h, W).float(), y)`` forward + backward, Liger's fused linear cross-entropy, and the matmuls'
+floor (3 x 2 N H V FLOP at the measured bf16 matmul rate).
 """
 
 from __future__ import annotations

@@ -279,7 +279,14 @@ class Racer:
 
     def race(self, entry: dict[str, Any]) -> dict[str, Any]:
         from autokernel.lowering import families
-        from autokernel.playbook.tuner import TuneRequest, Worker, WorkerFailure, entry_candidate, measure_baseline
+        from autokernel.playbook.tuner import (
+            TuneRequest,
+            Worker,
+            WorkerFailure,
+            entry_candidate,
+            measure_baseline,
+            race_slack,
+        )
 
         shape = list(entry.get("shape") or [entry["row_bucket"], entry["hidden"]])
         request = TuneRequest(entry["pattern"], entry["flags"], entry["dtype"], shape)
@@ -305,7 +312,7 @@ class Racer:
                     "times": {}}
         times = {"fwd_ms": reply["fwd_ms"], "train_ms": reply["train_ms"],
                  "inductor_fwd_ms": peer["fwd_ms"], "inductor_train_ms": peer["train_ms"]}
-        return {"times": times, **judge_race(entry, times, peer_problem, getattr(problem, "race_slack", 0.0))}
+        return {"times": times, **judge_race(entry, times, peer_problem, race_slack(problem))}
 
 
 def judge_race(entry: dict[str, Any], times: dict[str, float | None], peer_problem: str = "",

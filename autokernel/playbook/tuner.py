@@ -76,6 +76,12 @@ SEARCH_BUDGET_SHARE_WITH_AGENT = 0.5
 MEMORY_SHARE = 0.5
 
 
+def race_slack(problem: Any) -> float:
+    """How much slower than Inductor ``problem``'s kernel may be and still be served (its ``race_slack``; 0 for a
+    problem that does not trade time for memory): the tuner's race and ``ak-cache verify``'s re-race read it."""
+    return float(getattr(problem, "race_slack", 0.0))
+
+
 @dataclass
 class TuneRequest:
     pattern: str
@@ -543,7 +549,7 @@ def tune(request: TuneRequest, cache: KernelCache, device: torch.device, budget_
                  "floor_fwd_ms": floor["fwd"], "floor_train_ms": floor["train"]}
         learned.winner = _winner_note(config, times)
         # A pass not tuned is Inductor's here; the backend treats it as a miss (tuned_passes), not a loss.
-        slack = getattr(problem, "race_slack", 0.0)  # its memory is weighed in context, below
+        slack = race_slack(problem)  # its memory is weighed in context, below
         if interpret:
             winner = {p: ("autokernel" if p in request.passes else "inductor") for p in PASSES}
         else:
